@@ -1,0 +1,23 @@
+# The README's two commands: `make experiment` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: install experiment test bench clean
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+experiment: install
+	$(PY) run_experiment.py $(ARGS)
+
+test: install
+	$(PY) -m pytest -q tests $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,275 @@
+"""Typed configuration: one dataclass tree, loadable from CLI flags and YAML/JSON files.
+
+Every field carries a one-line doc (``metadata={"help": ...}``) that becomes its ``--help``
+text. Field names are unique across sections, so each one is a flat CLI flag
+(``--hidden_dim 64``) and a nested key in a config file (``encoder: {hidden_dim: 64}``).
+Unknown or mistyped keys are errors, never silent defaults.
+
+Precedence: dataclass defaults < ``--small`` preset < ``--config FILE`` < explicit CLI flags.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a one-line doc."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ZooConfig:
+    """The trained model zoo (data_prep.py)."""
+
+    zoo_dir: str = _f("zoo/default", "directory of the generated zoo (reused when it exists and matches)")
+    num_models: int = _f(3000, "approximate number of model checkpoints in the zoo")
+    zoo_epochs: int = _f(50, "training epochs of each zoo model")
+    checkpoints_per_run: int = _f(3, "checkpoints saved per training run (early to final epoch)")
+    card_task_fraction: float = _f(0.5, "fraction of model cards that name the task")
+    zoo_seed: int = _f(0, "seed of zoo generation (independent of the experiment seed)")
+
+
+@dataclass
+class GraphConfig:
+    """Neuron graphs and symmetry handling (weight_to_graph.py)."""
+
+    canonicalize: bool = _f(True, "feed encoders the canonical form (removes scaling/sign freedom exactly)")
+    graph_cache_dir: str = _f("", "graph cache directory; empty = <zoo_dir>/graph_cache")
+
+
+@dataclass
+class AugmentConfig:
+    """Contrastive views (SymmetryAugmenter)."""
+
+    permute: bool = _f(True, "random hidden-neuron permutation view")
+    rescale: bool = _f(True, "random positive per-neuron rescaling (ReLU/LeakyReLU) view")
+    sign_flip: bool = _f(True, "random sign flips (tanh) view")
+    noise_std: float = _f(0.05, "multiplicative weight noise strength (0 disables)")
+    edge_dropout: float = _f(0.1, "fraction of edges zeroed (0 disables)")
+    prune_fraction: float = _f(0.0, "fraction of smallest-magnitude weights pruned (0 disables)")
+
+
+@dataclass
+class EncoderConfig:
+    """Encoders (gnn_encoder.py)."""
+
+    model: str = _f("gnn", "encoder: gnn|nonequivariant_gnn|weightnet|pca_mlp|mlp",
+                    choices=["gnn", "nonequivariant_gnn", "weightnet", "pca_mlp", "mlp"])
+    hidden_dim: int = _f(64, "hidden width of the encoder")
+    global_dim: int = _f(128, "size of the model embedding")
+    projection_dim: int = _f(64, "size of the contrastive projection head output")
+    message_passing_steps: int = _f(3, "message-passing layers")
+    dropout: float = _f(0.0, "dropout in the encoder")
+
+
+@dataclass
+class TrainConfig:
+    """Contrastive training (contrastive_learning.py, dataloader.py)."""
+
+    epochs: int = _f(30, "training epochs of the encoder")
+    batch_size: int = _f(128, "graphs per batch (two views each)")
+    learning_rate: float = _f(1e-3, "AdamW learning rate")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    temperature: float = _f(0.1, "NT-Xent temperature")
+    weak_supervision: float = _f(0.0, "lambda of the auxiliary task loss (0 = purely self-supervised)")
+    num_workers: int = _f(0, "DataLoader workers")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation protocols (evaluation.py, baselines.py)."""
+
+    methods: list = _f(["pca", "statnn", "shape_only", "input_profile", "metadata_tfidf"],
+                       "baselines evaluated beside the trained encoder")
+    eval_seeds: int = _f(3, "repetitions (seeds) for every reported number")
+    heldout_task_fraction: float = _f(0.25, "fraction of tasks held out of encoder training (unseen tasks)")
+    k_values: list = _f([1, 5, 10], "k for precision/recall/F1@k")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one run of run_experiment.py needs."""
+
+    seed: int = _f(42, "experiment seed (encoder init, splits, views)")
+    experiment_name: str = _f("default", "name of the results folder results/<experiment_name>")
+    results_dir: str = _f("results", "parent directory of experiment folders")
+    device: str = _f("auto", "auto|cpu|cuda", choices=["auto", "cpu", "cuda"])
+    small: bool = _f(False, "quick run (~1 minute): small zoo, few epochs")
+    skip_training: bool = _f(False, "evaluate randomly initialised encoders (clearly labelled)")
+    resume: str = _f("", "checkpoint to resume encoder training from")
+    zoo: ZooConfig = field(default_factory=ZooConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+
+# Values applied by --small before the config file and explicit flags.
+SMALL_PRESET: dict[str, Any] = {
+    "zoo": {"zoo_dir": "zoo/small", "num_models": 500, "zoo_epochs": 30},
+    "encoder": {"hidden_dim": 32, "global_dim": 64, "message_passing_steps": 2},
+    "train": {"epochs": 3},
+    "eval": {"eval_seeds": 1},
+}
+
+
+class ConfigError(ValueError):
+    """A config key or value that does not fit the schema."""
+
+
+def _sections(cls: type = ExperimentConfig) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def _leaf_fields() -> dict[str, tuple[str | None, dataclasses.Field, type]]:
+    """flat name -> (section or None, field, type). Asserts names are unique."""
+    out: dict[str, tuple[str | None, dataclasses.Field, type]] = {}
+    top_hints = typing.get_type_hints(ExperimentConfig)
+    sections = _sections()
+    for f in dataclasses.fields(ExperimentConfig):
+        if f.name not in sections:
+            out[f.name] = (None, f, top_hints[f.name])
+    for sec, cls in sections.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            assert f.name not in out, f"config field name {f.name!r} is not unique across sections"
+            out[f.name] = (sec, f, hints[f.name])
+    return out
+
+
+def _check_value(where: str, value: Any, typ: type, f: dataclasses.Field) -> Any:
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {type(value).__name__} ({value!r})")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {choices}")
+    return value
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: dict, source: str) -> ExperimentConfig:
+    """Apply a nested dict (as in a config file) onto ``cfg``; unknown keys raise ConfigError."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(overrides).__name__}")
+    sections = _sections()
+    leaves = _leaf_fields()
+    for key, value in overrides.items():
+        if key in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: section {key!r} must be a mapping")
+            sub = getattr(cfg, key)
+            for k, v in value.items():
+                if k not in leaves or leaves[k][0] != key:
+                    raise ConfigError(f"{source}: unknown key {key}.{k}; known: "
+                                      f"{sorted(n for n, (s, _, _) in leaves.items() if s == key)}")
+                _, f, typ = leaves[k]
+                setattr(sub, k, _check_value(f"{source}: {key}.{k}", v, typ, f))
+        elif key in leaves and leaves[key][0] is None:
+            _, f, typ = leaves[key]
+            setattr(cfg, key, _check_value(f"{source}: {key}", value, typ, f))
+        else:
+            raise ConfigError(f"{source}: unknown key {key!r}; known top-level keys: "
+                              f"{sorted([n for n, (s, _, _) in leaves.items() if s is None] + list(sections))}")
+    return cfg
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a YAML or JSON config file (safe loader); errors name the file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file ({e})") from e
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({e})") from e
+    return data or {}
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="weightzoo: learn embeddings of trained networks from their weights, evaluate, report.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", default="", help="YAML/JSON config file (nested by section)")
+    p.add_argument("--gpu", action="store_true", help="alias of --device cuda")
+    for name, (sec, f, typ) in _leaf_fields().items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {default})"}
+        if typ is bool:
+            kw.update(type=_bool, nargs="?", const=True, metavar="BOOL")
+        elif typ is list:
+            kw.update(nargs="+", type=type(default[0]) if default else str)
+        else:
+            kw["type"] = typ
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        p.add_argument(*flags, dest=name, **kw)
+    return p
+
+
+def _nest(flat: dict) -> dict:
+    leaves = _leaf_fields()
+    nested: dict = {}
+    for k, v in flat.items():
+        sec = leaves[k][0]
+        (nested.setdefault(sec, {}) if sec else nested)[k] = v
+    return nested
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ExperimentConfig:
+    """CLI -> resolved ExperimentConfig (defaults < --small < --config < flags)."""
+    parser = build_parser()
+    ns = vars(parser.parse_args(argv))
+    config_file = ns.pop("config")
+    if ns.pop("gpu"):
+        ns["device"] = "cuda"
+    cfg = ExperimentConfig()
+    try:
+        small = ns.get("small", False)
+        file_overrides = load_config_file(config_file) if config_file else {}
+        if not small and isinstance(file_overrides, dict):
+            small = bool(file_overrides.get("small", False))
+        if small:
+            apply_overrides(cfg, SMALL_PRESET, "--small preset")
+        if file_overrides:
+            apply_overrides(cfg, file_overrides, config_file)
+        apply_overrides(cfg, _nest(ns), "command line")
+    except ConfigError as e:
+        parser.error(str(e))
+    return cfg
+
+
+def config_from_dict(d: dict, source: str = "dict") -> ExperimentConfig:
+    """Build a config from a nested dict (e.g. a saved results.json config)."""
+    return apply_overrides(ExperimentConfig(), d, source)

@@ -1,0 +1,71 @@
+"""Shared fixtures: small networks *really trained* on real data (sklearn digits).
+
+Symmetry and round-trip tests run on these, one per architecture family, so the tests
+exercise trained weights, not random ones.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+import architecture as A
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    X, y = load_digits(return_X_y=True)
+    return torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(y)
+
+
+def train_small(spec: A.ArchitectureSpec, X: torch.Tensor, y: torch.Tensor, seed: int, epochs: int = 60) -> dict:
+    """Plain full-batch Adam training; returns a detached state_dict."""
+    torch.manual_seed(seed)
+    net = A.build_model(spec)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(epochs):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(X), y).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+FAMILY_SPECS = {
+    "mlp1_relu": A.mlp_spec(64, [32], 10, "relu"),
+    "mlp2_leaky": A.mlp_spec(64, [32, 16], 10, "leaky_relu"),
+    "mlp3_tanh": A.mlp_spec(64, [24, 16, 12], 10, "tanh"),
+    "mlp1_gelu": A.mlp_spec(64, [32], 10, "gelu"),
+    "cnn2_relu_k3": A.cnn_spec((1, 8, 8), [8, 12], 3, 10, "relu"),
+    "cnn3_tanh_k5": A.cnn_spec((1, 8, 8), [6, 8, 8], 5, 10, "tanh"),
+    "cnn2_leaky_k3_hidden": A.cnn_spec((1, 8, 8), [8, 8], 3, 10, "leaky_relu", hidden=[16]),
+}
+
+
+@pytest.fixture(scope="session")
+def digits_data() -> tuple[torch.Tensor, torch.Tensor]:
+    return _digits()
+
+
+@pytest.fixture(scope="session")
+def trained_models(digits_data) -> dict[str, tuple[A.ArchitectureSpec, dict]]:
+    """name -> (spec, trained state_dict), one per architecture family; each reaches > 0.8 train acc."""
+    X, y = digits_data
+    out = {}
+    for i, (name, spec) in enumerate(FAMILY_SPECS.items()):
+        Xi = X.view(-1, 1, 8, 8) if spec.is_cnn else X
+        sd = train_small(spec, Xi, y, seed=i, epochs=80 if spec.is_cnn else 60)
+        acc = (A.forward(spec, sd, Xi).argmax(1) == y).float().mean().item()
+        assert acc > 0.6, f"fixture model {name} did not train (acc {acc:.2f})"
+        out[name] = (spec, sd)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_inputs(digits_data):
+    """spec -> a batch of real inputs of the right shape."""
+    X, _ = digits_data
+
+    def inputs(spec: A.ArchitectureSpec, n: int = 64) -> torch.Tensor:
+        return X[:n].view(-1, 1, 8, 8) if spec.is_cnn else X[:n]
+
+    return inputs
