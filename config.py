@@ -37,6 +37,9 @@ class ZooConfig:
     checkpoints_per_run: int = _f(3, "checkpoints saved per training run (early to final epoch)")
     card_task_fraction: float = _f(0.5, "fraction of model cards that name the task")
     zoo_seed: int = _f(0, "seed of zoo generation (independent of the experiment seed)")
+    cnn_fraction: float = _f(0.1, "fraction of zoo run groups that are CNNs (on the image tasks)")
+    zoo_group_size: int = _f(64, "zoo runs of one architecture trained together as one stacked batch")
+    zoo_workers: int = _f(2, "worker processes (one per core) training zoo groups in parallel")
 
 
 @dataclass
@@ -45,6 +48,7 @@ class GraphConfig:
 
     canonicalize: bool = _f(True, "feed encoders the canonical form (removes scaling/sign freedom exactly)")
     graph_cache_dir: str = _f("", "graph cache directory; empty = <zoo_dir>/graph_cache")
+    max_kernel: int = _f(5, "K: conv kernels are zero-padded centred to KxK edge features (odd, >= zoo's largest)")
 
 
 @dataclass
@@ -57,6 +61,8 @@ class AugmentConfig:
     noise_std: float = _f(0.05, "multiplicative weight noise strength (0 disables)")
     edge_dropout: float = _f(0.1, "fraction of edges zeroed (0 disables)")
     prune_fraction: float = _f(0.0, "fraction of smallest-magnitude weights pruned (0 disables)")
+    rescale_low: float = _f(0.5, "smallest per-neuron scaling factor of the rescale view (log-uniform)")
+    rescale_high: float = _f(2.0, "largest per-neuron scaling factor of the rescale view (log-uniform)")
 
 
 @dataclass
@@ -65,11 +71,13 @@ class EncoderConfig:
 
     model: str = _f("gnn", "encoder: gnn|nonequivariant_gnn|weightnet|pca_mlp|mlp",
                     choices=["gnn", "nonequivariant_gnn", "weightnet", "pca_mlp", "mlp"])
-    hidden_dim: int = _f(64, "hidden width of the encoder")
+    hidden_dim: int = _f(64, "hidden width of the encoder (CPU default; the GPU setting is 256)")
     global_dim: int = _f(128, "size of the model embedding")
     projection_dim: int = _f(64, "size of the contrastive projection head output")
-    message_passing_steps: int = _f(3, "message-passing layers")
+    message_passing_steps: int = _f(3, "message-passing layers (WeightNet: intra-layer attention blocks); GPU setting 4")
     dropout: float = _f(0.0, "dropout in the encoder")
+    attention_heads: int = _f(4, "WeightNet attention heads (must divide hidden_dim)")
+    canonical_order: bool = _f(False, "WeightNet: add embeddings of each hidden neuron's canonical rank in its layer")
 
 
 @dataclass
@@ -82,6 +90,19 @@ class TrainConfig:
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     temperature: float = _f(0.1, "NT-Xent temperature")
     weak_supervision: float = _f(0.0, "lambda of the auxiliary task loss (0 = purely self-supervised)")
+    weak_targets: str = _f("acc+task", "what the weak-supervision head predicts from the embedding",
+                           choices=["acc", "task", "acc+task"])
+    view_recipe: str = _f("checkpoint", "positive pairs: symmetry|noise|checkpoint|seed (self-supervised), "
+                          "supcon (same-task positives, weakly supervised)",
+                          choices=["symmetry", "noise", "checkpoint", "seed", "supcon"])
+    compare_recipes: list = _f(["symmetry", "noise", "checkpoint", "seed", "supcon"],
+                               "view recipes compared on validation (seen tasks) before training")
+    compare_epochs: int = _f(3, "training epochs per recipe in the comparison (0 skips the comparison)")
+    hard_negative_beta: float = _f(0.0, "hardness weighting of cross-family negatives (0 = plain NT-Xent)")
+    val_fraction: float = _f(0.15, "fraction of each seen task's training runs used for validation")
+    test_fraction: float = _f(0.15, "fraction of each seen task's training runs held out for testing")
+    grad_clip: float = _f(1.0, "max gradient norm (0 disables clipping)")
+    lr_schedule: str = _f("cosine", "learning-rate schedule over epochs", choices=["cosine", "none"])
     num_workers: int = _f(0, "DataLoader workers")
 
 
@@ -94,6 +115,19 @@ class EvalConfig:
     eval_seeds: int = _f(3, "repetitions (seeds) for every reported number")
     heldout_task_fraction: float = _f(0.25, "fraction of tasks held out of encoder training (unseen tasks)")
     k_values: list = _f([1, 5, 10], "k for precision/recall/F1@k")
+    property_targets: list = _f(["test_acc", "gen_gap", "epoch", "log_lr"],
+                                "metadata columns predicted by the probes (log_<col> = log10 of col)")
+    probes: list = _f(["ridge", "mlp"], "property-prediction probes: ridge (RidgeCV) and/or mlp (MLPRegressor)")
+    within_task_min_models: int = _f(5, "a task enters the within-task Kendall tau with at least this many test models")
+    symmetry_queries: int = _f(200, "queries transformed in the symmetry-robustness check (0 = all)")
+    merge_pairs: int = _f(3, "model pairs (same architecture and task) merged per seed")
+    merge_alphas: int = _f(11, "points on the interpolation path alpha in [0, 1]")
+    transfer_k: int = _f(5, "models fine-tuned per arm (top-k retrieved, k random) in the transfer protocol")
+    transfer_steps: int = _f(200, "fine-tuning budget in minibatch steps (same for every model)")
+    transfer_lr: float = _f(1e-3, "Adam learning rate of transfer fine-tuning")
+    transfer_batch_size: int = _f(64, "minibatch size of transfer fine-tuning")
+    transfer_eval_every: int = _f(10, "evaluate test accuracy every this many fine-tuning steps")
+    transfer_target_fraction: float = _f(0.9, "target accuracy = this fraction of the query model's test accuracy")
 
 
 @dataclass
