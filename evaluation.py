@@ -46,8 +46,8 @@ PROTOCOL_NOTES: dict[str, str] = {
                 "alone separate many tasks",
     "within_shape_group": "relevant = same task, each query searched only among models of its own "
                           "shape group (same input/output sizes)",
-    "unseen_tasks": "within shape group, queries and database restricted to held-out tasks (no encoder "
-                    "was trained on them)",
+    "unseen_tasks": "within shape group, queries from held-out tasks (no encoder was trained on them) "
+                    "searched in the whole database of their shape group (seen-task models are distractors)",
     "cross_architecture": "relevant = same task; the database excludes the query's own architecture "
                           "family, so every answer has another architecture",
     "cross_architecture_within_shape_group": "cross_architecture restricted to the query's shape group "
@@ -303,8 +303,9 @@ def retrieval_protocols(
                 skipped[name] = "no held-out tasks given"
                 continue
             held = np.isin(col["task"], list(heldout_tasks))
-            kw.update(task_labels=col["task"], group_labels=col["shape_group"], query_idx=q[held[q]],
-                      db_idx=db[held[db]])
+            # the database stays whole (seen-task models are distractors): restricted to held-out
+            # tasks, a shape group with one held-out task would make every answer relevant
+            kw.update(task_labels=col["task"], group_labels=col["shape_group"], query_idx=q[held[q]])
             if len(kw["query_idx"]) == 0:
                 raise ValueError(f"unseen_tasks: no query belongs to the held-out tasks {list(heldout_tasks)}")
         elif name.startswith("cross_architecture"):
