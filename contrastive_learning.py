@@ -1,0 +1,804 @@
+"""Contrastive training of weight-space encoders: NT-Xent, the training loop, DDP, resume.
+
+One loop serves every trainable encoder. The loader yields ``(view1, view2, meta)``; a view
+batch is whatever the encoder consumes (a PyG ``Batch`` of neuron graphs, or a tensor of flat
+weights): the loop only moves it to the device and calls ``encoder(view)`` and
+``encoder.project(z)``.
+
+Objective (``ContrastiveLearner.forward`` returns it, byol-style)::
+
+    L = L_con + lambda * L_task
+    L_con  = NT-Xent over the 2B projected views (in-batch negatives; under DDP the
+             negatives are the *global* batch, gathered from all ranks), optionally with
+             supervised-contrastive positives (same training-task label) and hardness-weighted
+             negatives (Robinson et al. 2021, optionally only across task families);
+    L_task = weak supervision from a small head on the embedding: MSE on test accuracy
+             and/or cross-entropy on the training-task label.
+
+Distribution follows nanoGPT: ``setup_distributed()`` reads torchrun's ``RANK``/``WORLD_SIZE``,
+initialises the process group (nccl on GPUs, gloo on CPU) and picks the device; rank 0 alone
+logs, shows progress bars and writes checkpoints/history; :func:`embed` gathers every rank's
+rows in dataset order. bf16 autocast on GPU only (``nullcontext`` on CPU).
+
+Exact resume: data order and views depend only on (seed, epoch) (see dataloader.py), the
+global RNGs are reseeded from (seed, epoch, rank) at each epoch start, and every epoch ends
+with one atomic checkpoint (model, optimizer, scheduler, RNG states, epoch, best metric and
+model, history, config) read back with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+log = logging.getLogger("weightzoo")
+
+WEAK_TARGETS = ("acc", "task", "acc+task")
+CHECKPOINT_NAME = "last.pt"
+HISTORY_NAME = "history.json"
+
+
+# =========================================================================== distribution
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: rank, world size, local rank, master flag and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    is_master: bool
+    device: torch.device
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """"auto" | "cpu" | "cuda" -> a torch.device. The one place that names the GPU backend."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto|cpu|cuda, got {name!r}")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but torch.cuda.is_available() is False "
+                           f"(torch {torch.__version__}); use --device cpu")
+    return torch.device("cuda", local_rank)
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Initialise DDP when torchrun set ``RANK``/``WORLD_SIZE``; otherwise a single process.
+
+    Backend: nccl when the device is a GPU, gloo on CPU.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo(0, 1, 0, True, resolve_device(device))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local_rank, rank == 0, dev)
+
+
+def cleanup_distributed() -> None:
+    """Destroy the process group if one was initialised.
+
+    Call it once the DDP-wrapped model is released (e.g. in a ``finally`` around the function
+    that trained): a DDP reducer destroyed after its process group can hang the exit under gloo.
+    """
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
+def _world() -> tuple[int, int]:
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_rank(), tdist.get_world_size()
+    return 0, 1
+
+
+def autocast_context(device: torch.device) -> ContextManager:
+    """bf16 autocast on GPU; nothing on CPU (fp32 keeps CPU runs exact and reproducible)."""
+    if device.type == "cuda":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the summed gradient of its own rows.
+
+    Every rank computes the same global loss from the gathered tensor, so the gradient of a
+    rank's rows is the sum over ranks; DDP then averages parameter gradients over ranks,
+    which gives exactly the single-process gradient of the global-batch loss.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # (b, d) -> (world * b, d)
+        rank, world = _world()
+        out = [torch.empty_like(x) for _ in range(world)]
+        tdist.all_gather(out, x.contiguous())
+        ctx.rank, ctx.b = rank, x.size(0)
+        return torch.cat(out, 0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        tdist.all_reduce(grad)
+        return grad[ctx.rank * ctx.b:(ctx.rank + 1) * ctx.b]
+
+
+def gather_batch(x: Tensor, with_grad: bool) -> Tensor:
+    """Concatenate ``x`` (b, ...) from all ranks in rank order (identity in one process)."""
+    rank, world = _world()
+    if world == 1:
+        return x
+    if with_grad:
+        return _GatherWithGrad.apply(x)
+    out = [torch.empty_like(x) for _ in range(world)]
+    tdist.all_gather(out, x.contiguous())
+    return torch.cat(out, 0)
+
+
+# =========================================================================== loss
+class NTXentLoss(nn.Module):
+    """NT-Xent (SimCLR) over two views per model, with optional SupCon positives and hard negatives.
+
+    For the 2B L2-normalised projections ``z`` and similarities ``s_ak = z_a . z_k / tau``, anchor a
+    with positive set P(a) (its other view; with ``labels``, also every other sample of the same
+    label) and negatives N(a) (all other samples) has loss (SupCon "L_out" form)::
+
+        l_a = -1/|P(a)| sum_{p in P(a)} log( exp(s_ap) / (sum_{p' in P(a)} exp(s_ap') + sum_{n in N(a)} w_an exp(s_an)) )
+
+    With ``hard_negative_beta = 0`` all ``w_an = 1`` (plain NT-Xent / SupCon). Otherwise
+    ``w_an = exp(beta * s_an) / mean_{n' in N(a)} exp(beta * s_an')`` (detached; Robinson et al.
+    2021): negatives close to the anchor weigh more. With ``families`` given, only negatives of
+    *another* task family are reweighted (same-family negatives keep weight 1: they may be
+    functionally close, i.e. false negatives). The loss is the mean over the 2B anchors.
+
+    Args:
+        temperature: tau > 0.
+        hard_negative_beta: concentration beta >= 0 of the negative reweighting.
+    Shapes:
+        z1, z2: (B, P); labels, families: (B,) long or None -> scalar.
+    """
+
+    def __init__(self, temperature: float = 0.1, hard_negative_beta: float = 0.0):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"NT-Xent temperature must be > 0, got {temperature}")
+        if hard_negative_beta < 0:
+            raise ValueError(f"hard_negative_beta must be >= 0, got {hard_negative_beta}")
+        self.temperature, self.hard_negative_beta = float(temperature), float(hard_negative_beta)
+
+    def forward(self, z1: Tensor, z2: Tensor, labels: Tensor | None = None, families: Tensor | None = None) -> Tensor:
+        assert z1.shape == z2.shape and z1.dim() == 2, f"views must be (B, P) and equal, got {z1.shape} {z2.shape}"
+        b = z1.size(0)
+        assert b >= 2, "NT-Xent needs at least 2 models per batch (in-batch negatives)"
+        z = F.normalize(torch.cat([z1, z2], 0).float(), dim=1)  # (2B, P)
+        s = z @ z.T / self.temperature  # (2B, 2B)
+        n = 2 * b
+        eye = torch.eye(n, dtype=torch.bool, device=z.device)
+        idx = torch.arange(n, device=z.device)
+        pos = torch.zeros(n, n, dtype=torch.bool, device=z.device)
+        pos[idx, (idx + b) % n] = True  # the other view
+        if labels is not None:
+            lab = torch.cat([labels, labels]).to(z.device)
+            assert lab.shape == (n,), f"labels must be (B,), got {tuple(labels.shape)}"
+            pos |= (lab[:, None] == lab[None, :]) & ~eye
+        neg = ~pos & ~eye
+        w = neg.float()
+        if self.hard_negative_beta > 0:
+            with torch.no_grad():
+                hard = neg.clone()
+                if families is not None:
+                    fam = torch.cat([families, families]).to(z.device)
+                    hard &= fam[:, None] != fam[None, :]
+                e = torch.where(neg, torch.exp(self.hard_negative_beta * (s - s.max())), torch.zeros_like(s))
+                # mean over each anchor's reweighted negatives of exp(beta s); weight 1 elsewhere in N(a)
+                e_h = torch.where(hard, e, torch.zeros_like(e))
+                mean_h = e_h.sum(1, keepdim=True) / hard.sum(1, keepdim=True).clamp_min(1)
+                w = torch.where(hard, e_h / mean_h.clamp_min(torch.finfo(e.dtype).tiny), w)
+        s_masked = s.masked_fill(eye, float("-inf"))
+        # log of the denominator: logsumexp over positives and (weighted) negatives
+        log_w = torch.where(pos, torch.zeros_like(s), torch.log(w.clamp_min(1e-30)))
+        log_w = torch.where(pos | neg, log_w, torch.full_like(s, float("-inf")))
+        log_denom = torch.logsumexp(s_masked + log_w, dim=1, keepdim=True)  # (2B, 1)
+        log_prob = s - log_denom
+        n_pos = pos.sum(1)
+        loss_a = -(log_prob * pos).sum(1) / n_pos
+        return loss_a.mean()
+
+
+class TaskHead(nn.Module):
+    """Weak-supervision head on the embedding: test accuracy (regression) and/or task (classification).
+
+    Shapes: z (B, D) -> {"acc": (B,), "task": (B, num_tasks)}.
+    """
+
+    def __init__(self, in_dim: int, targets: str, num_tasks: int = 0, hidden_dim: int = 64):
+        super().__init__()
+        if targets not in WEAK_TARGETS:
+            raise ValueError(f"weak-supervision targets must be one of {WEAK_TARGETS}, got {targets!r}")
+        if "task" in targets and num_tasks < 2:
+            raise ValueError(f"task classification needs >= 2 training tasks, got {num_tasks}")
+        self.targets = targets
+        self.body = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU())
+        self.acc = nn.Linear(hidden_dim, 1) if "acc" in targets else None
+        self.task = nn.Linear(hidden_dim, num_tasks) if "task" in targets else None
+
+    def forward(self, z: Tensor) -> dict[str, Tensor]:
+        h = self.body(z)
+        out = {}
+        if self.acc is not None:
+            out["acc"] = self.acc(h).squeeze(1)
+        if self.task is not None:
+            out["task"] = self.task(h)
+        return out
+
+    def loss(self, z: Tensor, meta: Mapping[str, Tensor]) -> Tensor:
+        """Sum of the MSE on test accuracy and the cross-entropy on the task label."""
+        out = self(z)
+        total = z.new_zeros((), dtype=torch.float32)
+        if "acc" in out:
+            y = meta["test_acc"].to(z.device).float()
+            if torch.isnan(y).any():
+                raise ValueError("weak supervision on accuracy needs test_acc for every training model")
+            total = total + F.mse_loss(out["acc"].float(), y)
+        if "task" in out:
+            total = total + F.cross_entropy(out["task"].float(), meta["task"].to(z.device))
+        return total
+
+
+class ContrastiveLearner(nn.Module):
+    """Encoder + objective: ``forward(view1, view2, meta) -> {"loss", "con", "task"}``.
+
+    Args:
+        encoder: module with ``forward(batch) -> (B, D)`` and ``project(z) -> (B, P)``.
+        loss: the contrastive loss (NTXentLoss).
+        supervised_positives: treat same-task models as positives (the "supcon" recipe).
+        weak_supervision: lambda of the task-head loss (0: no head at all).
+        weak_targets: "acc" | "task" | "acc+task".
+        num_tasks: training tasks (labels 0..num_tasks-1).
+        embedding_dim: D; default ``encoder.global_dim``.
+        gather_negatives: under DDP, contrast against the global batch (needed to match a
+            single-process run with the same global batch).
+    """
+
+    def __init__(self, encoder: nn.Module, loss: NTXentLoss, supervised_positives: bool = False,
+                 weak_supervision: float = 0.0, weak_targets: str = "acc+task", num_tasks: int = 0,
+                 embedding_dim: int | None = None, gather_negatives: bool = True):
+        super().__init__()
+        for name in ("forward", "project"):
+            if not callable(getattr(encoder, name, None)):
+                raise TypeError(f"{type(encoder).__name__} has no {name}(); encoders need forward(batch) and project(z)")
+        if weak_supervision < 0:
+            raise ValueError(f"weak_supervision (lambda) must be >= 0, got {weak_supervision}")
+        self.encoder, self.loss_fn = encoder, loss
+        self.supervised_positives, self.weak_supervision = supervised_positives, float(weak_supervision)
+        self.num_tasks, self.gather_negatives = int(num_tasks), gather_negatives
+        self.head = None
+        if weak_supervision > 0:
+            dim = embedding_dim if embedding_dim is not None else getattr(encoder, "global_dim", None)
+            if dim is None:
+                dim = (getattr(encoder, "hparams", None) or {}).get("global_dim")
+            if dim is None:
+                raise ValueError("weak supervision needs embedding_dim (the encoder has no global_dim attribute "
+                                 "or hparams['global_dim'])")
+            self.head = TaskHead(int(dim), weak_targets, num_tasks)
+
+    def _check_labels(self, task: Tensor) -> None:
+        # labels come from the training-task vocabulary only; held-out tasks have none
+        assert task.numel() == 0 or (int(task.min()) >= 0 and int(task.max()) < max(self.num_tasks, 1)), \
+            f"task labels outside the training-task vocabulary [0, {self.num_tasks}): a held-out task leaked into training"
+
+    def forward(self, view1: Any, view2: Any, meta: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        h1, h2 = self.encoder(view1), self.encoder(view2)  # (b, D) each
+        z1, z2 = self.encoder.project(h1), self.encoder.project(h2)  # (b, P)
+        labels = families = None
+        if self.supervised_positives or self.loss_fn.hard_negative_beta > 0:
+            self._check_labels(meta["task"])
+        if self.supervised_positives:
+            labels = gather_batch(meta["task"].to(z1.device), with_grad=False)
+        if self.loss_fn.hard_negative_beta > 0 and "family" in meta:
+            families = gather_batch(meta["family"].to(z1.device), with_grad=False)
+        g = self.gather_negatives
+        with torch.autocast(device_type=z1.device.type, enabled=False):  # the loss in fp32, also under bf16
+            con = self.loss_fn(gather_batch(z1.float(), g), gather_batch(z2.float(), g), labels, families)
+        out = {"con": con}
+        if self.head is not None:
+            if "task" in self.head.targets:
+                self._check_labels(meta["task"])
+            task = 0.5 * (self.head.loss(h1, meta) + self.head.loss(h2, meta))
+            out["task"] = task
+            out["loss"] = con + self.weak_supervision * task
+        else:
+            out["task"] = torch.zeros((), device=con.device)
+            out["loss"] = con
+        return out
+
+
+# =========================================================================== embedding
+def _to_device(x: Any, device: torch.device) -> Any:
+    return x.to(device, non_blocking=True) if hasattr(x, "to") else x
+
+
+@torch.no_grad()
+def embed(model: nn.Module, loader: Iterable, device: torch.device) -> np.ndarray:
+    """Embeddings (N, D) float32 in dataset order, gathered from all ranks under DDP.
+
+    ``loader`` yields ``(batch, positions)`` (see ``dataloader.embed_loader``), each rank a
+    shard; rows are placed by position so the result is identical on every rank and equals a
+    single-process pass. ``model`` is the raw encoder (not the DDP wrapper).
+    """
+    was_training = model.training
+    model.eval()
+    rows, positions = [], []
+    with autocast_context(device):
+        for item in loader:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise TypeError("embed() needs a loader of (batch, positions); build it with dataloader.embed_loader")
+            x, pos = item
+            rows.append(model(_to_device(x, device)).float())
+            positions.append(pos.to(device))
+    model.train(was_training)
+    n = len(loader.dataset)  # type: ignore[attr-defined]
+    dim = rows[0].size(1) if rows else 0
+    emb = torch.cat(rows) if rows else torch.zeros(0, dim, device=device)
+    pos = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long, device=device)
+    rank, world = _world()
+    if world > 1:
+        # shards may differ in size by one: pad to the largest, gather, trim
+        sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+        tdist.all_gather(sizes, torch.tensor([emb.size(0)], device=device))
+        dims = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+        tdist.all_gather(dims, torch.tensor([dim], device=device))
+        dim = int(max(d.item() for d in dims))
+        m = int(max(s.item() for s in sizes))
+        emb_p = torch.zeros(m, dim, device=device)
+        emb_p[: emb.size(0)] = emb
+        pos_p = torch.full((m,), -1, dtype=torch.long, device=device)
+        pos_p[: pos.numel()] = pos
+        embs = [torch.empty_like(emb_p) for _ in range(world)]
+        poss = [torch.empty_like(pos_p) for _ in range(world)]
+        tdist.all_gather(embs, emb_p)
+        tdist.all_gather(poss, pos_p)
+        emb = torch.cat([e[: int(s.item())] for e, s in zip(embs, sizes)])
+        pos = torch.cat([p[: int(s.item())] for p, s in zip(poss, sizes)])
+    out = np.zeros((n, dim), dtype=np.float32)
+    pos_np = pos.cpu().numpy()
+    counts = np.bincount(pos_np, minlength=n) if len(pos_np) else np.zeros(n, dtype=np.int64)
+    assert len(counts) == n and (counts == 1).all(), \
+        f"embed: every one of the {n} items must be embedded exactly once (missing {int((counts == 0).sum())}, repeated {int((counts > 1).sum())})"
+    out[pos_np] = emb.cpu().numpy()
+    return out
+
+
+def make_retrieval_val_fn(loader: Iterable, task_labels: Sequence, run_ids: Sequence, device: torch.device,
+                          k: int = 10) -> Callable[[nn.Module], float]:
+    """val_fn for :meth:`ContrastiveLearningFramework.train`: P@k of task retrieval.
+
+    Queries and database are the loader's models (the validation split: seen tasks only);
+    checkpoints of the query's own run are excluded from its database (they would be trivially
+    close). Collective under DDP: call it on every rank.
+    """
+    from evaluation import RetrievalEvaluator
+
+    labels, runs = np.asarray(task_labels), np.asarray(run_ids)
+    evaluator = RetrievalEvaluator(k_values=(k,))
+
+    def val_fn(model: nn.Module) -> float:
+        emb = embed(model, loader, device)
+        assert len(emb) == len(labels), f"{len(emb)} embeddings for {len(labels)} labels"
+        return evaluator.evaluate_knn_retrieval(emb, labels, exclude_same=runs)[f"P@{k}"]
+
+    val_fn.metric_name = f"val_P@{k}"  # type: ignore[attr-defined]
+    return val_fn
+
+
+# =========================================================================== checkpoints
+def rng_state() -> dict[str, Any]:
+    """RNG states of torch, numpy and python ``random`` as tensors/lists (weights_only-loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    out: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": [int(version), [int(v) for v in internal], gauss],
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file, then os.replace (a crash never leaves a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(obj: Any, path: str | Path) -> None:
+    """JSON to a temporary file, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a training checkpoint (``weights_only=True``); errors name the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"resume checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    missing = {"learner", "optimizer", "epoch", "rng", "history", "best_state"} - set(ckpt)
+    if missing:
+        raise ValueError(f"{path}: not a training checkpoint (missing {sorted(missing)})")
+    return ckpt
+
+
+# =========================================================================== framework
+def _new_history(metric_name: str) -> dict[str, Any]:
+    return {"epoch": [], "train_loss": [], "train_con_loss": [], "train_task_loss": [], "val_loss": [],
+            "val_metric": [], "lr": [], "epoch_time_s": [], "metric_name": metric_name,
+            "initial_val_metric": None, "best_epoch": None, "best_metric": None}
+
+
+class ContrastiveLearningFramework:
+    """One training loop for every trainable encoder (GNN or flat-weight), DDP-aware, resumable.
+
+    Args:
+        model: the encoder (``forward(batch) -> (B, D)``, ``project(z) -> (B, P)``).
+        loss: NTXentLoss (default: temperature 0.1).
+        device: where to train (default: ``dist.device`` or CPU).
+        dist: a :class:`DistInfo` from :func:`setup_distributed` (default: single process).
+        supervised_positives, weak_supervision, weak_targets, num_tasks, embedding_dim:
+            see :class:`ContrastiveLearner`.
+        grad_clip: max gradient norm (0 disables).
+        seed: reseeds the global RNGs at every epoch start from (seed, epoch, rank).
+        config: JSON-able dict stored in checkpoints; a resume with a different config is refused.
+        show_progress: tqdm bars (rank 0 only).
+        find_unused_parameters: passed to DDP (keep False; True costs a graph traversal per step).
+
+    Build the optimizer over :meth:`parameters` (encoder + weak-supervision head).
+    """
+
+    def __init__(self, model: nn.Module, loss: NTXentLoss | None = None, device: torch.device | None = None,
+                 dist: DistInfo | None = None, supervised_positives: bool = False, weak_supervision: float = 0.0,
+                 weak_targets: str = "acc+task", num_tasks: int = 0, embedding_dim: int | None = None,
+                 grad_clip: float = 1.0, seed: int = 0, config: Mapping[str, Any] | None = None,
+                 show_progress: bool = True, find_unused_parameters: bool = False):
+        self.dist = dist or DistInfo(0, 1, 0, True, device or torch.device("cpu"))
+        self.device = device or self.dist.device
+        self.learner = ContrastiveLearner(model, loss or NTXentLoss(), supervised_positives, weak_supervision,
+                                          weak_targets, num_tasks, embedding_dim).to(self.device)
+        self.ddp = None
+        if self.dist.is_distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DDP(self.learner, device_ids=ids, find_unused_parameters=find_unused_parameters)
+        self.grad_clip, self.seed = float(grad_clip), int(seed)
+        self.config = json.loads(json.dumps(dict(config or {})))  # JSON-able copy
+        self.show_progress = show_progress and self.dist.is_master
+
+    @property
+    def model(self) -> nn.Module:
+        """The raw encoder (not wrapped)."""
+        return self.learner.encoder
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Every trainable parameter (encoder + head): build the optimizer over these."""
+        return [p for p in self.learner.parameters() if p.requires_grad]
+
+    # --------------------------------------------------------------- epochs
+    def _seed_epoch(self, epoch: int) -> None:
+        s = np.random.SeedSequence([self.seed, epoch, self.dist.rank]).generate_state(1)[0]
+        seed_everything(int(s))
+
+    def _set_epoch(self, loader: Any, epoch: int) -> None:
+        for obj in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+            if obj is not None and hasattr(obj, "set_epoch"):
+                obj.set_epoch(epoch)
+
+    def train_one_epoch(self, loader: Iterable, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]:
+        """One pass over ``loader``; returns mean losses {"loss", "con", "task"} (averaged over ranks)."""
+        self._set_epoch(loader, epoch)
+        net = self.ddp or self.learner
+        net.train()
+        sums = torch.zeros(3, dtype=torch.float64)
+        steps = 0
+        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not self.show_progress)
+        for v1, v2, meta in bar:
+            v1, v2 = _to_device(v1, self.device), _to_device(v2, self.device)
+            with autocast_context(self.device):
+                out = net(v1, v2, meta)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"epoch {epoch} step {steps}: non-finite training loss {loss.item()}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.learner.parameters(), self.grad_clip)
+            optimizer.step()
+            sums += torch.tensor([loss.item(), out["con"].item(), out["task"].item()], dtype=torch.float64)
+            steps += 1
+            if self.show_progress:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        if steps == 0:
+            raise ValueError("the training loader yielded no batch (fewer models than one global batch?)")
+        means = self._mean_over_ranks(sums / steps)
+        return {"loss": means[0], "con": means[1], "task": means[2]}
+
+    @torch.no_grad()
+    def validation_loss(self, loader: Iterable, epoch: int = 0) -> float:
+        """Mean objective over ``loader`` (no gradient; views drawn as in training)."""
+        self._set_epoch(loader, epoch)
+        self.learner.eval()
+        total, steps = 0.0, 0
+        for v1, v2, meta in loader:
+            with autocast_context(self.device):
+                out = self.learner(_to_device(v1, self.device), _to_device(v2, self.device), meta)
+            total += out["loss"].item()
+            steps += 1
+        self.learner.train()
+        if steps == 0:
+            raise ValueError("the validation loader yielded no batch")
+        return float(self._mean_over_ranks(torch.tensor([total / steps], dtype=torch.float64))[0])
+
+    def _mean_over_ranks(self, t: Tensor) -> list[float]:
+        if self.dist.is_distributed:
+            t = t.to(self.device)
+            tdist.all_reduce(t)
+            t = t / self.dist.world_size
+        return [float(v) for v in t.cpu()]
+
+    # --------------------------------------------------------------- checkpoint
+    def _checkpoint(self, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int, best_state: dict,
+                    history: dict, train_loader: Any) -> dict[str, Any]:
+        sampler = getattr(train_loader, "sampler", None)
+        gen = getattr(train_loader, "generator", None)
+        return {
+            "learner": self.learner.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "epoch": epoch, "best_state": best_state, "history": history, "config": self.config,
+            "rng": rng_state(), "seed": self.seed,
+            "loader": {"sampler_seed": getattr(sampler, "seed", None),
+                       "generator": gen.get_state() if isinstance(gen, torch.Generator) else None},
+        }
+
+    def _check_resume_config(self, ckpt: Mapping[str, Any], path: Any) -> None:
+        old = ckpt.get("config") or {}
+        if not self.config or not old:
+            return
+        ignore = {"epochs", "resume"}
+
+        def flat(d: Mapping, pre: str = "") -> dict:
+            out = {}
+            for k, v in d.items():
+                if isinstance(v, Mapping):
+                    out.update(flat(v, f"{pre}{k}."))
+                elif k not in ignore:
+                    out[f"{pre}{k}"] = v
+            return out
+
+        a, b = flat(old), flat(self.config)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if diff:
+            raise ValueError(f"cannot resume from {path}: its config differs in {diff[:10]} "
+                             f"(checkpoint {[a.get(k) for k in diff[:10]]}, now {[b.get(k) for k in diff[:10]]})")
+        if ckpt.get("seed", self.seed) != self.seed:
+            raise ValueError(f"cannot resume from {path}: seed {ckpt.get('seed')} != {self.seed}")
+
+    # --------------------------------------------------------------- train
+    def train(self, train_loader: Iterable, val_loader: Iterable | None, num_epochs: int,
+              optimizer: torch.optim.Optimizer, scheduler: Any = None, checkpoint_dir: str | Path | None = None,
+              resume_from: str | Path | None = None, val_fn: Callable[[nn.Module], float] | None = None,
+              epoch_callback: Callable[[int, dict], None] | None = None) -> tuple[dict[str, Any], nn.Module]:
+        """Train for ``num_epochs`` (total, counting resumed ones); return ``(history, best_model)``.
+
+        Model selection: the highest ``val_fn(encoder)`` (e.g. validation P@10 among seen-task
+        models; called on every rank under DDP, as it is collective), else the lowest validation
+        loss (``val_loader``), else the last epoch. ``scheduler.step()`` runs once per epoch.
+        ``checkpoint_dir`` receives ``last.pt`` after every epoch and ``history.json`` (rank 0).
+        ``epoch_callback(epoch, history)`` runs after the epoch's checkpoint is written.
+        History: per-epoch lists ``epoch, train_loss, train_con_loss, train_task_loss, val_loss,
+        val_metric, lr, epoch_time_s`` plus ``metric_name, initial_val_metric, best_epoch,
+        best_metric``. ``best_model`` is a copy of the encoder with the best weights, on the
+        training device.
+        """
+        if num_epochs < 1:
+            raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
+        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, p in self.learner.named_parameters() if p.requires_grad and id(p) not in owned]
+        if missing:
+            raise ValueError(f"the optimizer does not hold {len(missing)} trainable parameter(s), e.g. {missing[:3]}; "
+                             f"build it over framework.parameters()")
+        metric_name = getattr(val_fn, "metric_name", "val_metric") if val_fn else "-val_loss" if val_loader else "none"
+        history = _new_history(metric_name)
+        best_metric, best_state, start = -float("inf"), copy.deepcopy(self.learner.state_dict()), 1
+
+        if resume_from:
+            ckpt = load_checkpoint(resume_from, map_location=self.device)
+            self._check_resume_config(ckpt, resume_from)
+            self.learner.load_state_dict(ckpt["learner"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if scheduler is not None:
+                if ckpt["scheduler"] is None:
+                    raise ValueError(f"{resume_from}: saved without a scheduler, but one was given")
+                scheduler.load_state_dict(ckpt["scheduler"])
+            history, best_state, start = ckpt["history"], ckpt["best_state"], int(ckpt["epoch"]) + 1
+            best_metric = history["best_metric"] if history["best_metric"] is not None else -float("inf")
+            set_rng_state(ckpt["rng"])
+            if self.dist.is_master:
+                log.info("resumed from %s at epoch %d (best %s=%s)", resume_from, start - 1, metric_name, best_metric)
+        elif val_fn is not None:
+            history["initial_val_metric"] = float(val_fn(self.model))
+
+        ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        for epoch in range(start, num_epochs + 1):
+            t0 = time.perf_counter()
+            self._seed_epoch(epoch)
+            losses = self.train_one_epoch(train_loader, optimizer, epoch)
+            lr = float(optimizer.param_groups[0]["lr"])
+            if scheduler is not None:
+                scheduler.step()
+            val_loss = self.validation_loss(val_loader, epoch) if val_loader is not None else None
+            if val_fn is not None:
+                metric = float(val_fn(self.model))
+            elif val_loss is not None:
+                metric = -val_loss
+            else:
+                metric = float(epoch)  # no validation: the last epoch is the best
+            if self.dist.is_distributed:  # every rank takes the same model-selection decision
+                t = torch.tensor([metric], dtype=torch.float64, device=self.device)
+                tdist.broadcast(t, 0)
+                metric = float(t.item())
+            if metric > best_metric:
+                best_metric = metric
+                best_state = copy.deepcopy(self.learner.state_dict())
+                history["best_epoch"], history["best_metric"] = epoch, best_metric
+            for k, v in (("epoch", epoch), ("train_loss", losses["loss"]), ("train_con_loss", losses["con"]),
+                         ("train_task_loss", losses["task"]), ("val_loss", val_loss), ("val_metric", metric),
+                         ("lr", lr), ("epoch_time_s", time.perf_counter() - t0)):
+                history[k].append(v)
+            if self.dist.is_master:
+                log.info("epoch %d/%d  train %.4f (con %.4f task %.4f)  val_loss %s  %s %.4f  %.1fs", epoch,
+                         num_epochs, losses["loss"], losses["con"], losses["task"],
+                         "-" if val_loss is None else f"{val_loss:.4f}", metric_name, metric, history["epoch_time_s"][-1])
+                if ckpt_dir is not None:
+                    atomic_torch_save(self._checkpoint(optimizer, scheduler, epoch, best_state, history, train_loader),
+                                      ckpt_dir / CHECKPOINT_NAME)
+                    atomic_write_json(history, ckpt_dir / HISTORY_NAME)
+            if self.dist.is_distributed:
+                tdist.barrier()
+            if epoch_callback is not None:
+                epoch_callback(epoch, history)
+
+        best_model = copy.deepcopy(self.model)
+        enc_state = {k[len("encoder."):]: v for k, v in best_state.items() if k.startswith("encoder.")}
+        best_model.load_state_dict(enc_state)
+        return history, best_model
+
+
+def build_optimizer(parameters: Iterable[nn.Parameter], learning_rate: float, weight_decay: float,
+                    lr_schedule: str, epochs: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over ``parameters`` (use ``framework.parameters()``) and its per-epoch schedule.
+
+    lr_schedule: "cosine" (CosineAnnealingLR over ``epochs``) or "none" (returns scheduler None).
+    """
+    if lr_schedule not in ("cosine", "none"):
+        raise ValueError(f"lr_schedule must be cosine|none, got {lr_schedule!r}")
+    if learning_rate <= 0:
+        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+    opt = torch.optim.AdamW(list(parameters), lr=learning_rate, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs)) if lr_schedule == "cosine" else None
+    return opt, sched
+
+
+# =========================================================================== recipe comparison
+def compare_view_recipes(
+    make_encoder: Callable[[], nn.Module],
+    graphs: Sequence[Any],
+    meta_df: Any,
+    split: Any,
+    recipes: Sequence[str],
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    weight_decay: float,
+    temperature: float,
+    augmenter: Any | None,
+    canonical: bool = True,
+    seed: int = 0,
+    dist: DistInfo | None = None,
+    k: int = 10,
+    hard_negative_beta: float = 0.0,
+    transform: Callable[[Any], Any] | None = None,
+) -> dict[str, Any]:
+    """Train briefly with each view recipe; compare validation P@k (seen tasks only).
+
+    Each recipe starts from the same initialisation (``make_encoder()`` after seeding with
+    ``seed``) and trains ``epochs`` epochs; its score is the best validation P@k of task
+    retrieval (val split of ``split``: runs of training tasks not trained on; held-out tasks
+    never enter). Returns ``{"metric", "recipes": {name: {"val_metric", "initial_val_metric",
+    "kind", "history"}}, "chosen", "chosen_self_supervised"}``: "chosen" is the best overall,
+    "chosen_self_supervised" the best among label-free recipes (report both side by side).
+    ``canonical``: whether the graphs are in canonical form (see ``dataloader.make_view_fn``).
+    Collective under DDP (call on every rank with the same arguments).
+    """
+    from dataloader import SELF_SUPERVISED_RECIPES, build_loaders, check_recipe, embed_loader, make_view_fn
+
+    dist = dist or DistInfo(0, 1, 0, True, torch.device("cpu"))
+    if not recipes:
+        raise ValueError("compare_view_recipes needs at least one recipe")
+    for r in recipes:
+        check_recipe(r)
+    if len(split.val) == 0:
+        raise ValueError("compare_view_recipes needs a validation split (val_fraction > 0)")
+    tasks = np.asarray(meta_df["task"])[split.val]
+    runs = np.asarray(meta_df["run_id"])[split.val]
+    results: dict[str, Any] = {}
+    for recipe in recipes:
+        loaders = build_loaders(graphs, meta_df, split, recipe, batch_size, make_view_fn(recipe, augmenter, canonical),
+                                seed, rank=dist.rank, world_size=dist.world_size, transform=transform)
+        seed_everything(seed)
+        encoder = make_encoder()
+        fw = ContrastiveLearningFramework(
+            encoder, NTXentLoss(temperature, hard_negative_beta), dist.device, dist,
+            supervised_positives=recipe == "supcon", num_tasks=len(loaders.task_vocab), seed=seed, show_progress=False)
+        opt = torch.optim.AdamW(fw.parameters(), lr=learning_rate, weight_decay=weight_decay)
+        vloader = embed_loader(graphs, split.val, max(1, batch_size // dist.world_size), dist.rank, dist.world_size, transform)
+        val_fn = make_retrieval_val_fn(vloader, tasks, runs, dist.device, k)
+        history, _ = fw.train(loaders.train, None, epochs, opt, val_fn=val_fn)
+        results[recipe] = {"val_metric": history["best_metric"], "initial_val_metric": history["initial_val_metric"],
+                           "kind": "self-supervised" if recipe in SELF_SUPERVISED_RECIPES else "weakly supervised",
+                           "anchors_without_partner": loaders.info["train_anchors_without_partner"],
+                           "history": history}
+        if dist.is_master:
+            log.info("view recipe %-10s val P@%d %.4f (init %.4f)", recipe, k, history["best_metric"],
+                     history["initial_val_metric"])
+    chosen = max(results, key=lambda r: results[r]["val_metric"])
+    ss = [r for r in results if results[r]["kind"] == "self-supervised"]
+    return {"metric": f"val_P@{k}", "epochs": epochs, "recipes": results, "chosen": chosen,
+            "chosen_self_supervised": max(ss, key=lambda r: results[r]["val_metric"]) if ss else None}

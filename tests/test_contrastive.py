@@ -1,0 +1,251 @@
+"""NT-Xent against hand-computed references, the training loop, resume after SIGKILL, recipes."""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import contrastive_learning as C
+import dataloader as D
+import ddp_worker
+from ddp_worker import FlatMLP, StandInGNN, make_toy_zoo
+from symmetry import SymmetryAugmenter
+
+WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny graphs: intra-op threads only add contention (100x slower on a shared 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- the loss
+def reference_loss(z1, z2, tau, labels=None, families=None, beta=0.0):
+    """Loop over anchors, straight from the formula in NTXentLoss's docstring."""
+    z = [v / np.linalg.norm(v) for v in np.concatenate([z1, z2])]
+    n, b = len(z), len(z1)
+    lab = None if labels is None else list(labels) * 2
+    fam = None if families is None else list(families) * 2
+    total = 0.0
+    for a in range(n):
+        s = {k: float(z[a] @ z[k]) / tau for k in range(n) if k != a}
+        pos = [k for k in s if k == (a + b) % n or (lab is not None and lab[k] == lab[a])]
+        neg = [k for k in s if k not in pos]
+        w = {k: 1.0 for k in neg}
+        hard = [k for k in neg if fam is None or fam[k] != fam[a]]
+        if beta > 0 and hard:
+            m = np.mean([math.exp(beta * s[k]) for k in hard])
+            for k in hard:
+                w[k] = math.exp(beta * s[k]) / m
+        denom = sum(math.exp(s[p]) for p in pos) + sum(w[k] * math.exp(s[k]) for k in neg)
+        total += -np.mean([s[p] - math.log(denom) for p in pos])
+    return total / n
+
+
+def test_ntxent_hand_computed_value():
+    # two orthogonal models, identical views, tau = 1: each anchor sees its positive at
+    # similarity 1 and two negatives at 0, so the loss is -log(e / (e + 2)) = log(1 + 2/e)
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert C.NTXentLoss(1.0)(z, z.clone()).item() == pytest.approx(math.log(1 + 2 / math.e), abs=1e-6)
+
+
+@pytest.mark.parametrize("case", ["plain", "supcon", "hard", "hard_families", "supcon_hard"])
+def test_ntxent_matches_reference(case):
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    labels = torch.tensor([0, 1, 0, 2, 1]) if "supcon" in case else None
+    fams = torch.tensor([0, 0, 1, 1, 0]) if case == "hard_families" else None
+    beta = 0.7 if "hard" in case else 0.0
+    got = C.NTXentLoss(0.5, hard_negative_beta=beta)(z1, z2, labels, fams).item()
+    want = reference_loss(z1.numpy(), z2.numpy(), 0.5, None if labels is None else labels.tolist(),
+                          None if fams is None else fams.tolist(), beta)
+    assert got == pytest.approx(want, rel=1e-5)
+    if case == "plain":  # and the usual SimCLR cross-entropy formulation
+        z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+        logits = (z @ z.T / 0.5).fill_diagonal_(-float("inf"))
+        target = torch.cat([torch.arange(5, 10), torch.arange(5)])
+        assert got == pytest.approx(torch.nn.functional.cross_entropy(logits, target).item(), rel=1e-5)
+
+
+def test_ntxent_rewards_aligned_views_and_rejects_bad_settings():
+    z = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    loss = C.NTXentLoss(0.1)
+    assert loss(z, z).item() < loss(z, torch.randn(8, 4)).item()
+    with pytest.raises(ValueError, match="temperature"):
+        C.NTXentLoss(0.0)
+    with pytest.raises(ValueError, match="hard_negative_beta"):
+        C.NTXentLoss(0.1, hard_negative_beta=-1)
+    with pytest.raises(ValueError, match="targets"):
+        C.TaskHead(4, "loss", 3)
+
+
+def test_heldout_labels_cannot_enter_training():
+    learner = C.ContrastiveLearner(StandInGNN(), C.NTXentLoss(), supervised_positives=True, num_tasks=2)
+    graphs, _ = make_toy_zoo(n_tasks=1, runs_per_task=2, ckpts=2)
+    b = D.collate_views(graphs)
+    meta = {"task": torch.tensor([0, 1, 2, 0]), "family": torch.zeros(4, dtype=torch.long)}  # 2: not a train task
+    with pytest.raises(AssertionError, match="held-out task leaked"):
+        learner(b, b, meta)
+
+
+# ----------------------------------------------------------------------------- the loop
+@pytest.fixture(scope="module")
+def toy():
+    graphs, meta = make_toy_zoo(n_tasks=4, runs_per_task=8, ckpts=2, seed=1)
+    split = D.split_by_run(meta, 0.25, 0.0, heldout_tasks=["task3"], seed=0)
+    return graphs, meta, split
+
+
+def _framework(loaders, recipe, weak=0.0, config=None, encoder=None, lr=5e-3):
+    torch.manual_seed(0)
+    fw = C.ContrastiveLearningFramework(encoder or StandInGNN(), C.NTXentLoss(0.2), torch.device("cpu"),
+                                        supervised_positives=recipe == "supcon", weak_supervision=weak,
+                                        num_tasks=len(loaders.task_vocab), seed=0, config=config, show_progress=False)
+    return fw, torch.optim.AdamW(fw.parameters(), lr=lr)
+
+
+def test_training_lowers_loss_improves_retrieval_and_keeps_the_best(toy, tmp_path):
+    graphs, meta, split = toy
+    loaders = D.build_loaders(graphs, meta, split, "supcon", 16, D.make_view_fn("supcon", SymmetryAugmenter()), 0)
+    fw, opt = _framework(loaders, "supcon", weak=0.5, lr=1e-2)
+    val_fn = C.make_retrieval_val_fn(loaders.val_embed, meta.task.to_numpy()[split.val],
+                                     meta.run_id.to_numpy()[split.val], torch.device("cpu"), k=3)
+    history, best = fw.train(loaders.train, loaders.val, 8, opt, checkpoint_dir=tmp_path, val_fn=val_fn)
+    assert history["train_loss"][-1] < history["train_loss"][0]
+    assert history["train_task_loss"][0] > 0
+    assert history["best_metric"] > history["initial_val_metric"], history
+    i = int(np.argmax(history["val_metric"]))
+    assert history["best_epoch"] == history["epoch"][i] and history["best_metric"] == history["val_metric"][i]
+    # best_model holds the best epoch's weights: its val metric is the recorded best
+    assert val_fn(best) == pytest.approx(history["best_metric"])
+    saved = json.loads((tmp_path / C.HISTORY_NAME).read_text())
+    assert saved["train_loss"] == history["train_loss"] and len(saved["epoch_time_s"]) == 8
+    ckpt = C.load_checkpoint(tmp_path)
+    assert ckpt["epoch"] == 8 and {"torch", "numpy", "python"} <= set(ckpt["rng"])
+
+
+def test_same_loop_trains_flat_weight_encoders(toy):
+    graphs, meta, split = toy
+    flat = lambda d: d.edge_attr.flatten()  # noqa: E731
+    loaders = D.build_loaders(graphs, meta, split, "supcon", 16, None, 0, transform=flat)
+    enc = FlatMLP(graphs[0].edge_attr.numel())
+    fw, opt = _framework(loaders, "supcon", encoder=enc)
+    history, best = fw.train(loaders.train, loaders.val, 3, opt)
+    assert history["metric_name"] == "-val_loss" and history["train_loss"][-1] < history["train_loss"][0]
+    emb = C.embed(best, D.embed_loader(graphs, None, 5, transform=flat), torch.device("cpu"))
+    with torch.no_grad():
+        direct = best(torch.stack([flat(g) for g in graphs])).numpy()
+    np.testing.assert_allclose(emb, direct, rtol=1e-5, atol=1e-6)
+
+
+def test_embed_returns_dataset_order(toy):
+    graphs, _, _ = toy
+    enc = StandInGNN().eval()
+    idx = np.array([5, 2, 9, 0, 3])
+    emb = C.embed(enc, D.embed_loader(graphs, idx, 2), torch.device("cpu"))
+    with torch.no_grad():
+        direct = torch.cat([enc(D.collate_views([graphs[i]])) for i in idx]).numpy()
+    np.testing.assert_allclose(emb, direct, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="embed_loader"):
+        C.embed(enc, [D.collate_views(graphs[:2])], torch.device("cpu"))
+
+
+def test_bad_settings_fail_loudly(toy, tmp_path):
+    graphs, meta, split = toy
+    loaders = D.build_loaders(graphs, meta, split, "checkpoint", 16, None, 0)
+    fw, _ = _framework(loaders, "checkpoint", weak=1.0, config={"train": {"batch_size": 16}})
+    enc_only = torch.optim.AdamW(fw.model.parameters())
+    with pytest.raises(ValueError, match="framework.parameters"):
+        fw.train(loaders.train, None, 1, enc_only)
+    opt = torch.optim.AdamW(fw.parameters())
+    with pytest.raises(ValueError, match="num_epochs"):
+        fw.train(loaders.train, None, 0, opt)
+    fw.train(loaders.train, None, 1, opt, checkpoint_dir=tmp_path)
+    other, opt2 = _framework(loaders, "checkpoint", weak=1.0, config={"train": {"batch_size": 32}})
+    with pytest.raises(ValueError, match="config differs in \\['train.batch_size'\\]"):
+        other.train(loaders.train, None, 2, opt2, resume_from=tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        other.train(loaders.train, None, 2, opt2, resume_from=tmp_path / "nope.pt")
+    with pytest.raises(TypeError, match="project"):
+        C.ContrastiveLearner(torch.nn.Linear(2, 2), C.NTXentLoss())
+    with pytest.raises(ValueError, match="device"):
+        C.resolve_device("tpu")
+    with pytest.raises(ValueError, match="lr_schedule"):
+        C.build_optimizer(fw.parameters(), 1e-3, 0.0, "step", 3)
+    opt3, sched = C.build_optimizer(fw.parameters(), 1e-3, 0.0, "cosine", 3)
+    assert isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert C.build_optimizer(fw.parameters(), 1e-3, 0.0, "none", 3)[1] is None
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
+    args = ["--epochs", "3", "--batch_size", "8", "--recipe", "checkpoint", "--dropout", "0.2", "--weak", "0.3"]
+    run = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, str(WORKER), "--out", str(run), *args, "--kill_after", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, f"worker was not killed:\n{proc.stderr[-2000:]}"
+    assert C.load_checkpoint(run / "ckpt")["epoch"] == 1 and not (run / "final.pt").exists()
+    proc = subprocess.run([sys.executable, str(WORKER), "--out", str(run), *args, "--resume", str(run / "ckpt")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    threads = torch.get_num_threads()
+    try:
+        ddp_worker.main(["--out", str(tmp_path / "straight"), *args])
+    finally:
+        torch.set_num_threads(threads)
+    a = torch.load(run / "final.pt", weights_only=True)
+    b = torch.load(tmp_path / "straight" / "final.pt", weights_only=True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"resumed and uninterrupted runs differ in {k}"
+    ha = json.loads((run / "history.json").read_text())
+    hb = json.loads((tmp_path / "straight" / "history.json").read_text())
+    for key in ("train_loss", "val_loss", "val_metric", "lr", "best_epoch", "best_metric", "initial_val_metric"):
+        assert ha[key] == hb[key], key
+    assert torch.equal(torch.load(run / "best.pt", weights_only=True)["out.0.weight"],
+                       torch.load(tmp_path / "straight" / "best.pt", weights_only=True)["out.0.weight"])
+
+
+# ----------------------------------------------------------------------------- recipes + real encoder
+def test_compare_view_recipes_reports_every_recipe(toy):
+    graphs, meta, split = toy
+    res = C.compare_view_recipes(lambda: StandInGNN(), graphs, meta, split, ["noise", "checkpoint", "supcon"],
+                                 epochs=2, batch_size=16, learning_rate=5e-3, weight_decay=0.0, temperature=0.2,
+                                 augmenter=SymmetryAugmenter(), seed=0, k=3)
+    assert set(res["recipes"]) == {"noise", "checkpoint", "supcon"}
+    assert res["chosen"] == max(res["recipes"], key=lambda r: res["recipes"][r]["val_metric"])
+    assert res["chosen_self_supervised"] in ("noise", "checkpoint")
+    assert res["recipes"]["supcon"]["kind"] == "weakly supervised"
+    # every recipe starts from the same initialisation
+    assert len({r["initial_val_metric"] for r in res["recipes"].values()}) == 1
+
+
+def test_real_encoder_symmetry_views_are_identical_and_it_trains(toy):
+    from gnn_encoder import build_encoder
+
+    graphs, meta, split = toy
+    torch.manual_seed(0)
+    enc = build_encoder("gnn", hidden_dim=16, global_dim=16, projection_dim=8, message_passing_steps=1,
+                        edge_dim=graphs[0].edge_attr.shape[1]).eval()
+    ds = D.ContrastivePairDataset(graphs, meta, split.train, "symmetry",
+                                  D.make_view_fn("symmetry", SymmetryAugmenter()), 0,
+                                  D.TaskVocab(meta.task.to_numpy()[split.train]))
+    v1, v2, _ = D.collate_pairs([ds[(0, i)] for i in range(8)])
+    assert not torch.equal(v1.edge_attr, v2.edge_attr)  # the views are relabelled graphs ...
+    with torch.no_grad():  # ... that an exactly invariant encoder cannot tell apart
+        torch.testing.assert_close(enc(v1), enc(v2), rtol=1e-4, atol=1e-5)
+    loaders = D.build_loaders(graphs, meta, split, "noise", 16, D.make_view_fn("noise", SymmetryAugmenter()), 0)
+    fw, opt = _framework(loaders, "noise", weak=0.5, encoder=enc)
+    history, best = fw.train(loaders.train, loaders.val, 1, opt)
+    assert np.isfinite(history["train_loss"][0]) and history["train_task_loss"][0] > 0
