@@ -1,0 +1,247 @@
+"""Encoders on real trained networks: exact symmetry invariance, batch independence, mixed batches, save/load."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch_geometric.data import Batch
+
+import gnn_encoder as G
+from symmetry import flip_signs, permute_hidden, rescale_hidden
+from weight_to_graph import WeightToGraph
+from weightnet import WeightNet, canonical_rank
+
+SMALL = dict(hidden_dim=32, global_dim=48, projection_dim=16, message_passing_steps=2, dropout=0.0)
+INVARIANT = [("gnn", {}), ("weightnet", {}), ("weightnet", {"canonical_order": True})]
+
+
+def _encoder(name: str, **extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return G.build_encoder(name, **{**SMALL, **extra})
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row relative distance (B,)."""
+    return (a - b).norm(dim=1) / a.norm(dim=1).clamp_min(1e-12)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These graphs are tiny: intra-op threads only add contention on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def converter() -> WeightToGraph:
+    return WeightToGraph(max_kernel=5, canonicalize=True)
+
+
+@pytest.fixture(scope="module")
+def graphs(trained_models, converter) -> list:
+    return [converter.to_graph(spec, sd, model_idx=i) for i, (spec, sd) in enumerate(trained_models.values())]
+
+
+def _symmetric_views(trained_models, converter, seed: int, permute: bool = True) -> list:
+    """Each model permuted (all hidden layers), rescaled (ReLU/LeakyReLU) and sign-flipped (tanh)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, (spec, sd) in enumerate(trained_models.values()):
+        sd2 = permute_hidden(spec, sd, generator=g) if permute else sd
+        sd2 = flip_signs(spec, rescale_hidden(spec, sd2, generator=g, low=0.2, high=5.0), generator=g)
+        out.append(converter.to_graph(spec, sd2, model_idx=i))
+    return out
+
+
+@pytest.mark.parametrize("name,extra", INVARIANT)
+def test_embedding_exactly_invariant_to_permutation_scaling_sign(name, extra, trained_models, converter, graphs):
+    enc = _encoder(name, **extra).eval()
+    views = _symmetric_views(trained_models, converter, seed=1)
+    # the views really are different graphs (so this test can fail)
+    assert all((a.edge_attr - b.edge_attr).abs().max() > 1e-2 for a, b in zip(graphs, views))
+    with torch.no_grad():
+        z = enc(Batch.from_data_list(graphs))
+        z_view = enc(Batch.from_data_list(views))
+    assert torch.isfinite(z).all()
+    rel = _rel(z, z_view)
+    assert rel.max() < 1e-4, f"{name}{extra}: relative change {rel.tolist()}"
+
+
+def test_nonequivariant_gnn_is_not_invariant(trained_models, converter, graphs):
+    enc = _encoder("nonequivariant_gnn").eval()
+    with torch.no_grad():
+        z = enc(Batch.from_data_list(graphs))
+        z_perm = enc(Batch.from_data_list(_symmetric_views(trained_models, converter, seed=1)))
+        z_scaled = enc(Batch.from_data_list(_symmetric_views(trained_models, converter, seed=1, permute=False)))
+    # permuting hidden neurons moves the embedding of every model ...
+    rel = _rel(z, z_perm)
+    assert rel.min() > 1e-4, f"non-equivariant GNN barely moved under permutation: {rel.tolist()}"  # the invariance tolerance
+    # ... while scaling/sign (removed by the canonical form) do not: the difference is the permutation
+    assert _rel(z, z_scaled).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", G.ENCODER_NAMES)
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_batch_independence(name, train_mode, graphs):
+    enc = _encoder(name).train(train_mode)
+    with torch.no_grad():
+        alone = torch.cat([enc(Batch.from_data_list([g])) for g in graphs])
+        together = enc(Batch.from_data_list(graphs))
+        order = [3, 0, 6, 1, 5, 2, 4]
+        shuffled = enc(Batch.from_data_list([graphs[i] for i in order] + [graphs[0]]))  # with a duplicate
+    assert torch.allclose(alone, together, atol=1e-5, rtol=1e-4), (alone - together).abs().max()
+    assert torch.allclose(alone[order], shuffled[:-1], atol=1e-5, rtol=1e-4)
+    assert torch.allclose(alone[0], shuffled[-1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", G.ENCODER_NAMES)
+def test_mixed_mlp_cnn_batch_forward_backward(name, graphs, trained_models):
+    specs = [spec for spec, _ in trained_models.values()]
+    assert {s.is_cnn for s in specs} == {True, False} and len({len(s.layers) for s in specs}) > 1
+    enc = _encoder(name).train()
+    batch = Batch.from_data_list(graphs)
+    z = enc(batch)
+    p = enc.project(z)
+    assert z.shape == (len(graphs), SMALL["global_dim"]) and p.shape == (len(graphs), SMALL["projection_dim"])
+    p.square().sum().backward()
+    grads = {n: q.grad for n, q in enc.named_parameters() if q.grad is not None}
+    assert grads and all(torch.isfinite(g).all() for g in grads.values())
+    # the message-passing layers and the edge encoder are trained by this loss
+    assert any(n.startswith(("convs.0.lin_edge", "summary.0.lin_edge")) and g.abs().sum() > 0 for n, g in grads.items())
+    # different architectures get different embeddings
+    assert torch.cdist(z, z).add(torch.eye(len(graphs))).min() > 1e-4
+
+
+@pytest.mark.parametrize("name", G.ENCODER_NAMES)
+def test_save_load_round_trip(name, graphs, tmp_path):
+    extra = {"canonical_order": True, "num_properties": 3} if name == "weightnet" else {}
+    enc = _encoder(name, **extra).eval()
+    path = tmp_path / f"{name}.pt"
+    G.save_encoder(str(path), enc)
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"name", "kwargs", "state_dict"} and raw["name"] == name
+    loaded = G.load_encoder(str(path)).eval()
+    assert type(loaded) is type(enc) and loaded.hparams == enc.hparams
+    batch = Batch.from_data_list(graphs)
+    with torch.no_grad():
+        assert torch.equal(enc(batch), loaded(batch))
+
+
+def test_factorized_message_equals_concat_mlp_reference():
+    """s_ij = relu(W [h_dst, h_src, e_ij] + b), aggregated both ways, as a dense loop would compute it."""
+    torch.manual_seed(0)
+    h_dim, e_dim, n = 8, 5, 6
+    conv = G.FactorizedEdgeConv(h_dim, e_dim)
+    edge_index = torch.tensor([[0, 1, 2, 0, 3, 4], [3, 3, 3, 4, 5, 5]])
+    h, e = torch.randn(n, h_dim), torch.randn(edge_index.size(1), e_dim)
+    h_new, s = conv(h, e, G.edge_incidence(edge_index, n))
+    hn = conv.norm(h)
+    w = torch.cat([conv.lin_dst.weight, conv.lin_src.weight, conv.lin_edge.weight], dim=1)  # (h, 2h + e)
+    m_in, m_out = torch.zeros(n, h_dim), torch.zeros(n, h_dim)
+    for k, (i, j) in enumerate(edge_index.t().tolist()):
+        s_ref = torch.relu(w @ torch.cat([hn[j], hn[i], e[k]]) + conv.lin_dst.bias)
+        torch.testing.assert_close(s[k], s_ref, atol=1e-5, rtol=1e-5)
+        m_in[j] += s_ref
+        m_out[i] += s_ref
+    ref = h + conv.update_mlp(torch.cat([hn, conv.norm_in(m_in), conv.norm_out(m_out)], dim=-1))
+    torch.testing.assert_close(h_new, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", G.ENCODER_NAMES)
+def test_fused_edge_kernel_equals_pyg_message_passing(name, graphs):
+    """The fused autograd kernel and the plain PyG path give the same embeddings and gradients."""
+    batch = Batch.from_data_list(graphs)
+    out = []
+    for fused in (True, False):
+        enc = _encoder(name)
+        for m in enc.modules():
+            if isinstance(m, G.FactorizedEdgeConv):
+                m.fused = fused
+        z = enc(batch)
+        enc.project(z).square().sum().backward()
+        out.append((z.detach(), {n: p.grad for n, p in enc.named_parameters() if p.grad is not None}))
+    (z1, g1), (z2, g2) = out
+    torch.testing.assert_close(z1, z2, atol=1e-5, rtol=1e-4)
+    assert g1.keys() == g2.keys()
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], atol=1e-4, rtol=1e-3, msg=lambda m: f"{name} grad of {n}: {m}")
+
+
+def test_weightnet_property_head_trains_with_mse(graphs, trained_models):
+    torch.manual_seed(0)
+    enc = WeightNet(**SMALL, num_properties=2)
+    batch = Batch.from_data_list(graphs)
+    target = torch.randn(len(graphs), 2)
+    opt = torch.optim.Adam(enc.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(enc.predict_properties(enc(batch)), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert enc.predict_properties(enc(batch)).shape == (len(graphs), 2)
+    assert losses[-1] < 0.2 * losses[0], losses
+
+
+def test_canonical_rank_hand_example():
+    key = torch.tensor([0.5, -1.0, 2.0, 0.3, 0.3, 9.0])
+    tie = torch.tensor([0.0, 0.0, 0.0, 2.0, 1.0, 0.0])
+    seg = torch.tensor([0, 0, 0, 1, 1, 2])
+    assert canonical_rank(key, tie, seg).tolist() == [1, 0, 2, 1, 0, 0]
+
+
+def test_clear_errors(graphs):
+    with pytest.raises(ValueError, match="unknown encoder"):
+        G.build_encoder("pna")
+    with pytest.raises(ValueError, match="edge_dim"):
+        _encoder("gnn", edge_dim=9)(Batch.from_data_list(graphs[:1]))
+    with pytest.raises(ValueError, match="max_layers"):
+        _encoder("gnn", max_layers=2)(Batch.from_data_list(graphs))  # the 3-hidden-layer MLP is too deep
+    g = graphs[0].clone()
+    del g.neuron_index
+    with pytest.raises(ValueError, match="neuron_index"):
+        _encoder("nonequivariant_gnn")(Batch.from_data_list([g]))
+    assert G.ModelEmbedder(**SMALL)(Batch.from_data_list([g])).shape == (1, SMALL["global_dim"])  # not needed here
+
+
+@pytest.mark.parametrize("name", G.ENCODER_NAMES)
+def test_build_from_config_and_gpu_setting_one_flag_away(name):
+    from config import parse_args
+
+    c = parse_args(["--hidden_dim", "256", "--message_passing_steps", "4", "--model", name]).encoder
+    enc = G.build_encoder(c.model, **G.encoder_kwargs(c.hidden_dim, c.global_dim, c.projection_dim,
+                                                      c.message_passing_steps, c.dropout, c.model, c.attention_heads,
+                                                      c.canonical_order))
+    assert enc.hparams["hidden_dim"] == 256 and enc.hparams["message_passing_steps"] == 4
+    if name != "weightnet":
+        assert len(enc.convs) == 4 and enc.convs[0].lin_dst.in_features == 256
+    else:
+        assert len(enc.intra.layers) == 4
+
+
+@pytest.mark.parametrize("name", ["gnn", "weightnet"])
+def test_equivariant_encoders_never_read_neuron_index(name, graphs):
+    enc = _encoder(name).eval()
+    scrambled = []
+    for g in graphs:
+        g = g.clone()
+        g.neuron_index = torch.randperm(g.num_nodes)
+        scrambled.append(g)
+    with torch.no_grad():
+        assert torch.equal(enc(Batch.from_data_list(graphs)), enc(Batch.from_data_list(scrambled)))
+
+
+def test_bf16_autocast_path_runs_and_stays_close(graphs):
+    """The fused kernel's autocast branch (used with bf16 on GPU), exercised on CPU."""
+    enc = _encoder("gnn")
+    batch = Batch.from_data_list(graphs)
+    z = enc(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        zb = enc(batch)
+        loss = enc.project(zb).float().square().mean()
+    loss.backward()
+    assert zb.dtype == torch.bfloat16
+    assert (z - zb.float()).norm() / z.norm() < 0.05
+    assert all(torch.isfinite(p.grad).all() for p in enc.parameters() if p.grad is not None)
