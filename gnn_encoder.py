@@ -128,7 +128,7 @@ class NodeEncoder(nn.Module):
     def __init__(self, hidden_dim: int, max_layers: int, max_io_positions: int, max_neurons: int = 0):
         super().__init__()
         self.max_layers, self.max_io_positions, self.max_neurons = max_layers, max_io_positions, max_neurons
-        self.bias = nn.Linear(1, hidden_dim)
+        self.bias = nn.Linear(2, hidden_dim)  # [standardized bias, log-RMS of the incoming weights]
         self.node_type = nn.Embedding(3, hidden_dim)
         self.activation = nn.Embedding(len(ACTIVATIONS), hidden_dim)
         self.kind = nn.Embedding(2, hidden_dim)  # linear / conv neuron (kind of its incoming, else outgoing, edges)
@@ -155,7 +155,7 @@ class NodeEncoder(nn.Module):
         kind_in = zeros.scatter_reduce(0, dst, f["edge_kind"], "amax")
         kind_out = zeros.scatter_reduce(0, src, f["edge_kind"], "amax")
         kind = torch.where(node_type == NODE_INPUT, kind_out, kind_in)
-        h = (self.bias(f["x"]) + self.node_type(node_type) + self.activation(f["activation"]) + self.kind(kind)
+        h = (self.bias(f["x_std"]) + self.node_type(node_type) + self.activation(f["activation"]) + self.kind(kind)
              + self.layer_pos(layer) + self.layer_from_end(from_end) + self.io(io_idx))
         if self.neuron is not None:
             ni = f["neuron_index"]
@@ -165,6 +165,35 @@ class NodeEncoder(nn.Module):
             _check_range("neuron_index of hidden nodes", ni[hidden], self.max_neurons, "max_neurons")
             h = h + self.neuron(torch.where(hidden, ni, 0)) * hidden.unsqueeze(1).to(h.dtype)
         return self.norm(h)
+
+
+def standardize_inputs(f: dict, max_layers: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Weights and biases rescaled to unit RMS per (graph, layer), plus the log-RMS as a feature.
+
+    Raw trained weights are small (|w| ~ 1/sqrt(fan_in)) next to the O(1) learned node
+    embeddings, so without this the first edge term is a ~1% perturbation and the encoder
+    is nearly blind to the weights (measured: zeroing every weight moved a random-init
+    embedding by 0.02%). Per-layer statistics are permutation invariant and deterministic
+    on the canonical form, so invariance is unchanged; the log-RMS keeps the scale itself.
+
+    Returns (edge_attr (E, K*K), node features (N, 2) = [bias / rms_b, log rms_w of the
+    node's incoming layer], edge log-RMS (E, 1)).
+    """
+    _check_range("layer_index", f["layer_index"], max_layers + 1, "max_layers")
+    e, x = f["edge_attr"], f["x"]
+    src, dst = f["edge_index"]
+    node_seg = f["batch"] * (max_layers + 1) + f["layer_index"]  # (graph, layer) of every node
+    n_seg = int(f["num_graphs"]) * (max_layers + 1)
+    edge_seg = node_seg[dst]  # an edge belongs to the layer of its destination neuron
+    area = (e != 0).sum(1).clamp_min(1).to(e.dtype)  # kernel entries used by this edge
+    ms_w = scatter(e.pow(2).sum(1), edge_seg, 0, n_seg, "sum") / scatter(area, edge_seg, 0, n_seg, "sum").clamp_min(1)
+    rms_w = ms_w.sqrt().clamp_min(1e-8)  # (n_seg,)
+    rms_b = scatter(x[:, 0].pow(2), node_seg, 0, n_seg, "mean").sqrt().clamp_min(1e-8)
+    e_std = e / rms_w[edge_seg].unsqueeze(1)
+    log_w = torch.log(rms_w)
+    x_std = torch.stack([x[:, 0] / rms_b[node_seg], log_w[node_seg]], dim=1)  # inputs: both 0 / log(1e-8)
+    x_std[:, 1] = torch.where(f["node_type"] == NODE_INPUT, torch.zeros_like(x_std[:, 1]), x_std[:, 1])
+    return e_std, x_std, log_w[edge_seg].unsqueeze(1)
 
 
 class EdgeIncidence(NamedTuple):
@@ -436,6 +465,9 @@ class ModelEmbedder(nn.Module):
         )
         self.pool = HierarchicalPool(hidden_dim, global_dim, max_layers, dropout)
         self.projector = projection_head(global_dim, projection_dim)
+        # the raw-weight term of the first message must be as large as the node terms (std ~1 per unit
+        # of standardized weight); the default init (U(+-1/sqrt(K*K))) makes it a small perturbation
+        nn.init.normal_(self.convs[0].lin_edge.weight, std=1.0)
 
     def node_states(self, batch: Data | Batch) -> tuple[Tensor, dict]:
         """Final node states (N, hidden_dim) and the parsed graph fields."""
@@ -443,9 +475,10 @@ class ModelEmbedder(nn.Module):
         if f["edge_attr"].size(-1) != self.edge_dim:
             raise ValueError(f"graphs have edge_attr of width {f['edge_attr'].size(-1)} but the encoder was built for "
                              f"edge_dim={self.edge_dim} (max_kernel {int(self.edge_dim ** 0.5)})")
+        e, f["x_std"], _ = standardize_inputs(f, self.node_encoder.max_layers)
         h = self.node_encoder(f)
         inc = edge_incidence(f["edge_index"], h.size(0))
-        e = f["edge_attr"].to(h.dtype)  # (E, K*K) raw weights; then (E, h) edge states
+        e = e.to(h.dtype)  # (E, K*K) standardized weights; then (E, h) edge states
         for conv in self.convs:
             h, e = conv(h, e, inc)
         return h, f

@@ -29,7 +29,7 @@ from torch_geometric.data import Batch, Data
 from torch_geometric.utils import scatter, to_dense_batch
 
 from gnn_encoder import (NODE_HIDDEN, NODE_INPUT, NODE_OUTPUT, FactorizedEdgeConv, NodeEncoder, _check_range, edge_incidence,
-                         graph_fields, projection_head)
+                         graph_fields, projection_head, standardize_inputs)
 
 
 def _encoder_stack(hidden_dim: int, num_heads: int, num_layers: int, dropout: float) -> nn.TransformerEncoder:
@@ -114,10 +114,11 @@ class WeightNet(nn.Module):
             raise ValueError(f"graphs have edge_attr of width {f['edge_attr'].size(-1)}, the encoder expects {self.edge_dim}")
         node_type, layer, b, num_graphs = f["node_type"], f["layer_index"], f["batch"], f["num_graphs"]
         # 1. neuron tokens
+        e, f["x_std"], _ = standardize_inputs(f, self.max_layers)  # see gnn_encoder.standardize_inputs
         h = self.node_encoder(f)
         edge_index = f["edge_index"]
         inc = edge_incidence(edge_index, h.size(0))
-        e = f["edge_attr"].to(h.dtype)
+        e = e.to(h.dtype)
         for conv in self.summary:
             h, e = conv(h, e, inc)
         # (graph, layer) segments; the contract orders nodes by graph, then layer
