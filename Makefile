@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: install experiment test bench clean
+.PHONY: install install-extra experiment test clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -12,6 +12,9 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 install: $(VENV)/.installed
+
+install-extra: install
+	$(PY) -m pip install -r requirements-extra.txt
 
 experiment: install
 	$(PY) run_experiment.py $(ARGS)

@@ -37,7 +37,7 @@ class ZooConfig:
     checkpoints_per_run: int = _f(3, "checkpoints saved per training run (early to final epoch)")
     card_task_fraction: float = _f(0.5, "fraction of model cards that name the task")
     zoo_seed: int = _f(0, "seed of zoo generation (independent of the experiment seed)")
-    cnn_fraction: float = _f(0.1, "fraction of zoo run groups that are CNNs (on the image tasks)")
+    cnn_fraction: float = _f(0.1, "fraction of zoo runs that are CNNs (on the 8x8 image tasks)")
     zoo_group_size: int = _f(64, "zoo runs of one architecture trained together as one stacked batch")
     zoo_workers: int = _f(2, "worker processes (one per core) training zoo groups in parallel")
 
@@ -71,10 +71,10 @@ class EncoderConfig:
 
     model: str = _f("gnn", "encoder: gnn|nonequivariant_gnn|weightnet|pca_mlp|mlp",
                     choices=["gnn", "nonequivariant_gnn", "weightnet", "pca_mlp", "mlp"])
-    hidden_dim: int = _f(64, "hidden width of the encoder (CPU default; the GPU setting is 256)")
+    hidden_dim: int = _f(32, "hidden width of the encoder (CPU default; the GPU setting is 256)")
     global_dim: int = _f(128, "size of the model embedding")
     projection_dim: int = _f(64, "size of the contrastive projection head output")
-    message_passing_steps: int = _f(3, "message-passing layers (WeightNet: intra-layer attention blocks); GPU setting 4")
+    message_passing_steps: int = _f(2, "message-passing layers (WeightNet: intra-layer attention blocks); GPU setting 4")
     dropout: float = _f(0.0, "dropout in the encoder")
     attention_heads: int = _f(4, "WeightNet attention heads (must divide hidden_dim)")
     canonical_order: bool = _f(False, "WeightNet: add embeddings of each hidden neuron's canonical rank in its layer")
@@ -84,8 +84,8 @@ class EncoderConfig:
 class TrainConfig:
     """Contrastive training (contrastive_learning.py, dataloader.py)."""
 
-    epochs: int = _f(30, "training epochs of the encoder")
-    batch_size: int = _f(128, "graphs per batch (two views each)")
+    epochs: int = _f(5, "training epochs of the encoder")
+    batch_size: int = _f(32, "graphs per global batch (two views each); small batches give more steps per CPU-second")
     learning_rate: float = _f(1e-3, "AdamW learning rate")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     temperature: float = _f(0.1, "NT-Xent temperature")
@@ -95,9 +95,9 @@ class TrainConfig:
     view_recipe: str = _f("checkpoint", "positive pairs: symmetry|noise|checkpoint|seed (self-supervised), "
                           "supcon (same-task positives, weakly supervised)",
                           choices=["symmetry", "noise", "checkpoint", "seed", "supcon"])
-    compare_recipes: list = _f(["symmetry", "noise", "checkpoint", "seed", "supcon"],
+    compare_recipes: list = _f(["noise", "checkpoint", "supcon"],
                                "view recipes compared on validation (seen tasks) before training")
-    compare_epochs: int = _f(3, "training epochs per recipe in the comparison (0 skips the comparison)")
+    compare_epochs: int = _f(1, "training epochs per recipe in the comparison (0 skips the comparison)")
     hard_negative_beta: float = _f(0.0, "hardness weighting of cross-family negatives (0 = plain NT-Xent)")
     val_fraction: float = _f(0.15, "fraction of each seen task's training runs used for validation")
     test_fraction: float = _f(0.15, "fraction of each seen task's training runs held out for testing")
@@ -122,6 +122,7 @@ class EvalConfig:
     symmetry_queries: int = _f(200, "queries transformed in the symmetry-robustness check (0 = all)")
     merge_pairs: int = _f(3, "model pairs (same architecture and task) merged per seed")
     merge_alphas: int = _f(11, "points on the interpolation path alpha in [0, 1]")
+    transfer_tasks: int = _f(3, "held-out tasks used in the transfer protocol")
     transfer_k: int = _f(5, "models fine-tuned per arm (top-k retrieved, k random) in the transfer protocol")
     transfer_steps: int = _f(200, "fine-tuning budget in minibatch steps (same for every model)")
     transfer_lr: float = _f(1e-3, "Adam learning rate of transfer fine-tuning")
@@ -159,8 +160,9 @@ class ExperimentConfig:
 SMALL_PRESET: dict[str, Any] = {
     "zoo": {"zoo_dir": "zoo/small", "num_models": 500, "zoo_epochs": 30},
     "encoder": {"hidden_dim": 32, "global_dim": 64, "message_passing_steps": 2},
-    "train": {"epochs": 3},
-    "eval": {"eval_seeds": 1},
+    "train": {"epochs": 2, "batch_size": 64, "compare_epochs": 0},
+    "eval": {"eval_seeds": 1, "transfer_tasks": 1, "transfer_steps": 60, "transfer_k": 3, "merge_pairs": 2,
+             "symmetry_queries": 100},
 }
 
 

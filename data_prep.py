@@ -27,10 +27,8 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
 import time
-import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -40,8 +38,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 
 import architecture as A
@@ -1187,57 +1183,6 @@ class CheckpointError(Exception):
         self.cause = cause
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Raw tensor dict of a .safetensors or .pt/.pth file (torch.load with weights_only=True)."""
-    if path.stat().st_size == 0:
-        raise CheckpointError(path, "empty file")
-    if path.suffix == ".safetensors":
-        try:
-            return st_load_file(str(path))
-        except SafetensorError as e:
-            raise CheckpointError(path, f"not a readable safetensors file (truncated or corrupt): {e}") from e
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # pickle-protocol notes from the weights_only unpickler
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only refuses code and unknown globals
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        why = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[-1] if lines else "")
-        raise CheckpointError(path, f"refused by torch.load(weights_only=True), nothing was executed: {why}") from e
-    except Exception as e:  # noqa: BLE001 -- torch.load on arbitrary bytes raises many types; each is this file's error
-        raise CheckpointError(path, f"not a readable PyTorch checkpoint (truncated or corrupt): "
-                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    for key in _NESTED_STATE_KEYS:  # {"state_dict": sd, ...} as written by training scripts
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict):
-        raise CheckpointError(path, f"holds a {type(obj).__name__}, not a state_dict")
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise CheckpointError(path, f"entry {bad[0]!r} is a {type(obj[bad[0]]).__name__}, not a tensor")
-    return dict(obj)
-
-
-def _read_sidecar(path: Path) -> dict:
-    for side in (path.with_name(path.name + ".spec.json"), path.parent / "spec.json"):
-        if side.exists():
-            try:
-                d = json.loads(side.read_text())
-            except json.JSONDecodeError as e:
-                raise CheckpointError(path, f"sidecar {side.name} is not valid JSON ({e})") from e
-            if not isinstance(d, dict):
-                raise CheckpointError(path, f"sidecar {side.name} must hold a JSON object")
-            if "layers" in d:  # a full ArchitectureSpec
-                d = {"spec": d}
-            unknown = sorted(set(d) - _SIDECAR_KEYS)
-            if unknown:
-                raise CheckpointError(path, f"sidecar {side.name} has unknown keys {unknown}; "
-                                            f"known: {sorted(_SIDECAR_KEYS)}")
-            return d
-    return {}
-
-
 def _natural_key(s: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
@@ -1310,41 +1255,12 @@ def infer_spec(sd: Mapping[str, torch.Tensor], activation: str = "relu", input_h
 
 
 def read_checkpoint(path: str | Path) -> tuple[A.ArchitectureSpec, dict[str, torch.Tensor], list[str], dict]:
-    """(spec, state_dict, warnings, sidecar metadata) of one checkpoint file, or CheckpointError."""
-    path = Path(path)
-    raw = _read_tensors(path)
-    if not raw:
-        raise CheckpointError(path, "empty state_dict (no tensors)")
-    side = _read_sidecar(path)
-    warns: list[str] = []
-    try:
-        if "spec" in side:
-            spec = A.ArchitectureSpec.from_dict(side["spec"])
-            _, sd, w = infer_spec(raw, "relu", (8, 8), str(path))  # only to rename keys in layer order
-            warns += w
-        else:
-            act = side.get("activation")
-            if act is None:
-                act = "relu"
-                warns.append("activation unknown (no sidecar); relu assumed")
-            shape = side.get("input_shape")
-            hw = (8, 8)
-            if shape is not None:
-                hw = tuple(int(s) for s in shape[-2:]) if len(shape) == 3 else hw
-            spec, sd, w = infer_spec(raw, act, hw, str(path))
-            warns += w
-            if spec.is_cnn and (shape is None or len(shape) != 3):
-                warns.append("CNN input size unknown (no sidecar input_shape); 8x8 assumed for running it")
-            if shape is not None and tuple(int(s) for s in shape) != spec.input_shape:
-                raise ValueError(f"sidecar input_shape {tuple(shape)} does not fit the weights "
-                                 f"(input {spec.input_shape})")
-        spec.validate_state_dict(sd, str(path))
-    except ValueError as e:
-        msg = str(e)
-        prefix = f"{path}: "
-        raise CheckpointError(path, msg[len(prefix):] if msg.startswith(prefix) else msg) from e
-    meta = {k: v for k, v in side.items() if k not in ("spec", "activation", "input_shape")}
-    return spec, sd, warns, meta
+    """(spec, state_dict, warnings, sidecar metadata) of one checkpoint file, or CheckpointError.
+
+    Delegates to checkpoint_import, which also reads checkpoints from the wild (BatchNorm folded,
+    pooling, flatten heads, residual blocks); imported lazily (it imports this module).
+    """
+    return __import__("checkpoint_import").read_checkpoint(path)
 
 
 # ===================================================================== CLI

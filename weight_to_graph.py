@@ -15,6 +15,21 @@ The neuron graph (contract shared with the encoders, see shared/DESIGN.md):
   first linear layer is a plain linear edge); ``edge_layer`` [E] l; ``edge_kind`` [E] 0 linear, 1 conv.
 * graph attributes: ``num_layers`` (L), ``spec_json`` (str), ``model_idx`` (int).
 
+Extended specs (``architecture`` module docstring) use the same fields, so one batch may mix them
+with the zoo's graphs:
+
+* a **flatten head** (``flatten=True``): the first linear layer's inputs are channel x position; its
+  graph inputs are the C channel nodes of the last conv and one edge per (output neuron, channel)
+  carries that channel's H x W block of columns as a kernel (``edge_kind`` conv, padded centred to
+  K x K; needs H, W <= K). Permuting a conv channel is then a node permutation, as for a GAP head,
+  and the position of a column is the slot of its weight in the edge feature;
+* **pooling** is part of the layer (``spec_json``); max/avg pooling commutes with channel permutation
+  and positive scaling, so it adds no nodes or edges;
+* an **identity shortcut** (``residual_from=s`` on layer j) adds, after all weight edges, one edge
+  per channel c from node c of layer s (inputs for s = -1) to node c of layer j, with the identity
+  kernel (1 at the centre slot), ``edge_layer`` j and the kind of layer j. ``to_state_dict`` checks
+  that these edges are still the identity.
+
 Graph tensors are float32. With ``canonicalize=True`` (default) the weights are put in the
 canonical form of ``symmetry.canonicalize`` first (same function, no scale/sign freedom).
 
@@ -39,15 +54,16 @@ import torch
 from torch import Tensor
 from torch_geometric.data import Data
 
-from architecture import ACTIVATIONS, ArchitectureSpec
+from architecture import ACTIVATIONS, ArchitectureSpec, parse_pool
 from symmetry import canonicalize, canonicalize_stacked  # noqa: F401  (canonicalize is re-exported)
 
 NODE_INPUT, NODE_HIDDEN, NODE_OUTPUT = 0, 1, 2
 EDGE_LINEAR, EDGE_CONV = 0, 1
 CACHE_FORMAT = 1  # bump when the cached layout or the graph contract changes
 
-__all__ = ["WeightToGraph", "canonicalize", "GraphStructure", "graph_structure",
-           "NODE_INPUT", "NODE_HIDDEN", "NODE_OUTPUT", "EDGE_LINEAR", "EDGE_CONV"]
+__all__ = ["WeightToGraph", "canonicalize", "GraphStructure", "graph_structure", "extension_features",
+           "NODE_INPUT", "NODE_HIDDEN", "NODE_OUTPUT", "EDGE_LINEAR", "EDGE_CONV", "POOL_KINDS"]
+POOL_KINDS = {"": 0, "max": 1, "avg": 2}  # ids of ``extension_features(...)["pool_kind"]``
 
 
 @dataclass(frozen=True)
@@ -63,8 +79,9 @@ class GraphStructure:
     edge_layer: Tensor  # (E,)
     edge_kind: Tensor  # (E,)
     node_offsets: tuple[int, ...]  # first node of layer l (l = 0 inputs .. L outputs), plus N at the end
-    edge_offsets: tuple[int, ...]  # first edge of layer l (l = 1..L at positions 0..L-1), plus E at the end
+    edge_offsets: tuple[int, ...]  # first edge of layer l (l = 1..L at positions 0..L-1), plus the weight edges' end
     spec_json: str
+    num_residual_edges: int = 0  # identity-shortcut edges, stored after the weight edges
 
     @property
     def num_nodes(self) -> int:
@@ -72,7 +89,7 @@ class GraphStructure:
 
     @property
     def num_edges(self) -> int:
-        return self.edge_offsets[-1]
+        return self.edge_offsets[-1] + self.num_residual_edges
 
 
 @contextlib.contextmanager
@@ -108,6 +125,42 @@ def _check_supported(spec: ArchitectureSpec, max_kernel: int) -> None:
                                  f"of this converter; use WeightToGraph(max_kernel={layer.kernel_size})")
         if layer.activation not in ACTIVATIONS:
             raise ValueError(f"{where}: unknown activation {layer.activation!r}")
+        if layer.flatten:
+            h, w = spec.edge_window(i)
+            if max(h, w) > max_kernel:
+                raise ValueError(f"{where}: flatten head over a {h}x{w} map needs edge features of at least "
+                                 f"{max(h, w)}x{max(h, w)}; use WeightToGraph(max_kernel={max(h, w) | 1}) "
+                                 f"or pool the map further")
+
+
+def extension_features(data: Data) -> dict[str, Tensor]:
+    """Per-node/per-edge features of the spec extensions, derived from ``data.spec_json`` (one graph).
+
+    Not stored in the graphs (the field layout is shared with the zoo's graphs and the encoders);
+    an encoder that wants them computes them here. Returns:
+      ``pool_kind`` long [N]: ``POOL_KINDS`` id of the pooling after the node's layer (0 none, 1 max, 2 avg);
+      ``pool_size`` long [N]: its window k (0 without pooling);
+      ``edge_flatten`` bool [E]: edge of a flatten head (its kernel slots are spatial positions);
+      ``edge_residual`` bool [E]: identity-shortcut edge.
+    """
+    if not isinstance(data.spec_json, str):
+        raise ValueError("extension_features needs a single graph (use batch.get_example(i))")
+    spec = ArchitectureSpec.from_json(data.spec_json)
+    s = graph_structure(spec)
+    pool_kind = torch.zeros(s.num_nodes, dtype=torch.long)
+    pool_size = torch.zeros(s.num_nodes, dtype=torch.long)
+    edge_flatten = torch.zeros(s.num_edges, dtype=torch.bool)
+    edge_residual = torch.zeros(s.num_edges, dtype=torch.bool)
+    edge_residual[s.edge_offsets[-1]:] = True
+    for i, layer in enumerate(spec.layers):
+        parsed = parse_pool(layer.pool)
+        if parsed is not None:
+            pool_kind[s.node_offsets[i + 1]:s.node_offsets[i + 2]] = POOL_KINDS[parsed[0]]
+            pool_size[s.node_offsets[i + 1]:s.node_offsets[i + 2]] = parsed[1]
+        if layer.flatten:
+            edge_flatten[s.edge_offsets[i]:s.edge_offsets[i + 1]] = True
+    return {"pool_kind": pool_kind, "pool_size": pool_size, "edge_flatten": edge_flatten,
+            "edge_residual": edge_residual}
 
 
 def graph_structure(spec: ArchitectureSpec) -> GraphStructure:
@@ -129,19 +182,30 @@ def graph_structure(spec: ArchitectureSpec) -> GraphStructure:
         activation.append(torch.full((w,), act))
     src, dst, e_layer, e_kind, edge_offsets = [], [], [], [], [0]
     for l, layer in enumerate(spec.layers, start=1):
-        n_out, n_in = layer.out_dim, layer.in_dim
+        n_out, n_in = layer.out_dim, widths[l - 1]  # a flatten layer's graph inputs are the C channels
         # row-major over (out, in): edge o*n_in + i joins input neuron i to output neuron o
         src.append((torch.arange(n_in).repeat(n_out) + node_offsets[l - 1]))
         dst.append((torch.arange(n_out).repeat_interleave(n_in) + node_offsets[l]))
         e_layer.append(torch.full((n_out * n_in,), l))
-        e_kind.append(torch.full((n_out * n_in,), EDGE_CONV if layer.kind == "conv2d" else EDGE_LINEAR))
+        spatial = layer.kind == "conv2d" or layer.flatten
+        e_kind.append(torch.full((n_out * n_in,), EDGE_CONV if spatial else EDGE_LINEAR))
         edge_offsets.append(edge_offsets[-1] + n_out * n_in)
+    n_res = 0
+    for l, layer in enumerate(spec.layers, start=1):  # identity shortcuts: channel c -> channel c
+        if layer.residual_from is None:
+            continue
+        c = torch.arange(layer.out_dim)
+        src.append(c + node_offsets[layer.residual_from + 1])
+        dst.append(c + node_offsets[l])
+        e_layer.append(torch.full((layer.out_dim,), l))
+        e_kind.append(torch.full((layer.out_dim,), EDGE_CONV if layer.kind == "conv2d" else EDGE_LINEAR))
+        n_res += layer.out_dim
     return GraphStructure(
         node_type=torch.cat(node_type), layer_index=torch.cat(layer_index), io_position=torch.cat(io_position),
         neuron_index=torch.cat(neuron_index), activation=torch.cat(activation),
         edge_index=torch.stack([torch.cat(src), torch.cat(dst)]), edge_layer=torch.cat(e_layer),
         edge_kind=torch.cat(e_kind), node_offsets=tuple(node_offsets), edge_offsets=tuple(edge_offsets),
-        spec_json=spec.to_json(),
+        spec_json=spec.to_json(), num_residual_edges=n_res,
     )
 
 
@@ -201,9 +265,12 @@ class WeightToGraph:
         ea = torch.zeros(B, s.num_edges, K, K)
         for i, layer in enumerate(spec.layers):
             x[:, s.node_offsets[i + 1]:s.node_offsets[i + 2], 0] = params[f"layers.{i}.bias"]
-            w = params[f"layers.{i}.weight"].reshape(B, -1, layer.kernel_size, layer.kernel_size)
-            lo = (K - layer.kernel_size) // 2  # centred; a linear weight lands on the centre slot
-            ea[:, s.edge_offsets[i]:s.edge_offsets[i + 1], lo:lo + layer.kernel_size, lo:lo + layer.kernel_size] = w
+            kh, kw = spec.edge_window(i)  # conv kernel, flatten block (H, W) or (1, 1)
+            w = params[f"layers.{i}.weight"].reshape(B, -1, kh, kw)  # (B, out*in_graph, kh, kw)
+            lh, lw = (K - kh) // 2, (K - kw) // 2  # centred; a linear weight lands on the centre slot
+            ea[:, s.edge_offsets[i]:s.edge_offsets[i + 1], lh:lh + kh, lw:lw + kw] = w
+        if s.num_residual_edges:
+            ea[:, s.edge_offsets[-1]:, K // 2, K // 2] = 1.0  # identity kernels of the shortcuts
         return x, ea.view(B, s.num_edges, K * K)
 
     def _split(self, spec: ArchitectureSpec, x: Tensor, ea: Tensor, idx: Sequence[int]) -> list[Data]:
@@ -270,18 +337,29 @@ class WeightToGraph:
                              f"this converter (max_kernel={K}) needs ({s.num_edges}, {K * K})")
         sd: dict[str, Tensor] = {}
         for i, layer in enumerate(spec.layers):
-            block = ea[s.edge_offsets[i]:s.edge_offsets[i + 1]].reshape(layer.out_dim, layer.in_dim, K, K)
-            k = layer.kernel_size
-            lo = (K - k) // 2
-            w = block[:, :, lo:lo + k, lo:lo + k]
+            n_in = spec.graph_in_dim(i)
+            block = ea[s.edge_offsets[i]:s.edge_offsets[i + 1]].reshape(layer.out_dim, n_in, K, K)
+            kh, kw = spec.edge_window(i)
+            lh, lw = (K - kh) // 2, (K - kw) // 2
+            w = block[:, :, lh:lh + kh, lw:lw + kw]
             outside = block.clone()
-            outside[:, :, lo:lo + k, lo:lo + k] = 0
+            outside[:, :, lh:lh + kh, lw:lw + kw] = 0
             if bool(outside.any()):
-                raise ValueError(f"graph of {name}: layer {i} ({layer.kind}, kernel {k}) has nonzero edge_attr "
-                                 f"outside its {k}x{k} kernel window")
+                what = "flatten block" if layer.flatten else "kernel"
+                raise ValueError(f"graph of {name}: layer {i} ({layer.kind}, {what} {kh}x{kw}) has nonzero edge_attr "
+                                 f"outside its {kh}x{kw} {what} window")
             sd[f"layers.{i}.weight"] = (w.reshape(layer.out_dim, layer.in_dim) if layer.kind == "linear"
                                         else w).clone()
             sd[f"layers.{i}.bias"] = x[s.node_offsets[i + 1]:s.node_offsets[i + 2], 0].clone()
+        if s.num_residual_edges:  # the spec can only express identity shortcuts
+            res = ea[s.edge_offsets[-1]:]
+            eye = torch.zeros_like(res)
+            eye[:, (K // 2) * K + K // 2] = 1.0
+            bad = (res - eye).abs().amax(1) > 1e-6
+            if bool(bad.any()):
+                e = int(bad.nonzero()[0])
+                raise ValueError(f"graph of {name}: shortcut edge {s.edge_offsets[-1] + e} is not the identity "
+                                 f"kernel; only identity shortcuts can be turned back into weights")
         return spec, sd
 
     # --- many models, cached -------------------------------------------------------------------

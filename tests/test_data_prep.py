@@ -266,9 +266,9 @@ def _write_checkpoints(folder: Path, trained_models) -> dict[str, str]:
     inf_sd["layers.0.bias"][1] = float("inf")
     save_file(inf_sd, str(folder / "bad_inf.safetensors"))
     bad["bad_inf.safetensors"] = r"layers\.0\.bias contains NaN or Inf"
-    bn = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
-    torch.save(bn.state_dict(), folder / "bad_batchnorm.pt")
-    bad["bad_batchnorm.pt"] = "unsupported entry '1.running_mean'"
+    ln = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    torch.save(ln.state_dict(), folder / "bad_layernorm.pt")  # BatchNorm is folded (tests/test_wild_checkpoints.py)
+    bad["bad_layernorm.pt"] = "normalization without running statistics"
     torch.save({"0.weight": torch.zeros(3, 4, 5), "0.bias": torch.zeros(3)}, folder / "bad_conv1d.pt")
     bad["bad_conv1d.pt"] = "0.weight has 3 dims; unsupported layer"
     torch.save({"0.weight": torch.zeros(8, 4), "0.bias": torch.zeros(8), "2.weight": torch.zeros(2, 9),

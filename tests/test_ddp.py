@@ -63,8 +63,10 @@ def test_two_process_ddp_matches_single_process(tmp_path: Path, recipe: str) -> 
     for k in single:
         # attention-gate biases feed only a softmax (shift invariant): their true gradient is 0,
         # and Adam turns float noise into steps of ~lr, so they match less tightly (they change no output)
-        atol = 1e-3 if k.startswith("pool.gate_") and k.endswith(".bias") else 1e-5
-        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=atol, msg=f"DDP vs single process: {k}")
+        # elsewhere summation order differs between 2 ranks and 1 process (~1e-7 per step), which Adam's
+        # normalised steps can grow to ~2e-5 after 2 epochs; 1e-4 is still 10x below the weights' movement
+        atol = 1e-3 if k.startswith("pool.gate_") and k.endswith(".bias") else 1e-4
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=atol, msg=lambda m, k=k: f"DDP vs single process: {k}: {m}")
     moved = max((single[k] - v).abs().max().item() for k, v in init.state_dict().items())
     assert moved > 1e-3
     h_s = json.loads((tmp_path / "single" / "history.json").read_text())

@@ -1,0 +1,72 @@
+"""weightzoo experiment: zoo -> graphs -> contrastive encoder -> embeddings -> evaluation -> report.
+
+    python run_experiment.py --seed 42 --epochs 50
+    python run_experiment.py --small --epochs 1          # about a minute
+    torchrun --standalone --nproc_per_node=2 run_experiment.py --small
+
+Every stage is recorded in results/<experiment>/results.json with its status and time;
+a stage that fails is reported as failed and the stages that need it as skipped.
+The stage functions live in stages.py; main() below is the whole pipeline.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from config import parse_args
+from report import RunRecorder, git_commit, package_versions, setup_logging
+
+log = logging.getLogger("weightzoo")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_args(argv)
+    import stages as S  # heavy imports (torch, PyG) after argument parsing, so --help is instant
+
+    dist = S.setup(cfg)
+    run_dir = Path(cfg.results_dir) / cfg.experiment_name
+    if dist.is_master:
+        (run_dir / "figures").mkdir(parents=True, exist_ok=True)
+        setup_logging(run_dir / "log.txt")
+    results = {"experiment": cfg.experiment_name, "config": cfg.to_dict(), "seed": cfg.seed,
+               "seeds": S.eval_seeds(cfg), "versions": package_versions(), "git_commit": git_commit(Path(__file__).parent),
+               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(dist.device),
+               "world_size": dist.world_size, "skip_training": cfg.skip_training}
+    rec = RunRecorder(run_dir, results, write=dist.is_master)
+    if dist.is_master:
+        cfg.save(run_dir / "config.json")
+    t0 = time.perf_counter()
+
+    zoo = rec.run("zoo", S.make_zoo, cfg, dist, rec)
+    graphs = rec.run("graphs", S.make_graphs, cfg, zoo, dist, depends_on=("zoo",))
+    split = rec.run("split", S.make_split, cfg, zoo, rec, depends_on=("zoo",))
+    recipes = rec.run("recipe_comparison", S.compare_recipes, cfg, zoo, graphs, split, dist, rec,
+                      depends_on=("graphs", "split"))
+    per_seed: dict[str, list] = {}
+    for seed in S.eval_seeds(cfg):
+        emb = rec.run(f"train_embed_seed{seed}", S.train_and_embed, cfg, zoo, graphs, split, recipes, seed, dist, rec,
+                      depends_on=("graphs", "split"))
+        if not dist.is_master:
+            continue
+        base = rec.run(f"baselines_seed{seed}", S.baseline_embeddings, cfg, zoo, split, seed, rec, depends_on=("split",))
+        if seed == S.eval_seeds(cfg)[0]:  # later protocols reuse these instead of re-embedding
+            rec.artifacts["embeddings"] = {**(emb or {}), **(base or {})}
+        for method, e in {**(emb or {}), **(base or {})}.items():
+            per_seed.setdefault(method, []).append(
+                rec.run(f"evaluate[{method}]_seed{seed}", S.evaluate_method, cfg, zoo, split, e, seed))
+    if dist.is_master:
+        rec.run("aggregate", S.aggregate, per_seed, rec, depends_on=("split",))
+        rec.run("symmetry_robustness", S.symmetry_robustness, cfg, zoo, split, rec, depends_on=("split",))
+        rec.run("merging", S.merging, cfg, zoo, rec, depends_on=("zoo",))
+        rec.run("transfer", S.transfer, cfg, zoo, split, rec, depends_on=("split",))
+        rec.run("embedding_map", S.embedding_map, cfg, zoo, split, rec, depends_on=("split",))
+        results["timings"]["total"] = round(time.perf_counter() - t0, 2)
+        rec.run("report", S.write_report, run_dir, rec)
+        log.info("results in %s (%.1f s)", run_dir, time.perf_counter() - t0)
+    S.teardown(dist)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,437 @@
+"""The stages of run_experiment.py, one function each, with explicit arguments.
+
+Each stage returns its value and writes what it measured into ``rec.results`` (and the live
+objects later stages need, such as trained encoders and fitted baselines, into
+``rec.artifacts``). Stages are called through ``RunRecorder.run`` so a failure is recorded
+as failed, never filled in.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import baselines as B
+import dataloader as D
+import evaluation as E
+import merging as M
+from config import ExperimentConfig
+from contrastive_learning import (ContrastiveLearningFramework, DistInfo, NTXentLoss, build_optimizer, cleanup_distributed,
+                                  compare_view_recipes, embed, make_retrieval_val_fn, seed_everything,
+                                  setup_distributed)
+from data_prep import ModelZooDataset, inputs_for_spec, load_task_data
+from gnn_encoder import build_encoder, encoder_kwargs, save_encoder
+from report import RunRecorder, StageFailed, render_figures, render_markdown
+from symmetry import SymmetryAugmenter
+from weight_to_graph import WeightToGraph
+
+log = logging.getLogger("weightzoo")
+
+GNN_MODELS = ("gnn", "nonequivariant_gnn", "weightnet")
+FLAT_MODELS = ("mlp", "pca_mlp")
+
+
+# ----------------------------------------------------------------------------- setup
+def setup(cfg: ExperimentConfig) -> DistInfo:
+    seed_everything(cfg.seed)
+    dist = setup_distributed(cfg.device)
+    # one process per core under torchrun; all cores for a single process
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
+    return dist
+
+
+def teardown(dist: DistInfo) -> None:
+    if dist.is_distributed:
+        cleanup_distributed()
+
+
+def eval_seeds(cfg: ExperimentConfig) -> list[int]:
+    """The seeds every number is repeated over (encoder init, views, probes)."""
+    return [cfg.seed + i for i in range(cfg.eval.eval_seeds)]
+
+
+def _barrier(dist: DistInfo) -> None:
+    if dist.is_distributed:
+        torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------- data
+def make_zoo(cfg: ExperimentConfig, dist: DistInfo, rec: RunRecorder) -> ModelZooDataset:
+    """Train the zoo (or reuse the one on disk made with the same arguments); rank 0 trains."""
+    z = cfg.zoo
+    kwargs = dict(num_models=z.num_models, epochs=z.zoo_epochs, checkpoints_per_run=z.checkpoints_per_run,
+                  card_task_fraction=z.card_task_fraction, seed=z.zoo_seed, cnn_fraction=z.cnn_fraction,
+                  group_size=z.zoo_group_size, reuse=True)
+    if dist.is_master:
+        zoo = ModelZooDataset.create_synthetic_model_zoo(z.zoo_dir, workers=z.zoo_workers, progress=True, **kwargs)
+    _barrier(dist)
+    if not dist.is_master:
+        zoo = ModelZooDataset.load(z.zoo_dir)
+    meta = zoo.metadata
+    final = meta[meta["is_final"].astype(bool)]
+    groups = meta.groupby("shape_group")["task"].nunique()
+    rec.results["zoo"] = {
+        "dir": z.zoo_dir, "version": zoo.version, "num_models": len(zoo), "num_runs": int(meta["run_id"].nunique()),
+        "num_tasks": int(meta["task"].nunique()), "num_datasets": int(meta["dataset"].nunique()),
+        "num_architectures": len(zoo.specs), "arch_families": sorted(meta["arch_family"].unique().tolist()),
+        "tasks_per_shape_group": {str(k): int(v) for k, v in groups.items()},
+        "final_test_acc_by_task_family": {str(k): float(v) for k, v in final.groupby("task_family")["test_acc"].mean().items()},
+        "final_test_acc_by_task": {str(k): float(v) for k, v in final.groupby("task")["test_acc"].mean().items()},
+        "final_test_acc_by_arch_family": {str(k): float(v) for k, v in final.groupby("arch_family")["test_acc"].mean().items()},
+    }
+    return zoo
+
+
+def make_graphs(cfg: ExperimentConfig, zoo: ModelZooDataset, dist: DistInfo) -> list:
+    """Neuron graphs of every model (cached on disk by zoo version and converter settings)."""
+    conv = WeightToGraph.from_config(cfg.graph)
+    cache = cfg.graph.graph_cache_dir or str(Path(cfg.zoo.zoo_dir) / "graph_cache")
+    if dist.is_master:
+        graphs = conv.convert_model_to_graphs(zoo, cache_dir=cache)
+    _barrier(dist)
+    if not dist.is_master:
+        graphs = conv.convert_model_to_graphs(zoo, cache_dir=cache)
+    return graphs
+
+
+def select_heldout_tasks(meta, fraction: float, seed: int) -> list[str]:
+    """Hold out ``fraction`` of the tasks of every shape group (at least one per group with >= 3
+    tasks), so the unseen-task protocol has queries in every shape group and the encoders
+    still train on every group."""
+    rng = np.random.default_rng(seed)
+    held: list[str] = []
+    for group, tasks in sorted(meta.groupby("shape_group")["task"].unique().items()):
+        tasks = sorted(tasks)
+        if len(tasks) < 3 or fraction <= 0:
+            continue
+        n = min(len(tasks) - 2, max(1, int(round(fraction * len(tasks)))))
+        held += rng.choice(tasks, size=n, replace=False).tolist()
+    return sorted(held)
+
+
+def make_split(cfg: ExperimentConfig, zoo: ModelZooDataset, rec: RunRecorder) -> D.Split:
+    """Held-out tasks (never trained on) and a by-run train/val/test split of the rest."""
+    meta = zoo.metadata
+    held = select_heldout_tasks(meta, cfg.eval.heldout_task_fraction, cfg.seed)
+    split = D.split_by_run(meta, cfg.train.val_fraction, cfg.train.test_fraction, held, cfg.seed)
+    rec.results["split"] = {"heldout_tasks": held, "n_train": len(split.train), "n_val": len(split.val),
+                            "n_test": len(split.test), "n_heldout": len(split.heldout),
+                            "note": "split by training run; held-out tasks never enter encoder training"}
+    return split
+
+
+def _eval_indices(split: D.Split) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, query rows): methods fit on train+val; queries are test + every held-out-task model."""
+    return np.concatenate([split.train, split.val]), np.concatenate([split.test, split.heldout])
+
+
+# ----------------------------------------------------------------------------- encoders
+def _make_encoder(cfg: ExperimentConfig, zoo: ModelZooDataset, split: D.Split, conv: WeightToGraph) -> tuple[torch.nn.Module, Any]:
+    """The configured trainable encoder and the transform from a graph to its input."""
+    e = cfg.encoder
+    if e.model in GNN_MODELS:
+        kw = encoder_kwargs(e.hidden_dim, e.global_dim, e.projection_dim, e.message_passing_steps, e.dropout,
+                            e.model, e.attention_heads, e.canonical_order)
+        return build_encoder(e.model, edge_dim=conv.edge_dim, **kw), None
+    length = B.max_flat_length(zoo)
+
+    def to_flat(data):  # graph (possibly augmented) -> flat weight vector (1, length)
+        spec, sd = conv.to_state_dict(data)
+        v = torch.zeros(1, length)
+        flat = torch.from_numpy(B.flatten_state_dict(spec, sd))
+        v[0, : len(flat)] = flat
+        return v
+
+    kw = dict(global_dim=e.global_dim, projection_dim=e.projection_dim, hidden_dim=max(e.hidden_dim, 128))
+    if e.model == "mlp":
+        return B.build_trainable_baseline("mlp", input_dim=length, **kw), to_flat
+    pca = B.make_baseline("pca").fit(zoo.subset(split.train))
+    return B.PCAMLPEncoder.from_weight_pca(pca, input_dim=length, **kw), to_flat
+
+
+def _training_variants(cfg: ExperimentConfig, recipes: dict | None) -> list[str]:
+    """Recipes to train: the best self-supervised one and the weakly supervised (supcon) one side
+    by side when the comparison ran, else the configured recipe."""
+    if cfg.skip_training:
+        return []
+    if recipes and recipes.get("chosen_self_supervised"):
+        out = [recipes["chosen_self_supervised"]]
+        if "supcon" in recipes.get("recipes", {}):
+            out.append("supcon")
+        return out
+    return [cfg.train.view_recipe]
+
+
+def compare_recipes(cfg: ExperimentConfig, zoo, graphs, split, dist: DistInfo, rec: RunRecorder) -> dict | None:
+    """Compare view recipes on validation (seen tasks only) with a short training each."""
+    t = cfg.train
+    if cfg.skip_training or t.compare_epochs == 0 or len(t.compare_recipes) == 0:
+        rec.results["recipe_comparison"] = {"ran": False, "chosen": t.view_recipe}
+        return None
+    conv = WeightToGraph.from_config(cfg.graph)
+    aug = SymmetryAugmenter.from_config(cfg.augment)
+    transform = _make_encoder(cfg, zoo, split, conv)[1]
+    out = compare_view_recipes(lambda: _make_encoder(cfg, zoo, split, conv)[0], graphs, zoo.metadata, split,
+                               t.compare_recipes, t.compare_epochs, t.batch_size, t.learning_rate, t.weight_decay,
+                               t.temperature, aug, canonical=cfg.graph.canonicalize, seed=cfg.seed, dist=dist,
+                               hard_negative_beta=t.hard_negative_beta, transform=transform)
+    rec.results["recipe_comparison"] = {"ran": True, "metric": out["metric"], "epochs": out["epochs"],
+                                        "chosen": out["chosen"], "chosen_self_supervised": out["chosen_self_supervised"],
+                                        "recipes": {r: {k: v for k, v in d.items() if k != "history"}
+                                                    for r, d in out["recipes"].items()}}
+    return out
+
+
+def train_one(cfg: ExperimentConfig, zoo, graphs, split, recipe: str, seed: int, dist: DistInfo,
+              ckpt_dir: Path) -> tuple[torch.nn.Module, dict, Any]:
+    """Train the configured encoder with one view recipe; returns (best encoder, history, transform)."""
+    t = cfg.train
+    conv = WeightToGraph.from_config(cfg.graph)
+    aug = SymmetryAugmenter.from_config(cfg.augment)
+    seed_everything(seed)
+    encoder, transform = _make_encoder(cfg, zoo, split, conv)
+    loaders = D.build_loaders(graphs, zoo.metadata, split, recipe, t.batch_size,
+                              D.make_view_fn(recipe, aug, cfg.graph.canonicalize), seed, t.num_workers,
+                              dist.rank, dist.world_size, transform)
+    fw = ContrastiveLearningFramework(
+        encoder, NTXentLoss(t.temperature, t.hard_negative_beta), dist.device, dist,
+        supervised_positives=recipe == "supcon", weak_supervision=t.weak_supervision, weak_targets=t.weak_targets,
+        num_tasks=len(loaders.task_vocab), grad_clip=t.grad_clip, seed=seed, show_progress=True,
+        config={"experiment": cfg.to_dict(), "recipe": recipe, "seed": seed})
+    opt, sched = build_optimizer(fw.parameters(), t.learning_rate, t.weight_decay, t.lr_schedule, t.epochs)
+    meta = zoo.metadata
+    val_fn = None
+    if loaders.val_embed is not None:
+        val_fn = make_retrieval_val_fn(loaders.val_embed, meta["task"].to_numpy()[split.val],
+                                       meta["run_id"].to_numpy()[split.val], dist.device, 10)
+    resume = cfg.resume if cfg.resume and Path(cfg.resume).exists() else None
+    if cfg.resume and resume is None:
+        raise StageFailed(f"--resume {cfg.resume}: file not found")
+    if resume is None and (ckpt_dir / "last.pt").exists():
+        log.info("a checkpoint exists in %s but --resume was not given: starting fresh", ckpt_dir)
+    history, best = fw.train(loaders.train, loaders.val, t.epochs, opt, sched, checkpoint_dir=ckpt_dir,
+                             resume_from=resume, val_fn=val_fn)
+    return best, history, transform
+
+
+def train_and_embed(cfg: ExperimentConfig, zoo, graphs, split, recipes, seed: int, dist: DistInfo,
+                    rec: RunRecorder) -> dict[str, np.ndarray]:
+    """Train every variant for this seed and embed the whole zoo with each (plus the untrained encoder)."""
+    conv = WeightToGraph.from_config(cfg.graph)
+    name = cfg.encoder.model
+    out: dict[str, np.ndarray] = {}
+    run_dir = Path(cfg.results_dir) / cfg.experiment_name
+    seed_everything(seed)
+    untrained, transform = _make_encoder(cfg, zoo, split, conv)
+    loader = D.embed_loader(graphs, None, 256, dist.rank, dist.world_size, transform)
+    out[f"{name} [untrained]"] = embed(untrained.to(dist.device), loader, dist.device)
+    rec.artifacts.setdefault("encoders", {})
+    if seed == eval_seeds(cfg)[0]:
+        rec.artifacts["encoders"][f"{name} [untrained]"] = (untrained, transform)
+    for recipe in _training_variants(cfg, recipes):
+        method = f"{name} [{recipe}]"
+        best, history, transform = train_one(cfg, zoo, graphs, split, recipe, seed, dist,
+                                             run_dir / "checkpoints" / f"{name}_{recipe}_seed{seed}")
+        out[method] = embed(best.to(dist.device), loader, dist.device)
+        if dist.is_master:
+            rec.results.setdefault("training", {}).setdefault(method, {})[str(seed)] = history
+            if name in GNN_MODELS:
+                save_encoder(str(run_dir / "checkpoints" / f"{name}_{recipe}_seed{seed}.pt"), best)
+        if seed == eval_seeds(cfg)[0]:
+            rec.artifacts["encoders"][method] = (best, transform)
+    return out
+
+
+def baseline_embeddings(cfg: ExperimentConfig, zoo, split, seed: int, rec: RunRecorder) -> dict[str, np.ndarray]:
+    """Fit every configured baseline on the fit rows and embed the whole zoo."""
+    fit_idx, _ = _eval_indices(split)
+    train_zoo = zoo.subset(fit_idx)
+    out = {}
+    skipped = rec.results.setdefault("skipped_methods", {})
+    for name in cfg.eval.methods:
+        try:
+            kwargs = {"seed": seed} if name in ("pca", "nfn") else {}
+            method = B.make_baseline(name, **kwargs).fit(train_zoo)
+        except B.BaselineUnavailable as e:
+            skipped[name] = f"skipped: {e.reason}"
+            log.warning("baseline %s skipped: %s", name, e.reason)
+            continue
+        out[name] = method.embed(zoo)
+        if seed == eval_seeds(cfg)[0]:
+            rec.artifacts.setdefault("baselines", {})[name] = method
+    return out
+
+
+def evaluate_method(cfg: ExperimentConfig, zoo, split, embeddings: np.ndarray, seed: int) -> dict:
+    fit_idx, query_idx = _eval_indices(split)
+    ev = cfg.eval
+    return E.evaluate_embeddings(embeddings, zoo.metadata, fit_idx, query_idx, split.heldout_tasks, ev.k_values,
+                                 ev.property_targets, ev.probes, ev.within_task_min_models, seed)
+
+
+def aggregate(per_seed: dict[str, list], rec: RunRecorder) -> dict:
+    out = {}
+    for method, runs in per_seed.items():
+        ok = [r for r in runs if r is not None]
+        if len(ok) < len(runs):
+            rec.results.setdefault("failed_methods", {})[method] = f"{len(runs) - len(ok)} of {len(runs)} seeds failed"
+        if ok:
+            out[method] = E.aggregate_seeds(ok)
+    rec.results["methods"] = out
+    rec.results["protocol_notes"] = E.PROTOCOL_NOTES
+    return out
+
+
+# ----------------------------------------------------------------------------- extra protocols
+def _gnn_embed_fn(encoder: torch.nn.Module, transform: Any, conv: WeightToGraph, device) -> Callable:
+    """list[(spec, sd)] -> (n, d) embeddings through the converter and an encoder."""
+    from torch_geometric.data import Batch
+
+    @torch.no_grad()
+    def fn(models: list) -> np.ndarray:
+        encoder.eval()
+        rows = []
+        for s in range(0, len(models), 256):
+            graphs = [conv.to_graph(spec, sd) for spec, sd in models[s: s + 256]]
+            if transform is not None:
+                x = torch.cat([transform(g) for g in graphs])
+            else:
+                x = Batch.from_data_list(graphs)
+            rows.append(encoder(x.to(device)).float().cpu().numpy())
+        return np.concatenate(rows)
+
+    return fn
+
+
+def _embed_fns(cfg: ExperimentConfig, rec: RunRecorder, device) -> dict[str, Callable]:
+    conv = WeightToGraph.from_config(cfg.graph)
+    fns = {m: _gnn_embed_fn(enc, tr, conv, device) for m, (enc, tr) in rec.artifacts.get("encoders", {}).items()}
+    for name, method in rec.artifacts.get("baselines", {}).items():
+        if not name.startswith("metadata"):  # metadata methods never read weights
+            fns[name] = E.embed_fn_from_method(method)
+    return fns
+
+
+def _main_method(rec: RunRecorder) -> str | None:
+    """The trained encoder reported first (best self-supervised recipe), else the untrained one."""
+    encs = list(rec.artifacts.get("encoders", {}))
+    trained = [m for m in encs if not m.endswith("[untrained]")]
+    return (trained or encs or [None])[0]
+
+
+def symmetry_robustness(cfg: ExperimentConfig, zoo, split, rec: RunRecorder) -> dict:
+    """Within-shape-group retrieval with each query replaced by a permuted+rescaled+sign-flipped copy."""
+    fit_idx, query_idx = _eval_indices(split)
+    rng = np.random.default_rng(cfg.seed)
+    n_q = cfg.eval.symmetry_queries or len(query_idx)
+    queries = np.sort(rng.choice(query_idx, size=min(n_q, len(query_idx)), replace=False))
+    indices = np.concatenate([fit_idx, queries])
+    meta = zoo.metadata.iloc[indices]
+    tasks, groups, runs = (meta[c].to_numpy() for c in ("task", "shape_group", "run_id"))
+    q_pos = np.arange(len(fit_idx), len(indices))
+    ev = E.RetrievalEvaluator(cfg.eval.k_values)
+
+    def metric_fn(db: np.ndarray, q: np.ndarray) -> dict:
+        m = ev.evaluate_knn_retrieval(db, tasks, query_idx=q_pos, group_labels=groups, exclude_same=runs,
+                                      query_embeddings=q[q_pos])
+        return {k: m[k] for k in ("P@1", "P@10", "mAP")}
+
+    out = {}
+    stored = rec.artifacts.get("embeddings", {})
+    for method, fn in _embed_fns(cfg, rec, torch.device("cpu")).items():
+        clean = stored[method][indices] if method in stored else None
+        r = E.symmetry_robustness(fn, zoo, indices, metric_fn, seed=cfg.seed, transform_positions=q_pos,
+                                  clean_embeddings=clean)
+        out[method] = r
+        log.info("symmetry robustness %-28s P@10 %.3f -> %.3f (cos %.5f)", method, r["clean"]["P@10"],
+                 r["transformed"]["P@10"], r["embedding_cosine"])
+    rec.results["symmetry_robustness"] = {"n_queries": int(len(queries)), "protocol": "within_shape_group",
+                                          "methods": out}
+    return out
+
+
+def merging(cfg: ExperimentConfig, zoo, rec: RunRecorder) -> dict:
+    """Naive vs weight-matched averaging of same-task, same-architecture pairs (final checkpoints)."""
+    pairs = M.select_merge_pairs(zoo.metadata, cfg.eval.merge_pairs, seed=cfg.seed)
+    if not pairs:
+        raise StageFailed("no pair of final checkpoints with the same task and architecture in the zoo")
+    main = _main_method(rec)
+    fn = _embed_fns(cfg, rec, torch.device("cpu")).get(main) if main else None
+    alphas = np.linspace(0, 1, cfg.eval.merge_alphas)
+    out = []
+    for i, j in pairs:
+        task = zoo.metadata["task"].iloc[i]
+        _, _, X_te, y_te = load_task_data(task)
+        X_te = inputs_for_spec(zoo.spec(i), X_te)
+        r = M.merge_pair(zoo.spec(i), zoo.state_dict(i), zoo.state_dict(j), X_te, y_te, alphas, fn, seed=cfg.seed)
+        r.update(task=task, arch=zoo.metadata["arch_name"].iloc[i], models=[zoo.metadata["model_id"].iloc[i],
+                                                                            zoo.metadata["model_id"].iloc[j]])
+        out.append(r)
+    rec.results["merging"] = {"embedding_method": main, "alphas": alphas.tolist(), "pairs": out}
+    return out
+
+
+def transfer(cfg: ExperimentConfig, zoo, split, rec: RunRecorder) -> dict:
+    """For each unseen task: query with one of its models, fine-tune top-k retrieved vs k random."""
+    main = _main_method(rec)
+    stored = rec.artifacts.get("embeddings", {})
+    if main is None or main not in stored:
+        raise StageFailed("no encoder embeddings to retrieve with")
+    meta = zoo.metadata
+    fit_idx, _ = _eval_indices(split)
+    final = meta["is_final"].to_numpy().astype(bool)
+    cand_rows = fit_idx[final[fit_idx]]  # final checkpoints of seen-task training runs
+    cand = [(zoo.spec(i), zoo.state_dict(i)) for i in cand_rows]
+    methods = [main] + (["input_profile"] if "input_profile" in stored else [])
+    out: dict[str, Any] = {"tasks": {}, "steps": cfg.eval.transfer_steps, "k": cfg.eval.transfer_k}
+    rng = np.random.default_rng(cfg.seed)
+    for task in split.heldout_tasks[: cfg.eval.transfer_tasks]:
+        rows = np.flatnonzero((meta["task"].to_numpy() == task) & final)
+        q = int(rng.choice(rows))
+        X_tr, y_tr, X_te, y_te = load_task_data(task)
+        q_spec = zoo.spec(q)  # candidates must take the query's input format (flat for MLPs, images for CNNs)
+        data = (inputs_for_spec(q_spec, X_tr), y_tr, inputs_for_spec(q_spec, X_te), y_te)
+        target = cfg.eval.transfer_target_fraction * float(meta["test_acc"].iloc[q])
+        per = {}
+        for mname in methods:
+            emb = rec.artifacts["embeddings"][mname]
+            cand_emb, q_emb = emb[cand_rows], emb[q]
+            per[mname] = M.transfer_protocol(q_emb, cand_emb, cand, data, k=cfg.eval.transfer_k,
+                                             steps=cfg.eval.transfer_steps, target_acc=target, lr=cfg.eval.transfer_lr,
+                                             batch_size=cfg.eval.transfer_batch_size,
+                                             eval_every=cfg.eval.transfer_eval_every, seed=cfg.seed)
+        out["tasks"][task] = {"query_model": meta["model_id"].iloc[q], "target_acc": target, "methods": per}
+    rec.results["transfer"] = out
+    return out
+
+
+def embedding_map(cfg: ExperimentConfig, zoo, split, rec: RunRecorder) -> dict:
+    """2-D UMAP coordinates of the query models for the main method and the input-profile reference."""
+    import umap
+
+    _, query_idx = _eval_indices(split)
+    rng = np.random.default_rng(cfg.seed)
+    rows = np.sort(rng.choice(query_idx, size=min(1500, len(query_idx)), replace=False))
+    meta = zoo.metadata.iloc[rows]
+    stored = rec.artifacts.get("embeddings", {})
+    out = {}
+    for method in [m for m in (_main_method(rec), "input_profile") if m in stored]:
+        emb = stored[method][rows]
+        xy = umap.UMAP(n_neighbors=15, min_dist=0.1, metric="cosine", random_state=cfg.seed).fit_transform(emb)
+        out[method] = {"xy": np.round(xy, 4).tolist(), "task": meta["task"].tolist(),
+                       "arch_family": meta["arch_family"].tolist(), "test_acc": meta["test_acc"].round(4).tolist(),
+                       "shape_group": meta["shape_group"].tolist()}
+    rec.results["embedding_map"] = out
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def write_report(run_dir: Path, rec: RunRecorder) -> None:
+    figures = render_figures(rec.results, run_dir / "figures")
+    rec.results["figures"] = {k: str(Path(v).relative_to(run_dir)) for k, v in figures.items()}
+    rec.save()
+    (run_dir / "results.md").write_text(render_markdown(rec.results))
