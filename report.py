@@ -223,7 +223,8 @@ def render_figures(results: Mapping, fig_dir: Path) -> dict[str, str]:
         if rows:
             safe = method.replace(" ", "_").replace("[", "").replace("]", "")
             figs[f"training_{safe}"] = viz.plot_training_curves(rows, fig_dir / f"training_{safe}.png",
-                                                                 val_name=hist.get("metric_name", "val metric"))
+                                                                 val_name=hist.get("metric_name", "val metric"),
+                                                                 title=f"Training {method} (seed {seed})")
     sym = _get(results, "symmetry_robustness", "methods")
     if sym:
         figs["symmetry_robustness"] = viz.plot_symmetry_robustness(

@@ -121,7 +121,7 @@ class ResultsVisualizer:
 
     # --- training --------------------------------------------------------------
     def plot_training_curves(self, history: Sequence[Mapping], save_as: str | Path,
-                             val_name: str = "validation P@10") -> str:
+                             val_name: str = "validation P@10", title: str = "Encoder training") -> str:
         epochs = [h["epoch"] for h in history]
         fig, ax1 = plt.subplots(figsize=(6, 4))
         ax1.plot(epochs, [h["train_loss"] for h in history], "o-", color="tab:blue", label="train loss")
@@ -132,7 +132,7 @@ class ResultsVisualizer:
             ax2 = ax1.twinx()
             ax2.plot(*zip(*vals), "s-", color="tab:orange", label=val_name)
             ax2.set_ylabel(val_name, color="tab:orange")
-        ax1.set_title("Encoder training")
+        ax1.set_title(title)
         return _save(fig, save_as)
 
     def plot_symmetry_robustness(self, robustness: Mapping[str, Mapping], save_as: str | Path,
