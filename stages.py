@@ -26,6 +26,7 @@ from contrastive_learning import (ContrastiveLearningFramework, DistInfo, NTXent
 from data_prep import ModelZooDataset, inputs_for_spec, load_task_data
 from gnn_encoder import build_encoder, encoder_kwargs, save_encoder
 from report import RunRecorder, StageFailed, render_figures, render_markdown
+from retrieval import Embedder
 from symmetry import SymmetryAugmenter
 from weight_to_graph import WeightToGraph
 
@@ -287,29 +288,24 @@ def aggregate(per_seed: dict[str, list], rec: RunRecorder) -> dict:
 
 
 # ----------------------------------------------------------------------------- extra protocols
-def _gnn_embed_fn(encoder: torch.nn.Module, transform: Any, conv: WeightToGraph, device) -> Callable:
-    """list[(spec, sd)] -> (n, d) embeddings through the converter and an encoder."""
-    from torch_geometric.data import Batch
+def _encoder_embed_fn(encoder: torch.nn.Module, transform: Any, conv: WeightToGraph, device) -> Callable:
+    """list[(spec, sd)] -> (n, d) embeddings: graph encoders through retrieval.Embedder; flat-weight
+    encoders through their graph -> tensor transform."""
+    if transform is None:
+        return Embedder(encoder, conv, device, batch_size=256).embed
 
     @torch.no_grad()
     def fn(models: list) -> np.ndarray:
         encoder.eval()
-        rows = []
-        for s in range(0, len(models), 256):
-            graphs = [conv.to_graph(spec, sd) for spec, sd in models[s: s + 256]]
-            if transform is not None:
-                x = torch.cat([transform(g) for g in graphs])
-            else:
-                x = Batch.from_data_list(graphs)
-            rows.append(encoder(x.to(device)).float().cpu().numpy())
-        return np.concatenate(rows)
+        x = torch.cat([transform(conv.to_graph(spec, sd)) for spec, sd in models])
+        return encoder(x.to(device)).float().cpu().numpy()
 
     return fn
 
 
 def _embed_fns(cfg: ExperimentConfig, rec: RunRecorder, device) -> dict[str, Callable]:
     conv = WeightToGraph.from_config(cfg.graph)
-    fns = {m: _gnn_embed_fn(enc, tr, conv, device) for m, (enc, tr) in rec.artifacts.get("encoders", {}).items()}
+    fns = {m: _encoder_embed_fn(enc, tr, conv, device) for m, (enc, tr) in rec.artifacts.get("encoders", {}).items()}
     for name, method in rec.artifacts.get("baselines", {}).items():
         if not name.startswith("metadata"):  # metadata methods never read weights
             fns[name] = E.embed_fn_from_method(method)

@@ -5,7 +5,6 @@ exercise trained weights, not random ones.
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -48,6 +47,16 @@ FAMILY_SPECS = {
     "cnn3_tanh_k5": A.cnn_spec((1, 8, 8), [6, 8, 8], 5, 10, "tanh"),
     "cnn2_leaky_k3_hidden": A.cnn_spec((1, 8, 8), [8, 8], 3, 10, "leaky_relu", hidden=[16]),
 }
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny graphs: intra-op threads only add contention (up to 100x slower on a shared 2-core box).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

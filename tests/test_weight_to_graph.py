@@ -2,7 +2,6 @@
 the cached many-model conversion and the errors, on the real trained fixture networks."""
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import pytest
