@@ -446,6 +446,23 @@ def nfn_batch(spec: ArchitectureSpec, state_dicts: Sequence[Mapping[str, torch.T
     return WeightSpaceFeatures(ws, bs)
 
 
+def nfn_batch_from_flat(spec: ArchitectureSpec, flat: torch.Tensor) -> Any:
+    """Flat weights (B, num_params) in ``flatten_state_dict`` order (w0, b0, w1, b1, ...) ->
+    ``WeightSpaceFeatures`` as ``nfn_batch`` builds them (views, no copy)."""
+    _, WeightSpaceFeatures, _ = _nfn()
+    shapes = spec.param_shapes()
+    n = sum(int(torch.Size(s).numel()) for s in shapes.values())
+    if flat.dim() != 2 or flat.shape[1] != n:
+        raise ValueError(f"{spec.name or spec.arch_id}: flat NFN input must be (B, {n}), got {tuple(flat.shape)}")
+    ws, bs, o = [], [], 0
+    for l in range(len(spec.layers)):
+        for key, dst in ((f"layers.{l}.weight", ws), (f"layers.{l}.bias", bs)):
+            size = int(torch.Size(shapes[key]).numel())
+            dst.append(flat[:, o:o + size].reshape(flat.shape[0], 1, *shapes[key]))  # (B, 1, *shape)
+            o += size
+    return WeightSpaceFeatures(tuple(ws), tuple(bs))
+
+
 class NFNEncoder(nn.Module):
     """NFN encoder for ONE architecture: HNP layers -> HNP pooling -> MLP head.
 
@@ -461,7 +478,7 @@ class NFNEncoder(nn.Module):
         projection_dim: output size of the contrastive head ``project``.
 
     Shapes:
-        forward: WeightSpaceFeatures (see ``nfn_batch``) -> (B, global_dim)
+        forward: WeightSpaceFeatures (see ``nfn_batch``) or flat weights (B, num_params) -> (B, global_dim)
         features: WeightSpaceFeatures -> (B, hidden_channels * HNPPool.get_num_outs(spec))
     """
 
@@ -501,8 +518,14 @@ class NFNEncoder(nn.Module):
             self.bias_scale[l] = b.float().std().clamp_min(1e-8) if b.numel() > 1 else 1.0
 
     def features(self, wsfeat: Any) -> torch.Tensor:
-        """Invariant pooled HNP features (before the head): (B, feature_dim)."""
+        """Invariant pooled HNP features (before the head): (B, feature_dim).
+
+        ``wsfeat``: WeightSpaceFeatures (``nfn_batch``) or flat weights (B, num_params) in
+        ``flatten_state_dict`` order (what the shared contrastive loop's loaders batch).
+        """
         _, WeightSpaceFeatures, _ = _nfn()
+        if isinstance(wsfeat, torch.Tensor):
+            wsfeat = nfn_batch_from_flat(self.spec, wsfeat)
         x = WeightSpaceFeatures(tuple(w / self.weight_scale[l] for l, w in enumerate(wsfeat.weights)),
                                 tuple(b / self.bias_scale[l] for l, b in enumerate(wsfeat.biases)))
         return self.pool(self.hnp(x)).flatten(1)  # (B, C, num_outs) -> (B, C * num_outs)
@@ -561,14 +584,39 @@ class NFNBaseline(Baseline):
             if len(spec.layers) < 2:
                 self.skipped_archs_[arch] = "fewer than 2 parametric layers (HNP needs >= 2)"
                 continue
-            with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-                torch.manual_seed(self.seed)
-                enc = NFNEncoder(spec, self.hidden_channels, self.num_layers).to(self.device).eval()
             group = [recs[i] for i in idx]
-            enc.set_input_scales(nfn_batch(spec, [r.state_dict for r in group]).to(self.device))
+            enc = self._encoder(spec, group)
             self.encoders_[arch] = (enc, StandardScaler().fit(self._features(enc, group)))
         if not self.encoders_:
             raise ValueError(f"nfn: no architecture has >= {self.min_models} train models: {self.skipped_archs_}")
+
+    def _encoder(self, spec: ArchitectureSpec, train: list) -> NFNEncoder:
+        """Seeded random-init encoder with input scales from the train models."""
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+            torch.manual_seed(self.seed)
+            enc = NFNEncoder(spec, self.hidden_channels, self.num_layers).to(self.device).eval()
+        enc.set_input_scales(nfn_batch(spec, [r.state_dict for r in train]).to(self.device))
+        return enc
+
+    def fit_embed(self, models: Any, train_mask: Sequence[bool]) -> np.ndarray:
+        """``fit(models[train_mask])`` then ``embed(models)`` for a same-architecture sub-zoo, computing each
+        model's HNP features once (the same numbers as the two calls in about half the time): (n, d)."""
+        recs = as_records(models)
+        mask = np.asarray(train_mask, dtype=bool)
+        if mask.shape != (len(recs),) or not mask.any():
+            raise ValueError(f"nfn: train_mask must be ({len(recs)},) bool with a True entry, got {mask.shape}")
+        groups = arch_groups(recs)
+        if len(groups) != 1:
+            raise ValueError(f"nfn: fit_embed takes models of one architecture; got {len(groups)}")
+        arch = next(iter(groups))
+        train = [r for r, m in zip(recs, mask) if m]
+        if len(train) < self.min_models or len(recs[0].spec.layers) < 2:
+            return self.fit(train).embed(recs)  # raises with the reason
+        enc = self._encoder(recs[0].spec, train)
+        feats = self._features(enc, recs)  # (n, feature_dim)
+        self.encoders_, self.skipped_archs_ = {arch: (enc, StandardScaler().fit(feats[mask]))}, {}
+        self.fitted_ = True
+        return np.asarray(self.encoders_[arch][1].transform(feats), dtype=np.float32)
 
     def _embed(self, recs: list) -> np.ndarray:
         groups = arch_groups(recs)

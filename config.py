@@ -38,6 +38,9 @@ class ZooConfig:
     card_task_fraction: float = _f(0.5, "fraction of model cards that name the task")
     zoo_seed: int = _f(0, "seed of zoo generation (independent of the experiment seed)")
     cnn_fraction: float = _f(0.1, "fraction of zoo runs that are CNNs (on the 8x8 image tasks)")
+    cnn_bn_fraction: float = _f(0.02, "fraction of zoo runs that are Conv-BN-ReLU-MaxPool CNNs with a flatten head "
+                                      "(digits and MNIST tasks; stored BN-folded)")
+    resnet_fraction: float = _f(0.02, "fraction of zoo runs that are small residual CNNs (digits and MNIST tasks)")
     zoo_group_size: int = _f(64, "zoo runs of one architecture trained together as one stacked batch")
     zoo_workers: int = _f(2, "worker processes (one per core) training zoo groups in parallel")
 
@@ -78,6 +81,8 @@ class EncoderConfig:
     dropout: float = _f(0.0, "dropout in the encoder")
     attention_heads: int = _f(4, "WeightNet attention heads (must divide hidden_dim)")
     canonical_order: bool = _f(False, "WeightNet: add embeddings of each hidden neuron's canonical rank in its layer")
+    io_slots: int = _f(4, "GNN readout (gnn, nonequivariant_gnn): numbers per input/output position slot "
+                          "(0 = attention pooling only)")
 
 
 @dataclass
@@ -129,6 +134,12 @@ class EvalConfig:
     transfer_batch_size: int = _f(64, "minibatch size of transfer fine-tuning")
     transfer_eval_every: int = _f(10, "evaluate test accuracy every this many fine-tuning steps")
     transfer_target_fraction: float = _f(0.9, "target accuracy = this fraction of the query model's test accuracy")
+    same_arch_subzoos: int = _f(3, "K largest same-architecture sub-zoos for the NFN comparison (0 skips it)")
+    same_arch_min_tasks: int = _f(4, "a same-architecture sub-zoo must span at least this many tasks")
+    same_arch_min_models: int = _f(20, "a same-architecture sub-zoo must hold at least this many models")
+    nfn_epochs: int = _f(0, "contrastive epochs of the per-sub-zoo NFN encoder (0 = training-free NFN only)")
+    nfn_hidden_channels: int = _f(16, "channels of the NFN HNP layers")
+    nfn_layers: int = _f(2, "NFN HNP layers")
 
 
 @dataclass

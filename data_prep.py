@@ -5,6 +5,15 @@ tasks) with one metadata row per checkpoint. Models of one architecture train to
 as stacked tensors (bmm for linear layers, grouped convolution for conv layers), each
 with its own init seed, hyperparameters, train subset and batch order.
 
+Besides plain MLPs and global-average-pooled CNNs, a few percent of the runs are the published
+shapes (``plan_zoo``): "cnn-bn" (Conv -> BatchNorm -> ReLU -> MaxPool, x2, Flatten -> Linear ->
+ReLU -> Linear) and "resnet" (a conv stem, identity residual blocks, global average pooling,
+optionally BatchNorm). BatchNorm trains in training mode inside the stacked layout (per-model,
+per-channel batch statistics of the grouped map; running statistics as nn.BatchNorm2d); every
+checkpoint stores the eval-mode network with BatchNorm folded into the convs, a plain spec
+(``pool``/``flatten``/``residual_from`` fields) that ``architecture.forward`` computes, and its
+metrics are that network's (metadata column ``batchnorm`` says whether it had BatchNorm).
+
     zoo = ModelZooDataset.create_synthetic_model_zoo("zoo/small", num_models=500, epochs=30)
     zoo = ModelZooDataset.load("zoo/small")
     zoo, errors = ModelZooDataset.from_checkpoints("my_checkpoints/")
@@ -278,8 +287,32 @@ def inputs_for_spec(spec: A.ArchitectureSpec, X: torch.Tensor) -> torch.Tensor:
 # ================================================================= batched training
 
 
-def init_params(spec: A.ArchitectureSpec, seed: int, init_scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """PyTorch's default Linear/Conv2d init (weights and biases uniform in +-1/sqrt(fan_in)) times ``init_scale``."""
+BN_MOMENTUM = 0.1  # nn.BatchNorm2d defaults: the zoo's BatchNorm trains like the module
+BN_EPS = 1e-5
+
+
+def bn_param_names(bn_layers: Sequence[int]) -> list[str]:
+    """Trained BatchNorm parameters of the layers in ``bn_layers``: ``layers.{i}.bn_weight``/``bn_bias`` (gamma/beta)."""
+    return [f"layers.{i}.{n}" for i in bn_layers for n in ("bn_weight", "bn_bias")]
+
+
+def check_bn_layers(spec: A.ArchitectureSpec, bn_layers: Sequence[int]) -> tuple[int, ...]:
+    """``bn_layers`` as a sorted tuple; ValueError unless each is a hidden conv layer of ``spec``."""
+    out = tuple(sorted(set(int(i) for i in bn_layers)))
+    for i in out:
+        if not 0 <= i < len(spec.layers) or spec.layers[i].kind != "conv2d":
+            raise ValueError(f"BatchNorm after layer {i} of {spec.name or spec.arch_id}: only conv layers take a "
+                             f"BatchNorm (BatchNorm2d between the conv and its activation)")
+    return out
+
+
+def init_params(spec: A.ArchitectureSpec, seed: int, init_scale: float = 1.0,
+                bn_layers: Sequence[int] = ()) -> dict[str, torch.Tensor]:
+    """PyTorch's default Linear/Conv2d init (weights and biases uniform in +-1/sqrt(fan_in)) times ``init_scale``.
+
+    With ``bn_layers``, also the BatchNorm gamma (ones) and beta (zeros) of those conv layers (``bn_param_names``),
+    whose conv biases are zero (see ``stacked_forward``).
+    """
     g = torch.Generator().manual_seed(int(seed))
     out = {}
     for i, layer in enumerate(spec.layers):
@@ -287,33 +320,136 @@ def init_params(spec: A.ArchitectureSpec, seed: int, init_scale: float = 1.0) ->
         bound = init_scale / math.sqrt(int(np.prod(wshape[1:])))
         out[f"layers.{i}.weight"] = (torch.rand(wshape, generator=g) * 2 - 1) * bound
         out[f"layers.{i}.bias"] = (torch.rand(layer.out_dim, generator=g) * 2 - 1) * bound
+    for i in check_bn_layers(spec, bn_layers):
+        out[f"layers.{i}.bias"] = torch.zeros(spec.layers[i].out_dim)  # a conv before a BatchNorm has no bias
+        out[f"layers.{i}.bn_weight"] = torch.ones(spec.layers[i].out_dim)
+        out[f"layers.{i}.bn_bias"] = torch.zeros(spec.layers[i].out_dim)
     return out
 
 
-def stacked_forward(spec: A.ArchitectureSpec, params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Forward of M stacked models of one spec.
+@dataclass
+class StackedBatchNorm:
+    """Running statistics of the BatchNorms of M stacked models (gamma/beta are trained params, see
+    ``stacked_forward``): ``running_mean[k]``/``running_var[k]`` (M, C) for conv layer ``layers[k]``."""
+
+    layers: tuple[int, ...]
+    running_mean: list[torch.Tensor]
+    running_var: list[torch.Tensor]
+    momentum: float = BN_MOMENTUM
+    eps: float = BN_EPS
+
+    @classmethod
+    def fresh(cls, spec: A.ArchitectureSpec, bn_layers: Sequence[int], num_models: int) -> "StackedBatchNorm":
+        """Statistics as nn.BatchNorm2d starts them: mean 0, variance 1."""
+        layers = check_bn_layers(spec, bn_layers)
+        return cls(layers, [torch.zeros(num_models, spec.layers[i].out_dim) for i in layers],
+                   [torch.ones(num_models, spec.layers[i].out_dim) for i in layers])
+
+    def state(self, params: Sequence[torch.Tensor], spec: A.ArchitectureSpec, models: torch.Tensor | None = None
+              ) -> dict[str, torch.Tensor]:
+        """Unfolded state (weights, biases, ``bn_weight``/``bn_bias``/``bn_running_mean``/``bn_running_var``),
+        each (M, ...), for the given stacked ``params`` (as ``stacked_forward`` takes them); ``models`` reorders M."""
+        names = list(spec.param_shapes()) + bn_param_names(self.layers)
+        out = dict(zip(names, params))
+        for i, rm, rv in zip(self.layers, self.running_mean, self.running_var):
+            out[f"layers.{i}.bn_running_mean"], out[f"layers.{i}.bn_running_var"] = rm, rv
+        return {k: (v if models is None else v[models]).detach().clone() for k, v in out.items()}
+
+
+def fold_bn_state(spec: A.ArchitectureSpec, state: Mapping[str, torch.Tensor], eps: float = BN_EPS
+                  ) -> dict[str, torch.Tensor]:
+    """Fold the eval-mode BatchNorms of an unfolded state (``StackedBatchNorm.state`` keys, one model or a
+    leading model dim) into their convs -> a plain state_dict of ``spec`` (``checkpoint_import.fold_batchnorm``)."""
+    from checkpoint_import import fold_batchnorm  # it imports this module
+
+    out = {k: state[k] for k in spec.param_shapes()}
+    for i in range(len(spec.layers)):
+        if f"layers.{i}.bn_weight" not in state:
+            continue
+        w, b = state[f"layers.{i}.weight"], state[f"layers.{i}.bias"]
+        bn = [state[f"layers.{i}.bn_{n}"] for n in ("running_mean", "running_var", "weight", "bias")]
+        if w.dim() == 4:  # one model
+            out[f"layers.{i}.weight"], out[f"layers.{i}.bias"] = fold_batchnorm(w, b, *bn[:2], *bn[2:], eps=eps)
+            continue
+        folded = [fold_batchnorm(w[m], b[m], *(t[m] for t in bn), eps=eps) for m in range(len(w))]
+        out[f"layers.{i}.weight"] = torch.stack([f[0] for f in folded])
+        out[f"layers.{i}.bias"] = torch.stack([f[1] for f in folded])
+    return out
+
+
+def stacked_forward(spec: A.ArchitectureSpec, params: Sequence[torch.Tensor], x: torch.Tensor,
+                    bn: StackedBatchNorm | None = None, training: bool = False,
+                    active: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward of M stacked models of one spec (the same function as ``architecture.forward`` per model).
+
+    Per layer: conv/linear, [BatchNorm], + shortcut (``residual_from``), activation, pooling (``pool``);
+    a ``flatten`` layer reads the conv map channel-major (as ``nn.Flatten``), other linears after
+    convs read its global average.
 
     Args:
-        params: [W_0, b_0, W_1, b_1, ...], each with a leading model dim M.
+        params: [W_0, b_0, W_1, b_1, ...], each with a leading model dim M; with ``bn``, followed by
+            gamma, beta (M, C) of each BatchNorm layer in ``bn.layers`` order (``bn_param_names``).
         x: (M, B, *spec.input_shape), a different batch per model.
+        bn: BatchNorm after the conv layers ``bn.layers`` (None: none). ``training``: batch statistics
+            (per model and channel: the grouped map keeps models apart) and running statistics updated in
+            place (momentum, unbiased variance: as nn.BatchNorm2d), only for models where ``active`` (M,)
+            is True (None: all); otherwise the running statistics normalise.
     Returns:
         logits (M, B, num_outputs).
     """
     M, B = x.shape[:2]
-    h = x
+    L = len(spec.layers)
+    bn_at = {i: k for k, i in enumerate(bn.layers)} if bn is not None else {}
+    if bn is not None and len(params) != 2 * L + 2 * len(bn.layers):
+        raise ValueError(f"stacked_forward: {len(params)} params for {L} layers and {len(bn.layers)} BatchNorms")
+    # conv maps live as (B, M*C, H, W): one grouped conv (and one BatchNorm) runs all models
+    h = x.transpose(0, 1).reshape(B, M * spec.input_shape[0], *x.shape[-2:]) if spec.is_cnn else x
+    sources = {layer.residual_from for layer in spec.layers if layer.residual_from is not None}
+    saved = {-1: h} if -1 in sources else {}
     for i, layer in enumerate(spec.layers):
         w, b = params[2 * i], params[2 * i + 1]
         if layer.kind == "conv2d":
-            if h.dim() == 5:  # (M, B, C, H, W) -> (B, M*C, H, W): one grouped conv runs all models
-                h = h.transpose(0, 1).reshape(B, M * layer.in_dim, *h.shape[-2:])
+            if i in bn_at:
+                # a conv before a BatchNorm has no bias (as published Conv-BN blocks): BN cancels it, and its
+                # float-noise gradient would be blown up by Adam. The slot stays in params (zero, exactly zero grad).
+                b = b * 0
             h = F.conv2d(h, w.reshape(M * layer.out_dim, layer.in_dim, layer.kernel_size, layer.kernel_size),
                          b.reshape(-1), padding=layer.kernel_size // 2, groups=M)
         else:
-            if h.dim() == 4:  # global average pooling: (B, M*C, H, W) -> (M, B, C)
-                h = h.mean(dim=(2, 3)).view(B, M, -1).transpose(0, 1)
+            if h.dim() == 4:  # (B, M*C, H, W) -> (M, B, C*H*W) channel-major per model, or GAP -> (M, B, C)
+                h = (h.reshape(B, M, -1) if layer.flatten else h.mean(dim=(2, 3)).view(B, M, -1)).transpose(0, 1)
             h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))  # (M, B, out)
+        if i in bn_at:
+            h = _stacked_batch_norm(h, bn, bn_at[i], params[2 * L + 2 * bn_at[i]], params[2 * L + 2 * bn_at[i] + 1],
+                                    training, active)
+        if layer.residual_from is not None:
+            h = h + saved[layer.residual_from]
         h = A.apply_activation(h, layer.activation)
+        if layer.pool:
+            h = A.apply_pool(h, layer.pool)
+        if i in sources:
+            saved[i] = h
     return h
+
+
+def _stacked_batch_norm(h: torch.Tensor, bn: StackedBatchNorm, k: int, gamma: torch.Tensor, beta: torch.Tensor,
+                        training: bool, active: torch.Tensor | None) -> torch.Tensor:
+    """BatchNorm of the grouped map h (B, M*C, H, W); gamma/beta (M, C); updates bn's k-th statistics in training."""
+    rm, rv = bn.running_mean[k], bn.running_var[k]  # (M, C)
+    if not training:
+        return F.batch_norm(h, rm.view(-1), rv.view(-1), gamma.reshape(-1), beta.reshape(-1), False, bn.momentum,
+                            bn.eps)
+    # F.batch_norm updates copies (autograd keeps them for backward), copied back only for active models:
+    # a model whose epoch is over keeps its statistics, as its weights
+    new_rm, new_rv = rm.clone(), rv.clone()
+    out = F.batch_norm(h, new_rm.view(-1), new_rv.view(-1), gamma.reshape(-1), beta.reshape(-1), True, bn.momentum,
+                       bn.eps)
+    if active is None:
+        rm.copy_(new_rm), rv.copy_(new_rv)
+    else:
+        keep = active.view(-1, 1)
+        rm.copy_(torch.where(keep, new_rm, rm)), rv.copy_(torch.where(keep, new_rv, rv))
+    return out
 
 
 def epoch_batches(generators: Sequence[torch.Generator], n_train: Sequence[int], batch_size: int
@@ -339,8 +475,9 @@ def epoch_batches(generators: Sequence[torch.Generator], n_train: Sequence[int],
 class StackedTrainResult:
     """Checkpoints of M stacked models: epoch -> params (name -> (M, ...)) and metrics (name -> (M,))."""
 
-    params: dict[int, dict[str, torch.Tensor]]
-    metrics: dict[int, dict[str, torch.Tensor]]
+    params: dict[int, dict[str, torch.Tensor]]  # plain spec weights (BatchNorm folded, eval mode)
+    metrics: dict[int, dict[str, torch.Tensor]]  # of those (folded) weights
+    bn_state: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # unfolded, BN models only
 
 
 @torch.no_grad()
@@ -359,12 +496,15 @@ def stacked_evaluate(spec: A.ArchitectureSpec, params: Sequence[torch.Tensor], X
     correct = torch.zeros(M)
     loss = torch.zeros(M)
     for s in range(0, N, n_chunk):
-        r, mk = rows[:, s:s + n_chunk], mask[:, s:s + n_chunk].float()
-        logits = stacked_forward(spec, params, X[r])  # (M, n, C)
-        y = Y[r]
-        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(mk)
-        loss += (ce * mk).sum(1)
-        correct += ((logits.argmax(-1) == y).float() * mk).sum(1)
+        r, mk = rows[:, s:s + n_chunk].reshape(-1), mask[:, s:s + n_chunk].float()  # (M*n,), (M, n)
+        logits = stacked_forward(spec, params, X.index_select(0, r).view(*mk.shape, *X.shape[1:]))  # (M, n, C)
+        # cross-entropy = logsumexp - logit[y] in (C, M*n) layout: reductions over 2-10 classes are slow along
+        # the last dim on CPU
+        lt, y = logits.flatten(0, 1).t().contiguous(), Y.index_select(0, r)
+        mx = lt.amax(0)
+        ce = (lt - mx).exp_().sum(0).log_().add_(mx).sub_(lt.gather(0, y.view(1, -1)).view(-1))
+        loss += (ce.view_as(mk) * mk).sum(1)
+        correct += ((logits.argmax(-1) == y.view_as(mk)).float() * mk).sum(1)
     n = mask.sum(1).clamp(min=1).float()
     return correct / n, loss / n
 
@@ -395,6 +535,7 @@ def train_stacked(
     batch_seeds: Sequence[int],
     checkpoint_epochs: Iterable[int] = (),
     eval_sets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    bn_layers: Sequence[int] = (),
 ) -> StackedTrainResult:
     """Train M models of one architecture together, each on its own rows of a shared input pool.
 
@@ -412,31 +553,40 @@ def train_stacked(
         lr, weight_decay: (M,) float; use_adam: (M,) bool.
         checkpoint_epochs: epochs (1-based) after which params and metrics are recorded.
         eval_sets: name -> (rows (M, N), mask (M, N)) evaluated at checkpoints besides "train".
+        bn_layers: conv layers followed by a BatchNorm2d (trained in training mode, gamma/beta from
+            ``init`` under ``bn_param_names``); checkpoints store and evaluate the eval-mode network with
+            every BatchNorm folded into its conv (``fold_bn_state``), the unfolded state in ``bn_state``.
     """
     with single_thread():
         return _train_stacked(spec, init, X, Y, train_rows, batch_size, epochs, lr, weight_decay, use_adam,
-                              batch_seeds, checkpoint_epochs, eval_sets or {})
+                              batch_seeds, checkpoint_epochs, eval_sets or {}, bn_layers)
 
 
 def _train_stacked(spec, init, X, Y, train_rows, batch_size, epochs, lr, weight_decay, use_adam, batch_seeds,
-                   checkpoint_epochs, eval_sets) -> StackedTrainResult:
+                   checkpoint_epochs, eval_sets, bn_layers=()) -> StackedTrainResult:
     M = len(train_rows)
-    keys = list(spec.param_shapes())
-    # Adam models first, so each optimizer updates one contiguous leading slice of every tensor in place.
+    bn = StackedBatchNorm.fresh(spec, bn_layers, M) if bn_layers else None  # running stats, in `order` like params
+    keys = list(spec.param_shapes()) + bn_param_names(bn.layers if bn else ())
+    # Adam models first, so each optimizer updates one contiguous leading block of rows in place.
     order = torch.argsort((~use_adam.bool()).to(torch.int8), stable=True)
     inv = torch.argsort(order)
     na = int(use_adam.bool().sum())
-    params = [init[k].detach().float()[order].contiguous().requires_grad_(True) for k in keys]  # (M, *shape)
+    # All params of model m in row m of ONE leaf (M, P): the step takes per-tensor views (split, whose backward is
+    # one cat), so autograd gives one (M, P) gradient and the optimizer is a handful of ops with (M, 1) factors.
+    shapes = [tuple(init[k].shape[1:]) for k in keys]
+    sizes = [math.prod(s) for s in shapes]
+    flat = torch.cat([init[k].detach().float()[order].reshape(M, -1) for k in keys], 1).requires_grad_(True)
+
+    def unflatten(t: torch.Tensor) -> list[torch.Tensor]:  # (M, P) -> [(M, *shape)] views, in `keys` order
+        return [v.view(M, *s) for v, s in zip(t.split(sizes, 1), shapes)]
+
+    params = unflatten(flat.detach())  # views: they follow the in-place updates of flat
     rows_list = [train_rows[i] for i in order.tolist()]
     seeds = [int(batch_seeds[i]) for i in order.tolist()]
     eval_sets = {k: (r[order], mk[order]) for k, (r, mk) in eval_sets.items()}
 
-    def per_model(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, 1, ...) to broadcast over p
-        return v.view(-1, *([1] * (p.dim() - 1)))
-
-    lr_o, wd_o = lr.float()[order], weight_decay.float()[order]
-    wds = [per_model(wd_o, p) for p in params]
-    lr_sgd = [per_model(lr_o[na:], p) for p in params]
+    lr_o, wd_o = lr.float()[order].view(M, 1), weight_decay.float()[order].view(M, 1)
+    lr_adam, lr_sgd = lr_o[:na].double().view(-1), lr_o[na:]
     n_train = [len(r) for r in rows_list]
     rows_pad = torch.zeros(M, max(n_train), dtype=torch.long)
     rows_mask = torch.zeros(M, max(n_train), dtype=torch.bool)
@@ -444,62 +594,72 @@ def _train_stacked(spec, init, X, Y, train_rows, batch_size, epochs, lr, weight_
         rows_pad[m, : len(r)], rows_mask[m, : len(r)] = r, True
     gens = [torch.Generator().manual_seed(s) for s in seeds]
 
-    m1 = [torch.zeros_like(p[:na]) for p in params]  # Adam moments
-    m2 = [torch.zeros_like(p[:na]) for p in params]
-    mom = [torch.zeros_like(p[na:]) for p in params]  # SGD momentum
+    m1, m2 = torch.zeros_like(flat[:na]), torch.zeros_like(flat[:na])  # Adam moments (na, P)
+    mom = torch.zeros_like(flat[na:])  # SGD momentum (M - na, P)
     step = torch.zeros(na, dtype=torch.float64)  # per-model Adam step count (float64 like torch.optim)
     b1, b2 = ADAM_BETAS
     ckpts = sorted(set(int(e) for e in checkpoint_epochs))
     result = StackedTrainResult({}, {})
-    Yc = Y.view(-1, 1)
+    n_step = M * batch_size
+    minus_one = torch.full((1, n_step), -1.0)
 
     for epoch in range(1, epochs + 1):
         idx, active = epoch_batches(gens, n_train, batch_size)  # (M, S, bs), (M, S)
-        rows_epoch = torch.gather(rows_pad, 1, idx.flatten(1)).view_as(idx)  # pool rows, (M, S, bs)
+        rows_epoch = torch.gather(rows_pad, 1, idx.flatten(1)).view(M, -1, batch_size)  # pool rows, (M, S, bs)
+        all_active = active.all(0).tolist()  # per step: no masking needed
         for s in range(idx.shape[1]):
-            r = rows_epoch[:, s]  # (M, bs)
-            logits = stacked_forward(spec, params, X[r]).flatten(0, 1)  # (M*bs, C)
-            # sum over models of each model's mean cross-entropy: model m's gradient is its own.
-            # (logsumexp - logit[y] vectorises better on CPU than log_softmax over 2-10 classes)
-            loss = (logits.logsumexp(-1).sum() - logits.gather(1, Yc[r.flatten()]).sum()) / batch_size
-            grads = torch.autograd.grad(loss, params)
+            r = rows_epoch[:, s].reshape(-1)  # (M*bs,)
+            x = X.index_select(0, r).view(M, batch_size, *X.shape[1:])  # (index_select: 4x faster than X[r])
+            logits = stacked_forward(spec, unflatten(flat), x, bn, True, active[:, s])  # (M, bs, C)
+            # d(sum over models of each model's mean cross-entropy)/d logits = (softmax - onehot) / bs: model m's
+            # gradient is its own. In (C, M*bs) layout, as reductions over 2-10 classes are slow along the last dim.
             with torch.no_grad():
-                inactive = (~active[:, s]).nonzero().flatten()
-                if len(inactive):  # models whose epoch is over: this step must leave them untouched
-                    saved = ([p[inactive].clone() for p in params], step.clone(), [t.clone() for t in m1 + m2 + mom])
+                lt = logits.detach().flatten(0, 1).t().contiguous()  # (C, M*bs)
+                dl = lt.sub_(lt.amax(0)).exp_()
+                dl.div_(dl.sum(0)).scatter_add_(0, Y.index_select(0, r).view(1, -1), minus_one).div_(batch_size)
+            (g,) = torch.autograd.grad(logits, flat, dl.t().view_as(logits))  # (M, P)
+            with torch.no_grad():
+                g.addcmul_(flat, wd_o)  # coupled weight decay, as torch.optim
+                if all_active[s]:
+                    act = None
+                else:  # models whose epoch is over: zero gradient and per-model factors leave them untouched
+                    act = active[:, s].view(M, 1)
+                    g.mul_(act)
                 if na:
-                    step += 1
-                    bc1, bc2_sqrt = 1 - b1 ** step, (1 - b2 ** step).sqrt()
-                    eps_f = (ADAM_EPS * bc2_sqrt).float()
-                    scale = (lr_o[:na].double() * bc2_sqrt / bc1).float()  # lr * sqrt(bc2) / bc1, per model
-                for j, (p, g) in enumerate(zip(params, grads)):
-                    g.addcmul_(p, wds[j])  # coupled weight decay, as torch.optim
-                    if na:
-                        pa, ga = p[:na], g[:na]
-                        m1[j].lerp_(ga, 1 - b1)
-                        m2[j].mul_(b2).addcmul_(ga, ga, value=1 - b2)
-                        # lr * (m1/bc1) / (sqrt(m2)/sqrt(bc2) + eps), per-model factors folded into denom
-                        denom = m2[j].sqrt().add_(per_model(eps_f, pa)).div_(per_model(scale, pa))
-                        pa.addcdiv_(m1[j], denom, value=-1.0)
-                    if na < M:
-                        mom[j].mul_(SGD_MOMENTUM).add_(g[na:])
-                        p[na:].addcmul_(mom[j], lr_sgd[j], value=-1.0)
-                if len(inactive):
-                    ia, is_ = inactive[inactive < na], inactive[inactive >= na] - na
-                    L = len(params)
-                    for j, p in enumerate(params):
-                        p[inactive] = saved[0][j]
-                        m1[j][ia], m2[j][ia] = saved[2][j][ia], saved[2][L + j][ia]
-                        mom[j][is_] = saved[2][2 * L + j][is_]
-                    step[ia] = saved[1][ia]
+                    ga = g[:na]
+                    act_a = None if act is None else act[:na].view(-1)
+                    step += 1 if act is None else act_a
+                    t = step.clamp(min=1)  # (a model with no step yet is masked; it keeps bc1, bc2 > 0)
+                    bc1, bc2_sqrt = 1 - b1 ** t, (1 - b2 ** t).sqrt()
+                    eps_f = (ADAM_EPS * bc2_sqrt).float().view(-1, 1)
+                    scale = lr_adam * bc2_sqrt / bc1  # lr * sqrt(bc2) / bc1, per model
+                    if act is None:
+                        m1.lerp_(ga, 1 - b1)
+                        m2.mul_(b2)
+                    else:
+                        m1.lerp_(ga, torch.where(act[:na], 1 - b1, 0.0))
+                        m2.mul_(torch.where(act[:na], b2, 1.0))
+                        scale = torch.where(act_a, scale, 0.0)
+                    m2.addcmul_(ga, ga, value=1 - b2)
+                    # lr * (m1/bc1) / (sqrt(m2)/sqrt(bc2) + eps) = (m1 * scale) / (sqrt(m2) + eps * sqrt(bc2))
+                    denom = m2.sqrt().add_(eps_f)
+                    flat[:na].addcdiv_(m1 * scale.float().view(-1, 1), denom, value=-1.0)
+                if na < M:
+                    mom.mul_(SGD_MOMENTUM if act is None else torch.where(act[na:], SGD_MOMENTUM, 1.0)).add_(g[na:])
+                    flat[na:].addcmul_(mom, lr_sgd if act is None else lr_sgd * act[na:], value=-1.0)
         if epoch in ckpts:
             with torch.no_grad():
                 sets = {"train": (rows_pad, rows_mask), **eval_sets}
                 metrics = {}
+                eval_params = params
+                if bn is not None:  # the stored network: eval mode, BatchNorms folded into their convs
+                    unfolded = bn.state(params, spec)
+                    result.bn_state[epoch] = {k: v[inv] for k, v in unfolded.items()}
+                    eval_params = list(fold_bn_state(spec, unfolded).values())
                 for name, (rows, mask) in sets.items():
-                    acc, ls = stacked_evaluate(spec, params, X, Y, rows, mask)
+                    acc, ls = stacked_evaluate(spec, eval_params, X, Y, rows, mask)
                     metrics[f"{name}_acc"], metrics[f"{name}_loss"] = acc[inv], ls[inv]
-                result.params[epoch] = {k: p[inv].detach().clone() for k, p in zip(keys, params)}
+                result.params[epoch] = {k: p[inv].detach().clone() for k, p in zip(spec.param_shapes(), eval_params)}
                 result.metrics[epoch] = metrics
     return result
 
@@ -507,19 +667,23 @@ def _train_stacked(spec, init, X, Y, train_rows, batch_size, epochs, lr, weight_
 def train_single_reference(
     spec: A.ArchitectureSpec, init: Mapping[str, torch.Tensor], X: torch.Tensor, Y: torch.Tensor,
     train_rows: torch.Tensor, batch_size: int, epochs: int, lr: float, weight_decay: float, optimizer: str,
-    batch_seed: int,
+    batch_seed: int, bn_layers: Sequence[int] = (),
 ) -> dict[str, torch.Tensor]:
     """The plain per-model loop: nn.Module + torch.optim, the same batches as ``train_stacked``.
 
     Used to test that stacked training is exact, and as the per-model baseline of the benchmark.
+    Without ``bn_layers`` returns the trained state_dict of ``spec``; with them, the unfolded state of a
+    ``BatchNormSpecNet`` (keys as ``StackedTrainResult.bn_state``; fold it with ``fold_bn_state``).
     """
     with single_thread():
         return _train_single(spec, init, X, Y, train_rows, batch_size, epochs, lr, weight_decay, optimizer,
-                             batch_seed)
+                             batch_seed, bn_layers)
 
 
-def _train_single(spec, init, X, Y, train_rows, batch_size, epochs, lr, weight_decay, optimizer, batch_seed):
-    net = A.build_model(spec, {k: v.clone() for k, v in init.items()})
+def _train_single(spec, init, X, Y, train_rows, batch_size, epochs, lr, weight_decay, optimizer, batch_seed,
+                  bn_layers=()):
+    init = {k: v.clone() for k, v in init.items()}
+    net = BatchNormSpecNet(spec, bn_layers, init) if bn_layers else A.build_model(spec, init)
     if optimizer == "adam":
         opt = torch.optim.Adam(net.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay)
     elif optimizer == "sgd":
@@ -527,6 +691,7 @@ def _train_single(spec, init, X, Y, train_rows, batch_size, epochs, lr, weight_d
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}")
     g = torch.Generator().manual_seed(int(batch_seed))
+    net.train()
     for _ in range(epochs):
         idx, active = epoch_batches([g], [len(train_rows)], batch_size)
         for s in range(int(active.sum())):
@@ -534,7 +699,85 @@ def _train_single(spec, init, X, Y, train_rows, batch_size, epochs, lr, weight_d
             opt.zero_grad()
             F.cross_entropy(net(X[r]), Y[r]).backward()
             opt.step()
+    if bn_layers:
+        return net.state()
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+class BatchNormSpecNet(torch.nn.Module):
+    """A spec's network with ``nn.BatchNorm2d`` after the conv layers ``bn_layers`` (Conv -> BN -> [+ shortcut]
+    -> act -> [pool]): the training-time form of the zoo's BatchNorm models, built from torch modules.
+
+    It is the independent reference for stacked BatchNorm training, and ``eval()`` + ``folded_state_dict()``
+    give the plain spec network that the zoo stores (the same function, tested). ``state``/``load_state`` use
+    the keys of ``StackedTrainResult.bn_state`` (``layers.{i}.weight``/``bias``/``bn_weight``/``bn_bias``/
+    ``bn_running_mean``/``bn_running_var``).
+    """
+
+    def __init__(self, spec: A.ArchitectureSpec, bn_layers: Sequence[int], state: Mapping[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.spec, self.bn_layers = spec, check_bn_layers(spec, bn_layers)
+        self.layers = A.SpecNet(spec).layers  # nn.Linear / nn.Conv2d(padding=k//2) per spec layer
+        for i in self.bn_layers:  # a conv before a BatchNorm has no bias (stacked_forward)
+            c = self.layers[i]
+            self.layers[i] = torch.nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, padding=c.padding, bias=False)
+        self.bns = torch.nn.ModuleDict({str(i): torch.nn.BatchNorm2d(spec.layers[i].out_dim, eps=BN_EPS,
+                                                                     momentum=BN_MOMENTUM) for i in self.bn_layers})
+        if state is not None:
+            self.load_state(state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, *spec.input_shape) -> logits (B, num_outputs)."""
+        sources = {layer.residual_from for layer in self.spec.layers if layer.residual_from is not None}
+        saved = {-1: x}
+        h = x
+        for i, (layer, mod) in enumerate(zip(self.spec.layers, self.layers)):
+            if layer.kind == "linear" and h.dim() == 4:  # nn.Flatten (channel-major) or global average pooling
+                h = h.flatten(1) if layer.flatten else h.mean((2, 3))
+            h = mod(h)
+            if str(i) in self.bns:
+                h = self.bns[str(i)](h)
+            if layer.residual_from is not None:
+                h = h + saved[layer.residual_from]
+            h = A.apply_activation(h, layer.activation)
+            if layer.pool:
+                op, k = A.parse_pool(layer.pool)
+                h = (torch.nn.MaxPool2d(k) if op == "max" else torch.nn.AvgPool2d(k))(h)
+            if i in sources:
+                saved[i] = h
+        return h
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Unfolded weights, BatchNorm parameters and running statistics (detached copies)."""
+        out = {k: v.detach().clone() for k, v in self.layers.state_dict(prefix="layers.").items()}
+        for i in self.bn_layers:
+            m = self.bns[str(i)]
+            out[f"layers.{i}.bias"] = torch.zeros(self.spec.layers[i].out_dim)
+            out.update({f"layers.{i}.bn_weight": m.weight.detach().clone(), f"layers.{i}.bn_bias": m.bias.detach().clone(),
+                        f"layers.{i}.bn_running_mean": m.running_mean.clone(),
+                        f"layers.{i}.bn_running_var": m.running_var.clone()})
+        return out
+
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load weights and BatchNorm gamma/beta (and the running statistics when ``state`` has them)."""
+        for i in self.bn_layers:
+            if bool(state[f"layers.{i}.bias"].any()):
+                raise ValueError(f"BatchNormSpecNet: layer {i} is followed by a BatchNorm and has no bias, but "
+                                 f"layers.{i}.bias is nonzero")
+        self.layers.load_state_dict({k[len("layers."):]: state[k] for k in self.spec.param_shapes()
+                                     if int(k.split(".")[1]) not in self.bn_layers or k.endswith(".weight")})
+        with torch.no_grad():
+            for i in self.bn_layers:
+                m = self.bns[str(i)]
+                m.weight.copy_(state[f"layers.{i}.bn_weight"])
+                m.bias.copy_(state[f"layers.{i}.bn_bias"])
+                if f"layers.{i}.bn_running_mean" in state:
+                    m.running_mean.copy_(state[f"layers.{i}.bn_running_mean"])
+                    m.running_var.copy_(state[f"layers.{i}.bn_running_var"])
+
+    def folded_state_dict(self) -> dict[str, torch.Tensor]:
+        """The eval-mode network as a plain state_dict of ``spec`` (every BatchNorm folded into its conv)."""
+        return fold_bn_state(self.spec, self.state())
 
 
 # ===================================================================== zoo planning
@@ -572,6 +815,8 @@ class GroupPlan:
     batch_size: int
     train_fraction: float
     runs: list[RunConfig] = field(default_factory=list)
+    family: str = "mlp"  # one of FAMILIES
+    bn_layers: tuple[int, ...] = ()  # conv layers trained with a BatchNorm after them (stored folded)
 
 
 def checkpoint_schedule(epochs: int, checkpoints_per_run: int) -> list[int]:
@@ -589,11 +834,51 @@ def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
 
 
 CNN_MAX_PIXELS = 64  # CNNs train on the 8x8 image tasks: grouped convs on 10x10 MNIST cost ~5x more on CPU
+# Families of published shapes (BatchNorm, max pooling, flatten heads, residual blocks) train on every image task.
+# Sized like the plain CNNs: per run they cost a few times an 8x8 CNN (10x10 MNIST has 3x the samples and 1.6x the
+# pixels; a ResNet with two blocks of 8 channels there cost ~4 min of one core per group of 7 runs, so MNIST
+# ResNets get one block).
+CNN_BN_CHANNELS = ((4, 8), (8, 8), (6, 8))
+CNN_BN_HIDDEN = (16, 32)
+RESNET_WIDTHS = (4, 6)
+RESNET_MAX_BLOCKS_ABOVE_8X8 = 1
+FAMILIES = ("mlp", "cnn", "cnn-bn", "resnet")  # GroupPlan.family
+
+
+def cnn_bn_spec(input_shape: Sequence[int], channels: Sequence[int], hidden: int, n_out: int, pool: str = "max2",
+                activation: str = "relu", kernel_size: int = 3) -> A.ArchitectureSpec:
+    """(Conv k x k -> [BatchNorm] -> act -> pool) per entry of ``channels``, Flatten -> Linear -> act -> Linear.
+
+    BatchNorm is not in the spec (the zoo stores it folded into the conv); train it with ``bn_layers`` = the convs.
+    """
+    c_in, hw = int(input_shape[0]), tuple(int(s) for s in input_shape[1:])
+    k = A.parse_pool(pool)[1]
+    layers = []
+    for c in channels:
+        layers.append(A.LayerSpec("conv2d", c_in, c, activation, kernel_size, pool=pool))
+        c_in, hw = c, (hw[0] // k, hw[1] // k)
+    layers.append(A.LayerSpec("linear", c_in * hw[0] * hw[1], hidden, activation, flatten=True))
+    layers.append(A.LayerSpec("linear", hidden, n_out, "identity"))
+    name = f"cnnbn-{'-'.join(map(str, channels))}-k{kernel_size}-{pool}-flat-h{hidden}-{activation}"
+    return A.ArchitectureSpec(tuple(input_shape), tuple(layers), name)
+
+
+def resnet_spec(input_shape: Sequence[int], width: int, blocks: int, n_out: int, activation: str = "relu",
+                kernel_size: int = 3) -> A.ArchitectureSpec:
+    """Conv stem -> ``blocks`` identity residual blocks (conv -> act -> conv, + block input, act), all ``width``
+    channels -> global average pooling -> linear head. (BatchNorm, if any, trains via ``bn_layers``.)"""
+    layers = [A.LayerSpec("conv2d", int(input_shape[0]), width, activation, kernel_size)]
+    for _ in range(blocks):
+        block_in = len(layers) - 1
+        layers.append(A.LayerSpec("conv2d", width, width, activation, kernel_size))
+        layers.append(A.LayerSpec("conv2d", width, width, activation, kernel_size, residual_from=block_in))
+    layers.append(A.LayerSpec("linear", width, n_out, "identity"))
+    return A.ArchitectureSpec(tuple(input_shape), tuple(layers), f"resnet-{width}-b{blocks}-k{kernel_size}-{activation}")
 
 
 def plan_zoo(num_runs: int, seed: int = 0, group_size: int = 64, cnn_fraction: float = 0.1,
              card_task_fraction: float = 0.5, tasks: Sequence[str] | None = None,
-             min_groups: int = 24) -> list[GroupPlan]:
+             min_groups: int = 24, cnn_bn_fraction: float = 0.02, resnet_fraction: float = 0.02) -> list[GroupPlan]:
     """Deterministic plan of ``num_runs`` runs in groups (same args -> same plan on every machine).
 
     ``cnn_fraction`` of the runs are CNNs (in groups a quarter of the MLP group size, at least 4: they cost more per
@@ -601,48 +886,85 @@ def plan_zoo(num_runs: int, seed: int = 0, group_size: int = 64, cnn_fraction: f
     groups of ``group_size``. Group order is shuffled so shards ``g % n == i`` get a similar mix.
     MLP groups shrink (to no fewer than 8 runs) to make at least ``min_groups`` of them: each group
     is one architecture and one shape group, so a small zoo needs small groups to be varied.
+
+    ``cnn_bn_fraction`` of the runs are "cnn-bn" nets (``cnn_bn_spec``: Conv3x3 -> BatchNorm -> ReLU ->
+    MaxPool2, x2, Flatten -> Linear -> ReLU -> Linear; a quarter of those groups average-pool instead) and
+    ``resnet_fraction`` "resnet" nets (``resnet_spec``: a stem and 1-2 identity residual blocks, global
+    average pooling, a linear head, one block on 10x10 MNIST; half of the groups with BatchNorm after every
+    conv), both on every image task (8x8 digits and 10x10 MNIST), in CNN-sized groups. Their runs come out of
+    the MLP share.
     """
     task_names = list(tasks) if tasks is not None else list(TASKS)
     unknown = sorted(set(task_names) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown tasks {unknown}")
+    for name, frac in (("cnn_fraction", cnn_fraction), ("cnn_bn_fraction", cnn_bn_fraction),
+                       ("resnet_fraction", resnet_fraction)):
+        if not 0 <= frac <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {frac}")
     groups_map = shape_groups({n: TASKS[n] for n in task_names})
     sg_names = sorted(groups_map)
     sg_weights = np.array([len(groups_map[g]) for g in sg_names], float)
     image_sg = [g for g in sg_names
                 if all(TASKS[t].is_image and TASKS[t].num_features <= CNN_MAX_PIXELS for t in groups_map[g])]
     img_weights = np.array([len(groups_map[g]) for g in image_sg], float)
+    family_sg = [g for g in sg_names if all(TASKS[t].is_image for t in groups_map[g])]  # digits and MNIST
+    fam_weights = np.array([len(groups_map[g]) for g in family_sg], float)
     n_cnn = int(round(cnn_fraction * num_runs)) if image_sg else 0
+    n_bn = int(round(cnn_bn_fraction * num_runs)) if family_sg else 0
+    n_res = int(round(resnet_fraction * num_runs)) if family_sg else 0
+    if n_cnn + n_bn + n_res > num_runs:
+        raise ValueError(f"cnn_fraction + cnn_bn_fraction + resnet_fraction = "
+                         f"{cnn_fraction + cnn_bn_fraction + resnet_fraction:.3g} leaves no room in {num_runs} runs")
 
     def split(n: int, size: int) -> list[int]:  # n runs in near-equal groups of at most ``size``
         return [len(c) for c in np.array_split(np.arange(n), math.ceil(n / size))] if n else []
 
-    n_mlp = num_runs - n_cnn
+    n_mlp = num_runs - n_cnn - n_bn - n_res
     mlp_size = max(1, min(group_size, max(8, math.ceil(n_mlp / max(1, min_groups)))))
-    slots = [(False, n) for n in split(n_mlp, mlp_size)]
-    slots += [(True, n) for n in split(n_cnn, max(4, mlp_size // 4))]
+    cnn_size = max(4, mlp_size // 4)
+    slots = [("mlp", n) for n in split(n_mlp, mlp_size)]
+    slots += [("cnn", n) for n in split(n_cnn, cnn_size)]
+    slots += [("cnn-bn", n) for n in split(n_bn, cnn_size)] + [("resnet", n) for n in split(n_res, cnn_size)]
     order = np.random.default_rng([seed, 10**6]).permutation(len(slots))
     plans: list[GroupPlan] = []
     run_index = 0
     for gi, k in enumerate(order):
-        cnn, size = slots[k]
+        family, size = slots[k]
+        cnn = family != "mlp"
         rng = np.random.default_rng([seed, gi])
-        if cnn:
+        if family == "cnn":
             sg = image_sg[rng.choice(len(image_sg), p=img_weights / img_weights.sum())]
+        elif cnn:
+            sg = family_sg[rng.choice(len(family_sg), p=fam_weights / fam_weights.sum())]
         else:
             sg = sg_names[rng.choice(len(sg_names), p=sg_weights / sg_weights.sum())]
         members = groups_map[sg]
         t0 = TASKS[members[0]]
         act = ACTIVATION_CHOICES[rng.integers(len(ACTIVATION_CHOICES))]
-        if cnn:
+        bn_layers: tuple[int, ...] = ()
+        if family == "cnn":
             ch = CNN_CHANNELS[rng.integers(len(CNN_CHANNELS))]
             spec = A.cnn_spec(t0.input_shape, ch, int(rng.choice([3, 5])), t0.num_classes, act)
+        elif family == "cnn-bn":
+            ch = CNN_BN_CHANNELS[rng.integers(len(CNN_BN_CHANNELS))]
+            pool = "avg2" if rng.random() < 0.25 else "max2"
+            spec = cnn_bn_spec(t0.input_shape, ch, int(CNN_BN_HIDDEN[rng.integers(len(CNN_BN_HIDDEN))]),
+                               t0.num_classes, pool)
+            bn_layers = tuple(range(len(ch)))
+        elif family == "resnet":
+            width, blocks = int(RESNET_WIDTHS[rng.integers(len(RESNET_WIDTHS))]), int(rng.integers(1, 3))
+            if t0.num_features > CNN_MAX_PIXELS:
+                blocks = min(blocks, RESNET_MAX_BLOCKS_ABOVE_8X8)
+            spec = resnet_spec(t0.input_shape, width, blocks, t0.num_classes)
+            if rng.random() < 0.5:
+                bn_layers = tuple(i for i, layer in enumerate(spec.layers) if layer.kind == "conv2d")
         else:
             spec = A.mlp_spec(t0.num_features, MLP_HIDDEN[rng.integers(len(MLP_HIDDEN))], t0.num_classes, act)
         frac = float(TRAIN_FRACTIONS[rng.integers(len(TRAIN_FRACTIONS))])
         min_n = min(int(round(frac * len(_task_arrays(t)[1]))) for t in members)
         bs = int(min(BATCH_SIZES[rng.integers(len(BATCH_SIZES))], max(4, min_n // 2)))  # >= 2 steps per epoch
-        plan = GroupPlan(gi, spec, sg, bs, frac)
+        plan = GroupPlan(gi, spec, sg, bs, frac, family=family, bn_layers=bn_layers)
         for _ in range(size):
             adam = bool(rng.random() < 0.5)
             plan.runs.append(RunConfig(
@@ -658,14 +980,22 @@ def plan_zoo(num_runs: int, seed: int = 0, group_size: int = 64, cnn_fraction: f
 
 
 def model_card(spec: A.ArchitectureSpec, run: RunConfig, batch_size: int, train_fraction: float, epoch: int,
-               epochs: int) -> str:
+               epochs: int, batchnorm: bool = False) -> str:
     """Short model-card text: architecture and training setup; names the task only if the run says so."""
     act = spec.layers[0].activation
     if spec.is_cnn:
         convs = [l for l in spec.layers if l.kind == "conv2d"]
-        arch = (f"A small CNN with {len(convs)} conv layers ({', '.join(str(l.out_dim) for l in convs)} channels, "
-                f"{convs[0].kernel_size}x{convs[0].kernel_size} kernels), {act} activations, global average "
-                f"pooling and a linear head")
+        pools = sorted({l.pool for l in convs if l.pool})
+        n_res = sum(l.residual_from is not None for l in spec.layers)
+        kind = "ResNet-style CNN" if n_res else "CNN"
+        arch = (f"A small {kind} with {len(convs)} conv layers ({', '.join(str(l.out_dim) for l in convs)} channels, "
+                f"{convs[0].kernel_size}x{convs[0].kernel_size} kernels)"
+                + (", each followed by BatchNorm (folded into the conv for this checkpoint)" if batchnorm else "")
+                + f", {act} activations"
+                + ("".join(f", {'max' if p.startswith('max') else 'average'} pooling {p[3:]}x{p[3:]}" for p in pools))
+                + (f", {n_res} identity residual block(s)" if n_res else "")
+                + (", a flatten -> linear head" if any(l.flatten for l in spec.layers)
+                   else ", global average pooling and a linear head"))
     else:
         arch = (f"An MLP with {len(spec.layers) - 1} hidden layer(s) of width "
                 f"{', '.join(map(str, spec.hidden_widths))} and {act} activations")
@@ -730,13 +1060,13 @@ def train_group(plan: GroupPlan, epochs: int, checkpoint_epochs: Sequence[int]
     te_mask = torch.zeros(len(runs), n_te, dtype=torch.bool)
     for m, t in enumerate(test_rows):
         te_pad[m, : len(t)], te_mask[m, : len(t)] = t, True
-    inits = [init_params(spec, r.seed, r.init_scale) for r in runs]
+    inits = [init_params(spec, r.seed, r.init_scale, plan.bn_layers) for r in runs]
     init = {k: torch.stack([i[k] for i in inits]) for k in inits[0]}
     res = train_stacked(
         spec, init, X, Y, train_rows, plan.batch_size, epochs,
         lr=torch.tensor([r.lr for r in runs]), weight_decay=torch.tensor([r.weight_decay for r in runs]),
         use_adam=torch.tensor([r.optimizer == "adam" for r in runs]), batch_seeds=[r.seed + 2 for r in runs],
-        checkpoint_epochs=checkpoint_epochs, eval_sets={"test": (te_pad, te_mask)})
+        checkpoint_epochs=checkpoint_epochs, eval_sets={"test": (te_pad, te_mask)}, bn_layers=plan.bn_layers)
     rows, weights = [], {}
     for m, r in enumerate(runs):
         t = TASKS[r.task]
@@ -751,13 +1081,14 @@ def train_group(plan: GroupPlan, epochs: int, checkpoint_epochs: Sequence[int]
                 model_id=mid, run_id=r.run_id, task=t.name, dataset=t.dataset, task_family=t.task_family,
                 shape_group=t.shape_group, arch_id=spec.arch_id, arch_name=spec.name, arch_family=spec.family,
                 activation=spec.layers[0].activation, num_params=spec.num_params(),
-                kernel_size=spec.layers[0].kernel_size if spec.is_cnn else 0, seed=r.seed, lr=r.lr,
+                kernel_size=spec.layers[0].kernel_size if spec.is_cnn else 0, batchnorm=bool(plan.bn_layers),
+                seed=r.seed, lr=r.lr,
                 weight_decay=r.weight_decay, init_scale=r.init_scale, optimizer=r.optimizer,
                 batch_size=plan.batch_size, train_fraction=plan.train_fraction, n_train=len(train_rows[m]),
                 epochs=epochs, epoch=e, is_final=e == max(res.params), train_acc=met["train_acc"],
                 test_acc=met["test_acc"], train_loss=met["train_loss"], test_loss=met["test_loss"],
                 gen_gap=met["train_acc"] - met["test_acc"], group_index=plan.group_index,
-                model_card=model_card(spec, r, plan.batch_size, plan.train_fraction, e, epochs),
+                model_card=model_card(spec, r, plan.batch_size, plan.train_fraction, e, epochs, bool(plan.bn_layers)),
                 source="zoo", load_warning=""))
             weights[mid] = {k: v[m].clone() for k, v in res.params[e].items()}
     return rows, weights
@@ -767,7 +1098,7 @@ def train_group(plan: GroupPlan, epochs: int, checkpoint_epochs: Sequence[int]
 
 METADATA_COLUMNS = (
     "model_id", "run_id", "task", "dataset", "task_family", "shape_group", "arch_id", "arch_name", "arch_family",
-    "activation", "num_params", "kernel_size", "seed", "lr", "weight_decay", "init_scale", "optimizer",
+    "activation", "num_params", "kernel_size", "batchnorm", "seed", "lr", "weight_decay", "init_scale", "optimizer",
     "batch_size", "train_fraction", "n_train", "epochs", "epoch", "is_final", "train_acc", "test_acc",
     "train_loss", "test_loss", "gen_gap", "group_index", "model_card", "source", "load_warning",
 )
@@ -1030,6 +1361,8 @@ class ModelZooDataset:
         tasks: Sequence[str] | None = None,
         min_groups: int = 24,
         shard: tuple[int, int] | None = None,
+        cnn_bn_fraction: float = 0.02,
+        resnet_fraction: float = 0.02,
         reuse: bool = True,
         workers: int = 1,
         progress: bool = False,
@@ -1048,6 +1381,7 @@ class ModelZooDataset:
         gen_args = dict(num_models=int(num_models), epochs=int(epochs), checkpoints_per_run=int(checkpoints_per_run),
                         card_task_fraction=float(card_task_fraction), seed=int(seed), group_size=int(group_size),
                         cnn_fraction=float(cnn_fraction), tasks=tasks, min_groups=int(min_groups),
+                        cnn_bn_fraction=float(cnn_bn_fraction), resnet_fraction=float(resnet_fraction),
                         task_registry=_registry_hash(), format_version=ZOO_FORMAT_VERSION)
         shard_str = f"{shard[0]}/{shard[1]}" if shard is not None else None
         if out_dir is not None and reuse and (Path(out_dir) / "zoo.json").exists():
@@ -1057,7 +1391,8 @@ class ModelZooDataset:
                 return cls.load(out_dir)
             log.warning("zoo in %s was made with other args; regenerating it", out_dir)
         num_runs = math.ceil(num_models / len(ckpts))
-        plans = plan_zoo(num_runs, seed, group_size, cnn_fraction, card_task_fraction, tasks, min_groups)
+        plans = plan_zoo(num_runs, seed, group_size, cnn_fraction, card_task_fraction, tasks, min_groups,
+                         cnn_bn_fraction, resnet_fraction)
         if shard is not None:
             i, n = shard
             if not 0 <= i < n:
@@ -1106,6 +1441,7 @@ class ModelZooDataset:
                        arch_id=spec.arch_id, arch_name=spec.name, arch_family=spec.family,
                        activation=spec.layers[0].activation, num_params=spec.num_params(),
                        kernel_size=spec.layers[0].kernel_size if spec.is_cnn else 0, is_final=True,
+                       batchnorm="+bn" in spec.name,  # checkpoint_import tags folded BatchNorms
                        source=str(p), load_warning="; ".join(warns))
             row.update(extra_meta)
             rows.append(row)
@@ -1283,10 +1619,14 @@ def summarize(zoo: ModelZooDataset) -> str:
                         f"shape groups: {m['shape_group'].nunique()}, arch families: {sorted(m['arch_family'].unique())}"]
     final = m[m["is_final"].astype(bool)]
     if final["test_acc"].notna().any():
-        lines.append("mean final test accuracy per task family (mlp | cnn):")
-        g = final.assign(kind=final["arch_family"].str[:3]).groupby(["task_family", "kind"])["test_acc"].mean()
+        kinds = ("mlp", "cnn", "cnn-flat", "rescnn")  # plain MLPs/CNNs, flatten-head (cnn-bn) and residual CNNs
+        lines.append("mean final test accuracy per task family (" + " | ".join(kinds) + "):")
+        af = final["arch_family"].astype(str)
+        kind = np.where(af.str.startswith("mlp"), "mlp", np.where(af.str.startswith("rescnn"), "rescnn",
+                        np.where(af.str.endswith("-flat"), "cnn-flat", "cnn")))
+        g = final.assign(kind=kind).groupby(["task_family", "kind"])["test_acc"].mean()
         for fam in sorted(final["task_family"].unique()):
-            parts = [f"{k} {g[(fam, k)]:.3f}" for k in ("mlp", "cnn") if (fam, k) in g.index]
+            parts = [f"{k} {g[(fam, k)]:.3f}" for k in kinds if (fam, k) in g.index]
             lines.append(f"  {fam:32s} " + " | ".join(parts))
     return "\n".join(lines)
 
@@ -1304,6 +1644,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     g.add_argument("--card_task_fraction", type=float, default=0.5, help="fraction of model cards naming the task")
     g.add_argument("--seed", type=int, default=0, help="zoo seed")
     g.add_argument("--cnn_fraction", type=float, default=0.1, help="fraction of runs that are CNNs (8x8 image tasks)")
+    g.add_argument("--cnn_bn_fraction", type=float, default=0.02,
+                   help="fraction of runs that are Conv-BN-ReLU-MaxPool CNNs with a flatten head (image tasks)")
+    g.add_argument("--resnet_fraction", type=float, default=0.02,
+                   help="fraction of runs that are small ResNet-style CNNs (identity residual blocks; image tasks)")
     g.add_argument("--shard", default=None, help="i/n: train only shard i of n (default: RANK/WORLD_SIZE if set)")
     g.add_argument("--tasks", default=None, help="comma-separated task names (default: all of TASKS)")
     g.add_argument("--group_size", type=int, default=64, help="runs trained together as one stacked batch")
@@ -1325,6 +1669,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             a.out, num, epochs, a.checkpoints_per_run, a.card_task_fraction, a.seed, group_size=a.group_size,
             min_groups=a.min_groups,
             cnn_fraction=a.cnn_fraction, tasks=a.tasks.split(",") if a.tasks else None,
+            cnn_bn_fraction=a.cnn_bn_fraction, resnet_fraction=a.resnet_fraction,
             shard=_parse_shard(a.shard), reuse=not a.no_reuse, workers=a.workers, progress=True)
         print(summarize(zoo))
         print(f"done in {time.time() - t:.1f} s -> {a.out}")

@@ -24,6 +24,7 @@ import numpy as np
 from scipy import stats
 from sklearn.cluster import KMeans
 from sklearn.compose import TransformedTargetRegressor
+from sklearn.decomposition import PCA
 from sklearn.linear_model import RidgeCV
 from sklearn.metrics import adjusted_rand_score, mean_squared_error, normalized_mutual_info_score, r2_score
 from sklearn.neural_network import MLPRegressor
@@ -60,6 +61,16 @@ PROTOCOL_NOTES: dict[str, str] = {
 # --------------------------------------------------------------------------------------------
 # small pure helpers
 # --------------------------------------------------------------------------------------------
+def reduce_dims(x: np.ndarray, fit_rows: np.ndarray, max_dims: int, seed: int = 0) -> np.ndarray:
+    """``x`` (n, d) unchanged if d <= max_dims, else projected on the top ``max_dims`` principal
+    components fit on ``x[fit_rows]`` (keeps probes and k-means on wide embeddings such as TF-IDF
+    affordable; the components that carry most of the variance are kept)."""
+    if max_dims <= 0 or x.shape[1] <= max_dims:
+        return x
+    pca = PCA(n_components=min(max_dims, len(fit_rows)), svd_solver="randomized", random_state=seed)
+    return pca.fit(x[fit_rows]).transform(x).astype(np.float32)
+
+
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Rows scaled to unit L2 norm (a zero row stays zero). ``x``: (n, d)."""
     x = np.asarray(x, dtype=np.float32)
@@ -568,11 +579,14 @@ def evaluate_embeddings(
     heldout_tasks: Sequence[str] = (), k_values: Sequence[int] = (1, 5, 10),
     targets: Sequence[str] = ("test_acc", "gen_gap", "epoch", "log_lr"),
     probes: Sequence[str] = ("ridge", "mlp"), min_group_size: int = 5, seed: int = 0,
+    max_probe_dims: int = 256,
 ) -> dict[str, Any]:
     """Retrieval (all protocols), clustering, property prediction and distance-performance for one
     embedding matrix on one split. Queries = ``test_idx``; database = train + test; probes fit on
     ``train_idx`` and scored on ``test_idx``; clustering on ``test_idx`` (and on its held-out-task
-    part as "clustering_unseen_tasks").
+    part as "clustering_unseen_tasks"). Retrieval uses the full embedding; clustering, probes and
+    the distance-performance correlation see at most ``max_probe_dims`` dimensions
+    (:func:`reduce_dims`, PCA fit on ``train_idx``; only wide embeddings such as TF-IDF are reduced).
 
     Returns {"retrieval": {protocol: metrics}, "clustering": ..., ["clustering_unseen_tasks": ...],
     "properties": {target: {probe: metrics}}, "distance_performance": {"test_acc": {...}}}.
@@ -583,9 +597,11 @@ def evaluate_embeddings(
     assert len(np.intersect1d(tr, te)) == 0, "train and test indices overlap"
     tasks = np.asarray(metadata["task"])
     out: dict[str, Any] = {
-        "retrieval": retrieval_protocols(emb, metadata, te, np.concatenate([tr, te]), heldout_tasks, k_values),
-        "clustering": clustering_metrics(emb[te], tasks[te], seed=seed),
-    }
+        "retrieval": retrieval_protocols(emb, metadata, te, np.concatenate([tr, te]), heldout_tasks, k_values)}
+    d_full = emb.shape[1]
+    emb = reduce_dims(emb, tr, max_probe_dims, seed)  # probes and k-means only; retrieval above saw every dim
+    out["dims"] = {"embedding": float(d_full), "probes": float(emb.shape[1])}
+    out["clustering"] = clustering_metrics(emb[te], tasks[te], seed=seed)
     held = te[np.isin(tasks[te], list(heldout_tasks))]
     if len(np.unique(tasks[held])) >= 2:
         out["clustering_unseen_tasks"] = clustering_metrics(emb[held], tasks[held], seed=seed)
@@ -646,4 +662,109 @@ def aggregate_seeds(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         mean = float(ok.mean()) if len(ok) else float("nan")
         std = float(ok.std(ddof=1)) if len(ok) > 1 else 0.0
         out[k] = {"mean": mean, "std": std, "values": [float(v) for v in arr], "n": len(arr)}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# same-architecture sub-zoos (where fixed-architecture methods such as NFN apply)
+# --------------------------------------------------------------------------------------------
+SAME_ARCHITECTURE_NOTE = (
+    "relevant = same task; each of the K largest architectures spanning several tasks is a sub-zoo of its "
+    "own: queries = its test-split and held-out-task models, database = all its models (train + query, as in "
+    "the main protocols), other checkpoints of the query's run removed. Shapes are equal, so shape_only is "
+    "the chance anchor; per-architecture methods (NFN) are fit on the sub-zoo's train models only.")
+
+SUBZOO_METRICS = ("P@1", "P@5", "P@10", "mAP", "MRR", "chance_P")
+
+
+def select_same_architecture_subzoos(metadata: Any, fit_idx: Sequence[int], query_idx: Sequence[int], k: int,
+                                     min_tasks: int = 4, min_models: int = 20) -> list[dict[str, Any]]:
+    """The ``k`` largest same-architecture sub-zoos that span at least ``min_tasks`` tasks.
+
+    An architecture qualifies with >= ``min_models`` models, >= ``min_tasks`` distinct tasks, at least
+    one fit row, and at least one query row whose task has another training run in the architecture
+    (a query that can find a relevant model). Order: most models first, then most tasks, then most
+    such queries, then arch_id (deterministic).
+
+    Args:
+        metadata: table with columns arch_id, arch_name, task, run_id (N rows).
+        fit_idx / query_idx: the rows methods fit on and the query rows of the main protocols.
+    Returns:
+        [{"arch_id", "arch_name", "n_models", "n_tasks", "tasks", "n_fit", "n_queries"}], at most k;
+        n_queries counts the query rows that have a relevant model (the ones retrieval scores).
+    """
+    arch, task = np.asarray(metadata["arch_id"]), np.asarray(metadata["task"])
+    names, run = np.asarray(metadata["arch_name"]), np.asarray(metadata["run_id"])
+    fit = np.zeros(len(arch), bool)
+    fit[np.asarray(fit_idx, np.int64)] = True
+    qry = np.zeros(len(arch), bool)
+    qry[np.asarray(query_idx, np.int64)] = True
+    cands = []
+    for a in np.unique(arch):
+        m = arch == a
+        tasks = sorted(set(task[m].tolist()))
+        runs_of_task: dict[Any, set] = {}
+        for t, r in zip(task[m], run[m]):
+            runs_of_task.setdefault(t, set()).add(r)
+        n_fit = int((m & fit).sum())
+        n_q = sum(len(runs_of_task[t]) > 1 for t in task[m & qry])  # queries with another run of their task
+        if m.sum() >= min_models and len(tasks) >= min_tasks and n_fit > 0 and n_q > 0:
+            cands.append({"arch_id": str(a), "arch_name": str(names[m][0]), "n_models": int(m.sum()),
+                          "n_tasks": len(tasks), "tasks": tasks, "n_fit": n_fit, "n_queries": int(n_q)})
+    cands.sort(key=lambda c: (-c["n_models"], -c["n_tasks"], -c["n_queries"], c["arch_id"]))
+    return cands[:max(0, int(k))]
+
+
+def subzoo_rows(metadata: Any, arch_id: str) -> np.ndarray:
+    """Zoo rows of one architecture in zoo order (the row order of per-architecture embeddings)."""
+    return np.flatnonzero(np.asarray(metadata["arch_id"]) == arch_id)
+
+
+def same_architecture_retrieval(
+    embeddings: np.ndarray | Mapping[str, np.ndarray], metadata: Any, arch_ids: Sequence[str],
+    fit_idx: Sequence[int], query_idx: Sequence[int], k_values: Sequence[int] = (1, 5, 10),
+    exclude_same_run: bool = True,
+) -> dict[str, Any]:
+    """Same-task retrieval inside each same-architecture sub-zoo (see ``SAME_ARCHITECTURE_NOTE``).
+
+    Args:
+        embeddings: (N, d) for the whole zoo, or {arch_id: (n_a, d)} whose rows are
+            ``subzoo_rows(metadata, arch_id)`` (methods defined per architecture, e.g. NFN).
+        metadata: table with columns arch_id, task, run_id (N rows).
+        arch_ids: the sub-zoos (from :func:`select_same_architecture_subzoos`).
+        fit_idx / query_idx: the main split; queries are ``query_idx`` rows of the architecture,
+            the database is its ``fit_idx`` and ``query_idx`` rows.
+    Returns:
+        {arch_id: {metric: value} for ``SUBZOO_METRICS`` + "n_queries"}, and "mean": the
+        unweighted mean over sub-zoos of ``SUBZOO_METRICS``.
+    """
+    assert len(arch_ids) > 0, "same_architecture_retrieval needs at least one sub-zoo"
+    task, run = np.asarray(metadata["task"]), np.asarray(metadata["run_id"])
+    n = len(task)
+    fit, qry = np.asarray(fit_idx, np.int64), np.asarray(query_idx, np.int64)
+    ev = RetrievalEvaluator(k_values)
+    out: dict[str, Any] = {}
+    for a in arch_ids:
+        rows = subzoo_rows(metadata, a)  # (n_a,) zoo rows; position p <-> zoo row rows[p]
+        if len(rows) == 0:
+            raise ValueError(f"same_architecture_retrieval: architecture {a} has no model in the metadata")
+        if isinstance(embeddings, Mapping):
+            if a not in embeddings:
+                raise KeyError(f"same_architecture_retrieval: no embeddings for architecture {a}")
+            emb = np.asarray(embeddings[a], np.float32)
+            assert emb.ndim == 2 and emb.shape[0] == len(rows), \
+                f"embeddings of architecture {a} must be ({len(rows)}, d), got {emb.shape}"
+        else:
+            full = np.asarray(embeddings)
+            assert full.ndim == 2 and full.shape[0] == n, f"embeddings must be ({n}, d), got {full.shape}"
+            emb = full[rows]
+        q_pos = np.flatnonzero(np.isin(rows, qry))
+        db_pos = np.flatnonzero(np.isin(rows, np.concatenate([fit, qry])))
+        if len(q_pos) == 0:
+            raise ValueError(f"same_architecture_retrieval: architecture {a} has no query model")
+        m = ev.evaluate_knn_retrieval(emb, task[rows], query_idx=q_pos, db_idx=db_pos,
+                                      exclude_same=run[rows] if exclude_same_run else None)
+        out[str(a)] = {**{key: m[key] for key in SUBZOO_METRICS if key in m}, "n_queries": m["n_queries"]}
+    keys = [key for key in SUBZOO_METRICS if all(key in out[str(a)] for a in arch_ids)]
+    out["mean"] = {key: float(np.mean([out[str(a)][key] for a in arch_ids])) for key in keys}
     return out

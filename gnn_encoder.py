@@ -40,12 +40,17 @@ Speed (the hot path is the per-edge work; a digits MLP 64-32-10 has 2,368 edges 
 * one edge activation ``s_ij = relu(pre_ij)`` serves as the new edge state *and* as the message
   in both directions (summed at the destination and at the source), so bidirectional message
   passing costs one edge MLP, not two; the ReLU runs in place (it saves only its output);
-* no Python loop over graphs or layers: a batch is one big graph; pooling uses segment ids.
+* no Python loop over graphs or layers: a batch is one big graph; pooling uses segment ids;
+* the fused edge kernel (:class:`_FusedEdgeMessage`) counts [E x h] memory passes, the cost that
+  dominates on CPU once the matmuls are as few as above: the gathers a[dst] + b[src] are one
+  ``embedding_bag`` pass, relu and its backward run in place, sums over edges are bag sums over int32
+  CSR index arrays.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import warnings
 from typing import Any, NamedTuple
 
@@ -55,7 +60,8 @@ from torch_geometric.data import Batch, Data
 from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import scatter, softmax
 
-from architecture import ACTIVATIONS
+from architecture import ACTIVATIONS, ArchitectureSpec
+from weight_to_graph import POOL_KINDS, extension_features
 
 NODE_INPUT, NODE_HIDDEN, NODE_OUTPUT = 0, 1, 2
 
@@ -102,7 +108,47 @@ def graph_fields(batch: Data | Batch) -> dict[str, Tensor | int]:
         "activation": batch.activation, "edge_index": batch.edge_index, "edge_attr": batch.edge_attr,
         "edge_kind": batch.edge_kind, "batch": b, "num_graphs": num_graphs, "num_layers_node": num_layers[b],
         "neuron_index": neuron_index,
+        **_extension_fields(batch, b, num_graphs),
     }
+
+
+@functools.lru_cache(maxsize=4096)
+def _extension_of(spec_json: str) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """(pool_kind, pool_size, edge_flatten, edge_residual) of an extended spec's graph; None for a plain spec."""
+    if not ArchitectureSpec.from_json(spec_json).is_extended:
+        return None
+    f = extension_features(Data(spec_json=spec_json))
+    return f["pool_kind"], f["pool_size"], f["edge_flatten"], f["edge_residual"]
+
+
+def _extension_fields(batch: Data | Batch, b: Tensor, num_graphs: int) -> dict[str, Tensor | None]:
+    """Pooling per node and flatten/shortcut flags per edge (``weight_to_graph.extension_features``), from
+    each graph's ``spec_json``; all None when no graph of the batch is extended (pooling, flatten head or
+    shortcut), so plain batches skip the per-graph work. A graph without ``spec_json`` reads as plain."""
+    none = {"pool_kind": None, "pool_size": None, "edge_flatten": None, "edge_residual": None}
+    sj = getattr(batch, "spec_json", None)
+    if sj is None:
+        return none
+    specs = [sj] if isinstance(sj, str) else list(sj)
+    if len(specs) != num_graphs:
+        raise ValueError(f"neuron graph batch has {len(specs)} spec_json entries for {num_graphs} graphs")
+    ext = [_extension_of(s) for s in specs]
+    if all(e is None for e in ext):
+        return none
+    dev, edge_index = b.device, batch.edge_index
+    n_nodes = torch.bincount(b, minlength=num_graphs).tolist()
+    n_edges = torch.bincount(b[edge_index[0]], minlength=num_graphs).tolist()  # edges lie within one graph
+    parts: list[list[Tensor]] = [[], [], [], []]
+    for g, e in enumerate(ext):
+        if e is not None and (e[0].numel() != n_nodes[g] or e[2].numel() != n_edges[g]):
+            raise ValueError(f"neuron graph {g}: {n_nodes[g]} nodes/{n_edges[g]} edges, its spec_json needs "
+                             f"{e[0].numel()}/{e[2].numel()}")
+        zeros = (torch.zeros(n_nodes[g], dtype=torch.long), torch.zeros(n_nodes[g], dtype=torch.long),
+                 torch.zeros(n_edges[g], dtype=torch.bool), torch.zeros(n_edges[g], dtype=torch.bool))
+        for k, t in enumerate(e if e is not None else zeros):
+            parts[k].append(t)
+    out = [torch.cat(p).to(dev) for p in parts]
+    return dict(zip(none, out))
 
 
 def _check_range(name: str, t: Tensor, upper: int, knob: str) -> None:
@@ -121,10 +167,21 @@ class NodeEncoder(nn.Module):
     ``io_position``; hidden nodes get the same "hidden" row (index 0) whatever their index,
     unless ``max_neurons > 0`` (the non-equivariant baseline), which adds ``neuron_index``.
 
+    Graphs of extended specs (``graph_fields``: pooling, flatten heads, identity shortcuts) add an
+    embedding of the pooling after the node's layer (kind: max/avg, and window size) and of the
+    node's edge flags (4 bits: receives / sends identity-shortcut edges, has flatten-head incoming /
+    outgoing edges), so a max-pooled and an average-pooled network differ. All are per layer, so
+    permutation invariance is kept. Row 0 ("none") of each table is zero and fixed, so plain graphs
+    are encoded exactly as without these tables (and encoders saved before them load with zero tables).
+    (The tables are looked up for plain batches too, with index 0: DDP needs every parameter in every step.)
+
     Shapes: graph with N nodes, E edges -> (N, hidden_dim).
     """
 
-    def __init__(self, hidden_dim: int, max_layers: int, max_io_positions: int, max_neurons: int = 0):
+    _EXTENSION_TABLES = ("pool_kind", "pool_size", "edge_flags")
+
+    def __init__(self, hidden_dim: int, max_layers: int, max_io_positions: int, max_neurons: int = 0,
+                 max_pool_size: int = 8):
         super().__init__()
         self.max_layers, self.max_io_positions, self.max_neurons = max_layers, max_io_positions, max_neurons
         self.bias = nn.Linear(2, hidden_dim)  # [standardized bias, log-RMS of the incoming weights]
@@ -136,6 +193,36 @@ class NodeEncoder(nn.Module):
         self.io = nn.Embedding(2 * max_io_positions + 1, hidden_dim)  # 0: hidden; 1+p: input p; 1+P+p: output p
         self.neuron = nn.Embedding(max_neurons, hidden_dim) if max_neurons > 0 else None
         self.norm = nn.LayerNorm(hidden_dim)
+        self.max_pool_size = max_pool_size
+        with torch.random.fork_rng(devices=[]):  # added tables leave the global RNG (and later modules' init) as before
+            self.pool_kind = nn.Embedding(len(POOL_KINDS), hidden_dim, padding_idx=0)  # none / max / avg
+            self.pool_size = nn.Embedding(max_pool_size + 1, hidden_dim, padding_idx=0)  # window k (0: none)
+            self.edge_flags = nn.Embedding(16, hidden_dim, padding_idx=0)  # 4 bits, see the class docstring
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        missing = [n for n in self._EXTENSION_TABLES if f"{prefix}{n}.weight" not in state_dict]
+        if missing:  # saved before pooling/edge-flag features: zero tables reproduce that encoder exactly
+            warnings.warn(f"encoder state has no {missing} tables (saved before pooling/shortcut features); "
+                          f"they load as zeros: pooling and flatten/shortcut flags do not enter its embeddings")
+            for n in missing:
+                state_dict[f"{prefix}{n}.weight"] = torch.zeros_like(getattr(self, n).weight)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _extension_embedding(self, f: dict, n: int) -> Tensor:
+        """(N, hidden_dim) embedding of pooling and edge flags (exactly zero for a batch of plain graphs)."""
+        if f.get("pool_kind") is None:
+            # row 0 is zero: the sum is exactly 0, but every table stays in the autograd graph (DDP needs each
+            # parameter to take part in every step, and their gradient is zero here)
+            z = torch.zeros(n, dtype=torch.long, device=f["x"].device)
+            return self.pool_kind(z) + self.pool_size(z) + self.edge_flags(z)
+        pool_size = f["pool_size"]
+        _check_range("pool_size (pooling window)", pool_size, self.max_pool_size + 1, "max_pool_size")
+        src, dst = f["edge_index"]
+        zeros = torch.zeros(n, dtype=torch.long, device=pool_size.device)
+        res, flat = f["edge_residual"].long(), f["edge_flatten"].long()
+        flags = (zeros.scatter_reduce(0, dst, res, "amax") + 2 * zeros.scatter_reduce(0, src, res, "amax")
+                 + 4 * zeros.scatter_reduce(0, dst, flat, "amax") + 8 * zeros.scatter_reduce(0, src, flat, "amax"))
+        return self.pool_kind(f["pool_kind"]) + self.pool_size(pool_size) + self.edge_flags(flags)
 
     def forward(self, f: dict) -> Tensor:
         node_type, layer, io_pos = f["node_type"], f["layer_index"], f["io_position"]
@@ -156,6 +243,7 @@ class NodeEncoder(nn.Module):
         kind = torch.where(node_type == NODE_INPUT, kind_out, kind_in)
         h = (self.bias(f["x_std"]) + self.node_type(node_type) + self.activation(f["activation"]) + self.kind(kind)
              + self.layer_pos(layer) + self.layer_from_end(from_end) + self.io(io_idx))
+        h = h + self._extension_embedding(f, n)
         if self.neuron is not None:
             ni = f["neuron_index"]
             if ni is None:
@@ -184,8 +272,12 @@ def standardize_inputs(f: dict, max_layers: int) -> tuple[Tensor, Tensor, Tensor
     node_seg = f["batch"] * (max_layers + 1) + f["layer_index"]  # (graph, layer) of every node
     n_seg = int(f["num_graphs"]) * (max_layers + 1)
     edge_seg = node_seg[dst]  # an edge belongs to the layer of its destination neuron
-    area = (e != 0).sum(1).clamp_min(1).to(e.dtype)  # kernel entries used by this edge
-    ms_w = scatter(e.pow(2).sum(1), edge_seg, 0, n_seg, "sum") / scatter(area, edge_seg, 0, n_seg, "sum").clamp_min(1)
+    # per-edge count of nonzero kernel entries (the entries this edge uses) and sum of squares; row sums over the
+    # K*K slots as einsum products (sign(e)^2 is exactly 0/1): ~3x faster than (e != 0).sum(1) / e.pow(2).sum(1)
+    sign = e.sign()
+    area = torch.einsum("ij,ij->i", sign, sign).clamp_min(1)
+    ms_w = scatter(torch.einsum("ij,ij->i", e, e), edge_seg, 0, n_seg, "sum") / scatter(area, edge_seg, 0, n_seg,
+                                                                                        "sum").clamp_min(1)
     rms_w = ms_w.sqrt().clamp_min(1e-8)  # (n_seg,)
     rms_b = scatter(x[:, 0].pow(2), node_seg, 0, n_seg, "mean").sqrt().clamp_min(1e-8)
     e_std = e / rms_w[edge_seg].unsqueeze(1)
@@ -200,52 +292,74 @@ class EdgeIncidence(NamedTuple):
 
     ``to_dst`` / ``to_src`` are sparse CSR [N x E] incidence matrices (a 1 at (dst(k), k) /
     (src(k), k)): ``to_dst @ s`` sums edge rows into their destination node, ``to_src @ s``
-    into their source node. A CSR product is one streaming pass, about twice as fast on CPU
-    as ``scatter_add`` with an expanded index, and it also serves as the backward of a gather.
+    into their source node. The product (:func:`_csr_sum`, a bag sum over the CSR's index
+    arrays) is one streaming pass, 2-3x faster on CPU than ``scatter_add`` with an expanded
+    index, and it also serves as the backward of a gather. Indices are int32 where they fit.
     """
 
     edge_index: Tensor  # (2, E) src -> dst
     edge_index_rev: Tensor  # (2, E) dst -> src
     to_dst: Tensor  # CSR (N, E)
     to_src: Tensor  # CSR (N, E)
+    pairs: Tensor  # (E, 2) [dst, N + src]: rows of cat([x_dst, x_src]) that :func:`_gather_add` sums per edge
 
 
 def edge_incidence(edge_index: Tensor, num_nodes: int) -> EdgeIncidence:
     """Build :class:`EdgeIncidence` for ``edge_index`` (2, E) over ``num_nodes`` nodes."""
     num_edges = edge_index.size(1)
+    # int32 CSR indices where they fit: the src sort (the one real cost here) is ~2x faster on int32 keys,
+    # and the CSR product reads half the index bytes
+    idx_dtype = torch.int32 if max(num_edges, num_nodes) < 2**31 - 1 else torch.long
 
     def csr(rows: Tensor) -> Tensor:
         if num_edges < 2 or bool((rows[1:] >= rows[:-1]).all()):  # the contract's edges are dst-sorted
-            order = torch.arange(num_edges, device=rows.device)
-        else:
-            order = torch.argsort(rows, stable=True)
-        crow = torch.zeros(num_nodes + 1, dtype=torch.long, device=rows.device)
+            order = torch.arange(num_edges, device=rows.device, dtype=idx_dtype)
+        else:  # stable: a row's edges keep their order, so sums do not depend on the sort's internals
+            order = torch.argsort(rows.to(idx_dtype), stable=True).to(idx_dtype)
+        crow = torch.zeros(num_nodes + 1, dtype=idx_dtype, device=rows.device)
         crow[1:] = torch.bincount(rows, minlength=num_nodes).cumsum(0)
         ones = torch.ones(num_edges, dtype=torch.float32, device=rows.device)
-        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state": we use only mm
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state": we read only its indices
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
             return torch.sparse_csr_tensor(crow, order, ones, (num_nodes, num_edges), check_invariants=False)
 
     src, dst = edge_index
-    return EdgeIncidence(edge_index, edge_index.flip(0), csr(dst), csr(src))
+    pairs = torch.stack([dst, src + num_nodes], dim=1).to(idx_dtype)
+    return EdgeIncidence(edge_index, edge_index.flip(0), csr(dst), csr(src), pairs)
+
+
+def _gather_add(x_dst: Tensor, x_src: Tensor, inc: EdgeIncidence) -> Tensor:
+    """x_dst[dst] + x_src[src] -> (E, h) in one pass over the edges (a sum-mode ``embedding_bag`` of 2-row bags).
+
+    Two ``index_select`` calls and an ``add_`` would write two [E x h] tensors and read them
+    back; the bag sum writes one. Summing two rows is a single rounding, as in ``a + b``.
+    """
+    table = torch.cat([x_dst, x_src.to(x_dst.dtype)])  # (2N, h), small
+    return nn.functional.embedding_bag(inc.pairs, table, mode="sum")
 
 
 def _csr_sum(csr: Tensor, x: Tensor) -> Tensor:
-    """Rows of x (E, h) summed per CSR row -> (N, h), in x's dtype (bf16/fp16 are summed in fp32)."""
-    if x.dtype in (torch.bfloat16, torch.float16):  # CPU CSR mm lacks them; fp32 sums are more accurate anyway
+    """``csr @ x`` for an incidence CSR of :func:`edge_incidence` (unit values): rows of x (E, h) summed per
+    CSR row -> (N, h), in x's dtype (bf16/fp16 are summed in fp32, more accurate).
+
+    Runs as a sum-mode ``embedding_bag`` whose bags are the CSR rows (indices: the column indices,
+    offsets: the row pointers): the same sums as the sparse product (bitwise equal here), ~1.5x
+    faster on CPU (measured: 2.0 vs 3.3 ms for 151k x 64), and the same op on CUDA.
+    """
+    if x.dtype in (torch.bfloat16, torch.float16):
         return _csr_sum(csr, x.float()).to(x.dtype)
-    if csr.values().dtype != x.dtype:
-        csr = torch.sparse_csr_tensor(csr.crow_indices(), csr.col_indices(), csr.values().to(x.dtype), csr.shape,
-                                      check_invariants=False)
-    return torch.sparse.mm(csr, x)
+    return nn.functional.embedding_bag(csr.col_indices(), x, csr.crow_indices(), mode="sum", include_last_offset=True)
 
 
 class _FusedEdgeMessage(torch.autograd.Function):
     """s = relu(a[dst] + b[src] + e @ w.T); m_in = sum_dst s; m_out = sum_src s, with a hand-written backward.
 
-    Same math as FactorizedEdgeConv's PyG path (tested equal, values and gradients); it saves
-    only (e, w, s), accumulates in place (a layer allocates 6 [E x h] tensors per training
-    step, about half of the autograd path's) and sums by CSR products instead of scatters.
+    Same math as FactorizedEdgeConv's PyG path (tested equal, values and gradients). On CPU the
+    step is bound by memory passes over [E x h] tensors, so it makes as few as it can: it saves
+    only (e, w, s); the two node terms are gathered and summed in one pass (:func:`_gather_add`),
+    forward into the buffer the edge matmul then accumulates into and backward into the buffer
+    that becomes dL/dpre (relu' applied in place); sums over edges are CSR products. A layer
+    allocates 3 [E x h] tensors per training step (s, dL/dpre, dL/de).
     """
 
     @staticmethod
@@ -254,9 +368,7 @@ class _FusedEdgeMessage(torch.autograd.Function):
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else a.dtype
         with torch.autocast(dev, enabled=False):
             a, b, e, w = a.to(dt), b.to(dt), e.to(dt), w.to(dt)
-            src, dst = inc.edge_index
-            s = a.index_select(0, dst).addmm_(e, w.t())  # (E, h); in place: no copy of the gathered term
-            s.add_(b.index_select(0, src)).relu_()
+            s = _gather_add(a, b, inc).addmm_(e, w.t()).relu_()  # (E, h); in place: one [E x h] buffer
             m_in, m_out = _csr_sum(inc.to_dst, s), _csr_sum(inc.to_src, s)  # (N, h) each
         ctx.save_for_backward(e, w, s)
         ctx.inc = inc
@@ -268,16 +380,19 @@ class _FusedEdgeMessage(torch.autograd.Function):
         e, w, s = ctx.saved_tensors
         inc = ctx.inc
         src, dst = inc.edge_index
-        g = None  # dL/ds (E, h), accumulated in place
-        for grad, index in ((g_in, dst), (g_out, src)):
-            if grad is not None:
-                gathered = grad.to(s.dtype).index_select(0, index)
-                g = gathered if g is None else g.add_(gathered)
+        # dL/ds (E, h) = g_in[dst] + g_out[src] + g_s, in one buffer of our own (then modified in place)
+        if g_in is not None and g_out is not None:
+            g = _gather_add(g_in.to(s.dtype), g_out.to(s.dtype), inc)
+        elif g_in is not None or g_out is not None:
+            g = (g_in if g_in is not None else g_out).to(s.dtype).index_select(0, dst if g_in is not None else src)
+        else:
+            g = None
         if g_s is not None:
             g = g_s.to(s.dtype).clone() if g is None else g.add_(g_s.to(s.dtype))
         if g is None:
             return None, None, None, None, None
-        g = torch.ops.aten.threshold_backward(g, s, 0.0)  # relu' in one pass (s = relu(pre)); now dL/dpre
+        # relu' in place (s = relu(pre)): g is now dL/dpre; the out= variant allocates nothing
+        torch.ops.aten.threshold_backward.grad_input(g, s, 0.0, grad_input=g)
         need_a, need_b, need_e, need_w = ctx.needs_input_grad[:4]
         grad_a = _csr_sum(inc.to_dst, g) if need_a else None
         grad_b = _csr_sum(inc.to_src, g) if need_b else None
@@ -366,13 +481,26 @@ class HierarchicalPool(nn.Module):
        size depends on the number of classes and whose slots mean different things for
        different tasks; attention pooling has a fixed size, works on mixed batches (10-way,
        2-way, CNN 1-channel inputs, 64 MLP inputs) and still sees which position carried what.
+    4. Optional positional slots (``io_slots > 0``): each input and output neuron's state is
+       projected to ``io_slots`` numbers and written into slot ``io_position`` of a fixed
+       (``io_positions`` x ``io_slots``) grid per graph (networks with more IO neurons than
+       slots are binned evenly: slot = position * io_positions // n). Within a shape group a
+       slot always means the same pixel/feature/class, so the embedding can keep a per-input
+       profile (which inputs a network uses) that a mean over inputs blurs. Input/output
+       neurons are never permuted, so the slots keep the invariance.
 
     Shapes: h (N, h) -> (B, global_dim).
     """
 
-    def __init__(self, hidden_dim: int, global_dim: int, max_layers: int, dropout: float = 0.0):
+    def __init__(self, hidden_dim: int, global_dim: int, max_layers: int, dropout: float = 0.0,
+                 io_slots: int = 0, io_positions: int = 128):
         super().__init__()
         self.max_layers = max_layers
+        self.io_slots, self.io_positions = io_slots, io_positions
+        if io_slots > 0:
+            self.slot_in = nn.Linear(hidden_dim, io_slots)
+            self.slot_out = nn.Linear(hidden_dim, io_slots)
+        slot_dim = 2 * io_positions * io_slots
         self.layer_mlp = nn.Sequential(nn.Linear(2 * hidden_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim))
         self.layer_pos = nn.Embedding(max_layers + 1, hidden_dim)
         self.layer_from_end = nn.Embedding(max_layers + 1, hidden_dim)
@@ -380,7 +508,8 @@ class HierarchicalPool(nn.Module):
         self.gate_in = nn.Linear(hidden_dim, 1)
         self.gate_out = nn.Linear(hidden_dim, 1)
         self.out = nn.Sequential(
-            nn.LayerNorm(6 * hidden_dim), nn.Linear(6 * hidden_dim, 2 * hidden_dim), nn.SiLU(), nn.Dropout(dropout),
+            nn.LayerNorm(6 * hidden_dim + slot_dim), nn.Linear(6 * hidden_dim + slot_dim, 2 * hidden_dim), nn.SiLU(),
+            nn.Dropout(dropout),
             nn.Linear(2 * hidden_dim, global_dim),
         )
 
@@ -406,7 +535,18 @@ class HierarchicalPool(nn.Module):
         is_in, is_out = node_type == NODE_INPUT, node_type == NODE_OUTPUT
         pooled_in = self._attend(h[is_in], self.gate_in, b[is_in], num_graphs)  # (B, 2h)
         pooled_out = self._attend(h[is_out], self.gate_out, b[is_out], num_graphs)  # (B, 2h)
-        return self.out(torch.cat([pooled_layers, pooled_in, pooled_out], dim=-1))
+        parts = [pooled_layers, pooled_in, pooled_out]
+        if self.io_slots > 0:
+            parts += [self._slots(h, is_in, self.slot_in, f), self._slots(h, is_out, self.slot_out, f)]
+        return self.out(torch.cat(parts, dim=-1))
+
+    def _slots(self, h: Tensor, mask: Tensor, proj: nn.Module, f: dict) -> Tensor:
+        """Projected states of the masked (input or output) nodes written into their position slots -> (B, P * s)."""
+        b, pos, P = f["batch"][mask], f["io_position"][mask], self.io_positions
+        n = torch.bincount(b, minlength=f["num_graphs"])[b]  # IO neurons of each node's graph
+        slot = torch.where(n > P, pos * P // n.clamp_min(1), pos)  # binned evenly when a layer has more than P
+        out = scatter(proj(h[mask]), b * P + slot, 0, f["num_graphs"] * P, "mean")  # (B * P, s)
+        return out.view(f["num_graphs"], P * self.io_slots)
 
 
 def _first_index(seg: Tensor, g: int) -> Tensor:
@@ -441,6 +581,9 @@ class ModelEmbedder(nn.Module):
         edge_dim: edge feature width of the graphs (K*K; 25 for the default max_kernel 5).
         max_layers: largest network depth accepted.
         max_io_positions: largest number of input or output neurons accepted.
+        io_slots: numbers per input/output position slot in the readout (0: no slots; see
+            :class:`HierarchicalPool`). Measured on the default zoo (seed 42, 3 supcon epochs):
+            within-shape-group P@10 0.253 -> 0.345 untrained and 0.256 -> 0.342 trained with 4 slots.
     """
 
     name = "gnn"
@@ -449,12 +592,12 @@ class ModelEmbedder(nn.Module):
 
     def __init__(self, hidden_dim: int = 64, global_dim: int = 128, projection_dim: int = 64,
                  message_passing_steps: int = 3, dropout: float = 0.0, edge_dim: int = 25, max_layers: int = 16,
-                 max_io_positions: int = 1024):
+                 max_io_positions: int = 1024, io_slots: int = 4):
         super().__init__()
         self.hparams: dict[str, Any] = dict(
             hidden_dim=hidden_dim, global_dim=global_dim, projection_dim=projection_dim,
             message_passing_steps=message_passing_steps, dropout=dropout, edge_dim=edge_dim, max_layers=max_layers,
-            max_io_positions=max_io_positions)
+            max_io_positions=max_io_positions, io_slots=io_slots)
         if message_passing_steps < 1:
             raise ValueError(f"message_passing_steps must be >= 1, got {message_passing_steps}")
         self.edge_dim = edge_dim
@@ -462,7 +605,7 @@ class ModelEmbedder(nn.Module):
         self.convs = nn.ModuleList(
             [FactorizedEdgeConv(hidden_dim, edge_dim if i == 0 else hidden_dim, dropout) for i in range(message_passing_steps)]
         )
-        self.pool = HierarchicalPool(hidden_dim, global_dim, max_layers, dropout)
+        self.pool = HierarchicalPool(hidden_dim, global_dim, max_layers, dropout, io_slots)
         self.projector = projection_head(global_dim, projection_dim)
         # the raw-weight term of the first message must be as large as the node terms (std ~1 per unit
         # of standardized weight); the default init (U(+-1/sqrt(K*K))) makes it a small perturbation
@@ -504,12 +647,12 @@ class NonEquivariantGNN(ModelEmbedder):
 
     def __init__(self, hidden_dim: int = 64, global_dim: int = 128, projection_dim: int = 64,
                  message_passing_steps: int = 3, dropout: float = 0.0, edge_dim: int = 25, max_layers: int = 16,
-                 max_io_positions: int = 1024, max_neurons: int = 1024):
+                 max_io_positions: int = 1024, max_neurons: int = 1024, io_slots: int = 4):
         if max_neurons < 1:
             raise ValueError(f"max_neurons must be >= 1, got {max_neurons}")
         self._max_neurons = max_neurons  # read by ModelEmbedder.__init__ (instance attribute shadows the class's)
         super().__init__(hidden_dim, global_dim, projection_dim, message_passing_steps, dropout, edge_dim, max_layers,
-                         max_io_positions)
+                         max_io_positions, io_slots)
         self.hparams["max_neurons"] = max_neurons
 
 
@@ -540,7 +683,8 @@ def build_encoder(name: str, **kwargs: Any) -> nn.Module:
 
 
 def encoder_kwargs(hidden_dim: int, global_dim: int, projection_dim: int, message_passing_steps: int,
-                   dropout: float, name: str = "gnn", attention_heads: int = 4, canonical_order: bool = False) -> dict:
+                   dropout: float, name: str = "gnn", attention_heads: int = 4, canonical_order: bool = False,
+                   io_slots: int = 0) -> dict:
     """The :func:`build_encoder` kwargs for encoder ``name`` from the fields of ``config.EncoderConfig``.
 
     Example (``c = cfg.encoder``): ``build_encoder(c.model, **encoder_kwargs(c.hidden_dim, c.global_dim,
@@ -552,6 +696,8 @@ def encoder_kwargs(hidden_dim: int, global_dim: int, projection_dim: int, messag
         kw.update(num_heads=attention_heads, canonical_order=canonical_order)
     elif canonical_order:
         raise ValueError(f"canonical_order applies to weightnet only, not to {name!r}")
+    if name in ("gnn", "nonequivariant_gnn"):  # like attention_heads for the GNNs, io_slots does not apply to weightnet
+        kw["io_slots"] = io_slots
     return kw
 
 
@@ -568,7 +714,10 @@ def load_encoder(path: str, map_location: str | torch.device = "cpu") -> nn.Modu
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(ckpt, dict) or set(ckpt) != {"name", "kwargs", "state_dict"}:
         raise ValueError(f"{path}: not an encoder file from save_encoder (keys {sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt)})")
-    encoder = build_encoder(ckpt["name"], **ckpt["kwargs"])
+    kwargs = dict(ckpt["kwargs"])
+    if ckpt["name"] in ("gnn", "nonequivariant_gnn"):
+        kwargs.setdefault("io_slots", 0)  # files saved before the slot readout existed have none
+    encoder = build_encoder(ckpt["name"], **kwargs)
     encoder.load_state_dict(ckpt["state_dict"])
     return encoder
 

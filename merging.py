@@ -32,6 +32,14 @@ TaskData = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # X_tr
 # --------------------------------------------------------------------------------------------
 # permutations of hidden neurons
 # --------------------------------------------------------------------------------------------
+def _check_plain(spec: A.ArchitectureSpec, what: str) -> None:
+    """Weight matching here permutes every hidden layer independently: wrong for residual blocks (coupled
+    channels) and flatten heads (channel x position column blocks), so those specs are refused."""
+    if spec.is_extended:
+        raise ValueError(f"{what}: {spec.name or spec.arch_id} has pooling, a flatten head or residual shortcuts; "
+                         "weight matching supports plain MLPs and GAP CNNs only")
+
+
 def apply_permutation(spec: A.ArchitectureSpec, sd: StateDict, perms: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
     """Permute hidden neurons: new neuron i of hidden layer l is old neuron ``perms[l][i]``.
 
@@ -39,6 +47,7 @@ def apply_permutation(spec: A.ArchitectureSpec, sd: StateDict, perms: Sequence[n
     rows (and biases) of layer l and input columns of layer l+1 are permuted together; this also
     holds across the conv -> GAP -> linear boundary (a channel is one linear input).
     """
+    _check_plain(spec, "apply_permutation")
     L = len(spec.layers)
     assert len(perms) == L - 1, f"{spec.name or 'spec'}: need {L - 1} permutations, got {len(perms)}"
     out = {k: v.clone() for k, v in sd.items()}
@@ -74,6 +83,7 @@ def weight_matching(spec: A.ArchitectureSpec, sd_a: StateDict, sd_b: StateDict, 
     then coordinate ascent over layers in random order with incoming and outgoing weights, until
     no permutation changes. Returns one index array per hidden layer, for :func:`apply_permutation`.
     """
+    _check_plain(spec, "weight_matching")
     spec.validate_state_dict(sd_a, "weight_matching: model A")
     spec.validate_state_dict(sd_b, "weight_matching: model B")
     n_hidden = len(spec.layers) - 1
@@ -201,14 +211,19 @@ def merge_pair(spec: A.ArchitectureSpec, sd_a: StateDict, sd_b: StateDict, X: to
     return out
 
 
-def select_merge_pairs(metadata: Any, n_pairs: int, seed: int = 0, final_only: bool = True) -> list[tuple[int, int]]:
+def select_merge_pairs(metadata: Any, n_pairs: int, seed: int = 0, final_only: bool = True,
+                       eligible: np.ndarray | None = None) -> list[tuple[int, int]]:
     """Up to ``n_pairs`` (i, j) zoo rows with the same arch_id and task from different training runs.
 
     ``metadata``: table with columns arch_id, task, run_id (and is_final when ``final_only``).
+    ``eligible``: optional (N,) bool mask of rows that may be paired (e.g. plain specs only).
     Groups are drawn at random (seeded), one pair per group first, so the pairs span architectures.
     """
     arch, task, run = (np.asarray(metadata[c]) for c in ("arch_id", "task", "run_id"))
-    rows = np.flatnonzero(np.asarray(metadata["is_final"], dtype=bool)) if final_only else np.arange(len(arch))
+    keep = np.array(metadata["is_final"], dtype=bool, copy=True) if final_only else np.ones(len(arch), bool)  # never a view of the table
+    if eligible is not None:
+        keep &= np.asarray(eligible, dtype=bool)
+    rows = np.flatnonzero(keep)
     groups: dict[tuple, list[int]] = {}
     for i in rows:
         groups.setdefault((arch[i], task[i]), []).append(int(i))

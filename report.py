@@ -322,6 +322,13 @@ def render_markdown(results: Mapping) -> str:
                       md_table(table), ""]
                 if f"retrieval_{proto}" in r.get("figures", {}):
                     L += [f"![{proto}]({r['figures'][f'retrieval_{proto}']})", ""]
+        reduced = {m: a["dims"] for m, a in r["methods"].items()
+                   if "dims" in a and a["dims"]["probes"]["mean"] < a["dims"]["embedding"]["mean"]}
+        if reduced:
+            L += ["Clustering and the probes below see the top principal components (fit on the train rows) of "
+                  "embeddings wider than the probe limit: " + ", ".join(
+                      f"{m} {a['embedding']['mean']:.0f} -> {a['probes']['mean']:.0f} dims" for m, a in reduced.items())
+                  + "; retrieval uses every dimension.", ""]
         L += ["## Clustering (k-means, k = number of tasks, query models)", "",
               md_table({m: {c: a["clustering"][c] for c in ("purity", "ARI", "NMI")}
                         for m, a in r["methods"].items() if "clustering" in a}), ""]
@@ -332,6 +339,7 @@ def render_markdown(results: Mapping) -> str:
                         if c in a["properties"][t].get("ridge", {})}
                     for m, a in r["methods"].items() if t in a.get("properties", {})}
             L += [f"### {t}", "", md_table(rows), ""]
+    L += same_architecture_lines(r)
     sym = _get(r, "symmetry_robustness", "methods")
     if sym:
         L += ["## Symmetry robustness", "",
@@ -345,6 +353,7 @@ def render_markdown(results: Mapping) -> str:
     mg = r.get("merging")
     if mg:
         L += ["## Model merging (final checkpoints, same task and architecture)", "",
+              *([mg["note"], ""] if mg.get("note") else []),
               md_table({f"{p['task']} / {p['arch']}": {"naive loss barrier": p["naive_loss_barrier"],
                                                         "aligned loss barrier": p["aligned_loss_barrier"],
                                                         "naive acc @0.5": p["naive_mid_acc"],
@@ -373,6 +382,43 @@ def render_markdown(results: Mapping) -> str:
         L += ["## More figures", ""] + [f"![{k}]({figs[k]})" for k in other] + [""]
     L += ["## Analysis", ""] + analysis_lines(r) + [""]
     return "\n".join(L)
+
+
+SUBZOO_COLUMNS = ["P@1", "P@10", "mAP", "chance_P"]
+SAME_ARCH_HEADING = "Same-architecture sub-zoos (NFN side by side)"
+
+
+def same_architecture_table(sa: Mapping) -> dict[str, dict]:
+    """{method: {column: aggregated value}}: the mean over sub-zoos, then P@10 of each sub-zoo."""
+    rows = {}
+    for m, agg in sa["methods"].items():
+        row = {c: agg["mean"][c] for c in SUBZOO_COLUMNS if c in agg["mean"]}
+        for z in sa["subzoos"]:
+            if "P@10" in agg.get(z["arch_id"], {}):
+                row[f"P@10 {z['arch_name']}"] = agg[z["arch_id"]]["P@10"]
+        rows[m] = row
+    return rows
+
+
+def same_architecture_lines(r: Mapping) -> list[str]:
+    """The same-architecture section of results.md (empty when the stage did not record numbers)."""
+    sa = r.get("same_architecture")
+    if not sa:
+        return []
+    if not sa.get("ran"):
+        return [f"## {SAME_ARCH_HEADING}", "", f"Not run: {sa.get('reason')}.", ""]
+    zs = "; ".join(f"{z['arch_name']} ({z['n_models']} models, {z['n_tasks']} tasks, {z['n_queries']} queries)"
+                   for z in sa["subzoos"])
+    c = sa["criteria"]
+    L = [f"## {SAME_ARCH_HEADING}", "", sa["note"], "",
+         f"Sub-zoos: the (at most) {c['k']} largest architectures with >= {c['min_models']} models and "
+         f">= {c['min_tasks']} tasks: {zs}. P@1, P@10, mAP and chance_P are means over the sub-zoos (then mean ± std over seeds).", "",
+         f"NFN ({sa['nfn']['layers']} HNP layers, {sa['nfn']['hidden_channels']} channels): `nfn (random init)` is "
+         f"{sa['nfn']['random_init']}; trained NFN: {sa['nfn']['trained']}. `random (chance)` ranks by random "
+         f"embeddings; `shape_only` ties every model of a sub-zoo, so it is a chance anchor too.", ""]
+    if sa.get("missing"):
+        L += ["Missing: " + "; ".join(sa["missing"]), ""]
+    return L + [md_table(same_architecture_table(sa)), ""]
 
 
 def analysis_lines(r: Mapping) -> list[str]:
@@ -408,6 +454,14 @@ def analysis_lines(r: Mapping) -> list[str]:
         best = max(taus, key=taus.get)
         out.append(f"- Within-task Kendall tau of predicted test accuracy: best {taus[best]:.3f} ({best}); "
                    f"target 0.5 {'met' if taus[best] >= 0.5 else 'not met'}.")
+    sa = {m: _mean(_get(a, "mean", "P@10")) for m, a in (_get(r, "same_architecture", "methods") or {}).items()}
+    sa = {m: v for m, v in sa.items() if v is not None}
+    if sa:
+        best = max(sa, key=sa.get)
+        nfn = {m: v for m, v in sa.items() if m.startswith("nfn")}
+        out.append(f"- Same-architecture sub-zoos: best P@10 {sa[best]:.3f} ({best})"
+                   + "".join(f"; {m} {v:.3f}" for m, v in nfn.items())
+                   + (f"; random {sa['random (chance)']:.3f}" if "random (chance)" in sa else "") + ".")
     sym = _get(r, "symmetry_robustness", "methods") or {}
     for m, v in sym.items():
         if abs(v["drop"]["P@10"]) > 1e-9:

@@ -50,13 +50,16 @@ def main(argv: list[str] | None = None) -> dict:
         if not dist.is_master:
             continue
         base = rec.run(f"baselines_seed{seed}", S.baseline_embeddings, cfg, zoo, split, seed, rec, depends_on=("split",))
+        embs = rec.artifacts.setdefault("embeddings_by_seed", {})[seed] = {**(emb or {}), **(base or {})}
         if seed == S.eval_seeds(cfg)[0]:  # later protocols reuse these instead of re-embedding
-            rec.artifacts["embeddings"] = {**(emb or {}), **(base or {})}
-        for method, e in {**(emb or {}), **(base or {})}.items():
+            rec.artifacts["embeddings"] = embs
+        for method, e in embs.items():
             per_seed.setdefault(method, []).append(
                 rec.run(f"evaluate[{method}]_seed{seed}", S.evaluate_method, cfg, zoo, split, e, seed))
     if dist.is_master:
         rec.run("aggregate", S.aggregate, per_seed, rec, depends_on=("split",))
+        rec.run("same_architecture", S.same_architecture, cfg, zoo, graphs, split, dist, rec,
+                depends_on=("graphs", "split"))
         rec.run("symmetry_robustness", S.symmetry_robustness, cfg, zoo, split, rec, depends_on=("split",))
         rec.run("merging", S.merging, cfg, zoo, rec, depends_on=("zoo",))
         rec.run("transfer", S.transfer, cfg, zoo, split, rec, depends_on=("split",))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +25,7 @@ from contrastive_learning import (ContrastiveLearningFramework, DistInfo, NTXent
                                   compare_view_recipes, embed, make_retrieval_val_fn, seed_everything,
                                   setup_distributed)
 from data_prep import ModelZooDataset, inputs_for_spec, load_task_data
-from gnn_encoder import build_encoder, encoder_kwargs, save_encoder
+from gnn_encoder import build_encoder, encoder_kwargs, save_encoder, tune_cpu_allocator
 from report import RunRecorder, StageFailed, render_figures, render_markdown
 from retrieval import Embedder
 from symmetry import SymmetryAugmenter
@@ -42,6 +43,8 @@ def setup(cfg: ExperimentConfig) -> DistInfo:
     dist = setup_distributed(cfg.device)
     # one process per core under torchrun; all cores for a single process
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
+    if dist.device.type == "cpu" and not tune_cpu_allocator():
+        log.info("glibc mallopt unavailable: CPU allocator left untuned (training runs slower, results are the same)")
     return dist
 
 
@@ -66,6 +69,7 @@ def make_zoo(cfg: ExperimentConfig, dist: DistInfo, rec: RunRecorder) -> ModelZo
     z = cfg.zoo
     kwargs = dict(num_models=z.num_models, epochs=z.zoo_epochs, checkpoints_per_run=z.checkpoints_per_run,
                   card_task_fraction=z.card_task_fraction, seed=z.zoo_seed, cnn_fraction=z.cnn_fraction,
+                  cnn_bn_fraction=z.cnn_bn_fraction, resnet_fraction=z.resnet_fraction,
                   group_size=z.zoo_group_size, reuse=True)
     if dist.is_master:
         zoo = ModelZooDataset.create_synthetic_model_zoo(z.zoo_dir, workers=z.zoo_workers, progress=True, **kwargs)
@@ -136,7 +140,7 @@ def _make_encoder(cfg: ExperimentConfig, zoo: ModelZooDataset, split: D.Split, c
     e = cfg.encoder
     if e.model in GNN_MODELS:
         kw = encoder_kwargs(e.hidden_dim, e.global_dim, e.projection_dim, e.message_passing_steps, e.dropout,
-                            e.model, e.attention_heads, e.canonical_order)
+                            e.model, e.attention_heads, e.canonical_order, e.io_slots)
         return build_encoder(e.model, edge_dim=conv.edge_dim, **kw), None
     length = B.max_flat_length(zoo)
 
@@ -254,8 +258,11 @@ def baseline_embeddings(cfg: ExperimentConfig, zoo, split, seed: int, rec: RunRe
     out = {}
     skipped = rec.results.setdefault("skipped_methods", {})
     for name in cfg.eval.methods:
+        if name == "nfn":  # one NFN per architecture cannot embed a mixed zoo into one space
+            skipped[name] = "not in the whole-zoo tables: NFN needs one architecture; see the same-architecture table"
+            continue
         try:
-            kwargs = {"seed": seed} if name in ("pca", "nfn") else {}
+            kwargs = {"seed": seed} if name == "pca" else {}
             method = B.make_baseline(name, **kwargs).fit(train_zoo)
         except B.BaselineUnavailable as e:
             skipped[name] = f"skipped: {e.reason}"
@@ -350,11 +357,18 @@ def symmetry_robustness(cfg: ExperimentConfig, zoo, split, rec: RunRecorder) -> 
     return out
 
 
+def _plain_rows(zoo) -> np.ndarray:
+    """(N,) bool: the model's spec has no pooling, flatten head or residual shortcut."""
+    plain = {a: not s.is_extended for a, s in zoo.specs.items()}
+    return np.array([plain[a] for a in zoo.metadata["arch_id"]], dtype=bool)
+
+
 def merging(cfg: ExperimentConfig, zoo, rec: RunRecorder) -> dict:
     """Naive vs weight-matched averaging of same-task, same-architecture pairs (final checkpoints)."""
-    pairs = M.select_merge_pairs(zoo.metadata, cfg.eval.merge_pairs, seed=cfg.seed)
+    plain = _plain_rows(zoo)  # weight matching here does not handle residual/flatten/pooling families
+    pairs = M.select_merge_pairs(zoo.metadata, cfg.eval.merge_pairs, seed=cfg.seed, eligible=plain)
     if not pairs:
-        raise StageFailed("no pair of final checkpoints with the same task and architecture in the zoo")
+        raise StageFailed("no pair of final checkpoints with the same task and (plain) architecture in the zoo")
     main = _main_method(rec)
     fn = _embed_fns(cfg, rec, torch.device("cpu")).get(main) if main else None
     alphas = np.linspace(0, 1, cfg.eval.merge_alphas)
@@ -367,7 +381,9 @@ def merging(cfg: ExperimentConfig, zoo, rec: RunRecorder) -> dict:
         r.update(task=task, arch=zoo.metadata["arch_name"].iloc[i], models=[zoo.metadata["model_id"].iloc[i],
                                                                             zoo.metadata["model_id"].iloc[j]])
         out.append(r)
-    rec.results["merging"] = {"embedding_method": main, "alphas": alphas.tolist(), "pairs": out}
+    rec.results["merging"] = {"embedding_method": main, "alphas": alphas.tolist(), "pairs": out,
+                              "note": "pairs from plain MLP/GAP-CNN architectures only: weight matching here does not "
+                                      "couple residual channels or flatten-head column blocks"}
     return out
 
 
@@ -422,6 +438,127 @@ def embedding_map(cfg: ExperimentConfig, zoo, split, rec: RunRecorder) -> dict:
                        "arch_family": meta["arch_family"].tolist(), "test_acc": meta["test_acc"].round(4).tolist(),
                        "shape_group": meta["shape_group"].tolist()}
     rec.results["embedding_map"] = out
+    return out
+
+
+# ----------------------------------------------------------------------------- same-architecture sub-zoos
+def _flat_weights_fn(conv: WeightToGraph) -> Callable:
+    """graph (possibly an augmented view) -> its flat weights (num_params,) in flatten_state_dict order."""
+    def fn(data) -> torch.Tensor:
+        spec, sd = conv.to_state_dict(data)
+        return torch.from_numpy(B.flatten_state_dict(spec, sd))
+
+    return fn
+
+
+def train_nfn_subzoo(cfg: ExperimentConfig, zoo, graphs, rows: np.ndarray, fit_rows: np.ndarray, recipe: str,
+                     seed: int, device: torch.device, heldout_tasks: tuple[str, ...] = ()) -> tuple[np.ndarray, dict]:
+    """Train one NFNEncoder on a same-architecture sub-zoo with the shared contrastive loop (same views,
+    loss and optimizer as the GNN; canonical-form weights), on ``fit_rows`` only, for ``cfg.eval.nfn_epochs``;
+    the last epoch is kept (a sub-zoo has too few validation runs to select on). Returns (embeddings of
+    ``rows`` (n, global_dim), history)."""
+    t, e = cfg.train, cfg.eval
+    conv = WeightToGraph.from_config(cfg.graph)
+    to_flat = _flat_weights_fn(conv)
+    spec = zoo.spec(int(rows[0]))
+    seed_everything(seed)
+    enc = B.NFNEncoder(spec, e.nfn_hidden_channels, e.nfn_layers, cfg.encoder.global_dim, cfg.encoder.projection_dim)
+    enc.set_input_scales(B.nfn_batch_from_flat(spec, torch.stack([to_flat(graphs[i]) for i in fit_rows])))
+    empty = np.zeros(0, np.int64)
+    sub = D.Split(np.asarray(fit_rows), empty, empty, empty, tuple(heldout_tasks))
+    aug = SymmetryAugmenter.from_config(cfg.augment)
+    loaders = D.build_loaders(graphs, zoo.metadata, sub, recipe, min(t.batch_size, len(fit_rows)),
+                              D.make_view_fn(recipe, aug, cfg.graph.canonicalize), seed, transform=to_flat)
+    fw = ContrastiveLearningFramework(enc, NTXentLoss(t.temperature, t.hard_negative_beta), device,
+                                      supervised_positives=recipe == "supcon", num_tasks=len(loaders.task_vocab),
+                                      grad_clip=t.grad_clip, seed=seed, show_progress=False)
+    opt, sched = build_optimizer(fw.parameters(), t.learning_rate, t.weight_decay, t.lr_schedule, e.nfn_epochs)
+    history, best = fw.train(loaders.train, None, e.nfn_epochs, opt, sched)
+    return embed(best, D.embed_loader(graphs, rows, 256, transform=to_flat), device), history
+
+
+NFN_NOT_TRAINED = ("not run (nfn_epochs = 0, the default): one NFN per sub-zoo trained with the shared contrastive "
+                   "loop does not fit the CPU time budget (an HNP layer costs O(n_in^2 * channels^2) per model: "
+                   "5 epochs on the 3 small-zoo sub-zoos took 74 s against 2 s training-free, on 2 busy cores); "
+                   "--nfn_epochs N runs it. Training-free NFN only")
+
+
+def same_architecture(cfg: ExperimentConfig, zoo, graphs, split, dist: DistInfo, rec: RunRecorder) -> dict:
+    """NFN (a fixed-architecture published peer) side by side with every method of the run, on the K largest
+    same-architecture sub-zoos spanning several tasks (evaluation.same_architecture_retrieval), per eval seed.
+    Runs on the master process only; the trained NFN needs a single-process run (its loop would wait for
+    the other ranks), so under torchrun only the training-free NFN is reported, and the note says so."""
+    e = cfg.eval
+    if e.same_arch_subzoos == 0:
+        rec.results["same_architecture"] = {"ran": False, "reason": "same_arch_subzoos = 0"}
+        return {}
+    meta = zoo.metadata
+    fit_idx, query_idx = _eval_indices(split)
+    plain = _plain_rows(zoo)  # NFN's HNP layers take plain MLP/GAP-CNN weight spaces only
+    subzoos = E.select_same_architecture_subzoos(meta, fit_idx[plain[fit_idx]], query_idx[plain[query_idx]],
+                                                 e.same_arch_subzoos, e.same_arch_min_tasks, e.same_arch_min_models)
+    if not subzoos:
+        raise StageFailed(f"no architecture has >= {e.same_arch_min_models} models spanning >= "
+                          f"{e.same_arch_min_tasks} tasks with train and query models")
+    archs = [s["arch_id"] for s in subzoos]
+    rows = {a: E.subzoo_rows(meta, a) for a in archs}
+    fit_rows = {a: r[np.isin(r, fit_idx)] for a, r in rows.items()}
+    recipe = (rec.results.get("recipe_comparison") or {}).get("chosen_self_supervised") or cfg.train.view_recipe
+    trained_name = f"nfn [{recipe}]"
+    train_nfn = e.nfn_epochs > 0 and not dist.is_distributed
+    by_seed = rec.artifacts.get("embeddings_by_seed", {})
+    per_seed: dict[str, list] = {}
+    seconds: dict[str, list] = {"run_methods": [], "nfn_random_init": [], "nfn_trained": []}
+    missing: list[str] = []
+    for seed in eval_seeds(cfg):
+        t0 = time.perf_counter()
+        if seed not in by_seed:
+            missing.append(f"seed {seed}: no embeddings of the run's methods (their stages did not finish)")
+        for method, emb in by_seed.get(seed, {}).items():
+            per_seed.setdefault(method, []).append(
+                E.same_architecture_retrieval(emb, meta, archs, fit_idx, query_idx, e.k_values))
+        t1 = time.perf_counter()
+        # training-free NFN: one random-init encoder per architecture, input scales and standardization fit on
+        # the sub-zoo's train models only
+        nfn = {a: B.NFNBaseline(e.nfn_hidden_channels, e.nfn_layers, min_models=1, seed=seed).fit_embed(
+            zoo.subset(rows[a]), np.isin(rows[a], fit_idx)) for a in archs}
+        per_seed.setdefault("nfn (random init)", []).append(
+            E.same_architecture_retrieval(nfn, meta, archs, fit_idx, query_idx, e.k_values))
+        t2 = time.perf_counter()
+        if train_nfn:
+            embs = {a: train_nfn_subzoo(cfg, zoo, graphs, rows[a], fit_rows[a], recipe, seed, dist.device,
+                                        split.heldout_tasks)[0] for a in archs}
+            per_seed.setdefault(trained_name, []).append(
+                E.same_architecture_retrieval(embs, meta, archs, fit_idx, query_idx, e.k_values))
+        t3 = time.perf_counter()
+        rng = np.random.default_rng(seed)  # the chance anchor, measured with the same code
+        per_seed.setdefault("random (chance)", []).append(E.same_architecture_retrieval(
+            rng.standard_normal((len(meta), 16)).astype(np.float32), meta, archs, fit_idx, query_idx, e.k_values))
+        for k, v in zip(seconds, (t1 - t0, t2 - t1, t3 - t2)):
+            seconds[k].append(round(v, 3))
+        log.info("same-architecture sub-zoos seed %d: run methods %.1f s, NFN random init %.1f s, NFN trained %.1f s",
+                 seed, t1 - t0, t2 - t1, t3 - t2)
+    n_seeds = len(eval_seeds(cfg))
+    for method, runs in per_seed.items():
+        if len(runs) < n_seeds:
+            missing.append(f"{method}: {len(runs)} of {n_seeds} seeds")
+    out = {
+        "ran": True, "note": E.SAME_ARCHITECTURE_NOTE, "subzoos": subzoos,
+        "criteria": {"k": e.same_arch_subzoos, "min_tasks": e.same_arch_min_tasks,
+                     "min_models": e.same_arch_min_models},
+        "nfn": {"hidden_channels": e.nfn_hidden_channels, "layers": e.nfn_layers,
+                "random_init": "training-free: random-init HNP layers, pooled features standardized on train models "
+                               "(raw weights)",
+                "trained": (f"{trained_name}: NFNEncoder trained per sub-zoo with the shared contrastive loop "
+                            f"({e.nfn_epochs} epochs, recipe {recipe}, canonical-form weights, train models only)"
+                            if train_nfn else NFN_NOT_TRAINED if e.nfn_epochs == 0
+                            else "not run under torchrun (single-process loop): training-free NFN only")},
+        "methods": {m: E.aggregate_seeds(runs) for m, runs in per_seed.items()},
+        "seconds_per_seed": seconds,
+    }
+    if missing:
+        out["missing"] = missing
+    rec.results["same_architecture"] = out
     return out
 
 

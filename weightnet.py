@@ -12,6 +12,9 @@ A network is read as a sequence of layers, each a *set* of neurons:
    (from the start and from the end) and a role embedding (input / hidden / output layer),
    read out through a CLS token -> the embedding (B, global_dim).
 
+Graphs of extended specs (pooling, flatten heads, identity shortcuts) reach the tokens through the
+shared ``NodeEncoder`` (pooling kind/size and flatten/shortcut edge flags, per layer).
+
 Invariance to scaling/sign symmetries comes from the canonical form (see gnn_encoder).
 ``canonical_order=True`` sorts each hidden layer's neurons canonically (by bias, ties by the
 sum of incoming weights) and gives each hidden neuron an embedding of its *rank*; the rank

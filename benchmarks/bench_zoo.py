@@ -29,6 +29,7 @@ import torch  # noqa: E402
 import data_prep as D  # noqa: E402
 
 DIGITS_TASKS = [n for n, t in D.TASKS.items() if t.dataset == "digits"]
+MLP_ONLY = dict(cnn_bn_fraction=0.0, resnet_fraction=0.0)  # the throughput workload: digits MLPs only
 
 
 def _children_cpu() -> float:
@@ -43,7 +44,7 @@ def bench_batched(num_runs: int, epochs: int, workers: int, group_size: int, out
     zoo = D.ModelZooDataset.create_synthetic_model_zoo(
         out_dir / "digits_mlps", num_models=num_runs * len(ckpt), epochs=epochs, checkpoints_per_run=1,
         seed=11, group_size=group_size, cnn_fraction=0.0, tasks=DIGITS_TASKS, min_groups=1, reuse=False,
-        workers=workers)
+        workers=workers, **MLP_ONLY)
     wall = time.time() - t0
     cpu = (_children_cpu() - cpu0) + (time.process_time() - self0)
     acc = zoo.metadata.groupby("task_family")["test_acc"].mean().round(4).to_dict()
@@ -58,7 +59,8 @@ def bench_per_model_loop(num_runs: int, epochs: int, of_runs: int) -> dict:
     """``num_runs`` of the batched benchmark's ``of_runs`` runs (spread evenly over its groups, so
     architectures and batch sizes are represented), one model at a time (nn.Module + torch.optim,
     one thread)."""
-    plans = D.plan_zoo(of_runs, seed=11, group_size=64, cnn_fraction=0.0, tasks=sorted(DIGITS_TASKS), min_groups=1)
+    plans = D.plan_zoo(of_runs, seed=11, group_size=64, cnn_fraction=0.0, tasks=sorted(DIGITS_TASKS), min_groups=1,
+                       **MLP_ONLY)
     every = [(p, r) for p in plans for r in p.runs]
     runs = [every[i] for i in np.linspace(0, len(every) - 1, num_runs).round().astype(int)]
     torch.set_num_threads(1)

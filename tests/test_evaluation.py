@@ -311,10 +311,30 @@ def test_evaluate_embeddings_end_to_end_and_seed_aggregation():
     assert r["clustering"]["ARI"] == pytest.approx(1.0) and r["clustering_unseen_tasks"]["purity"] == 1.0
     assert r["properties"]["test_acc"]["ridge"]["R2"] > 0.9 and r["properties"]["gen_gap"]["ridge"]["R2"] < 0.3
     assert r["distance_performance"]["test_acc"]["spearman"] > 0.3
+    assert r["dims"] == {"embedding": 5.0, "probes": 5.0}
     agg = E.aggregate_seeds(runs)
     assert agg["retrieval"]["full_zoo"]["P@1"]["n"] == 2
     with pytest.raises(AssertionError, match="overlap"):
         E.evaluate_embeddings(emb, meta, test, test)
+    # a wide embedding: retrieval sees every dim, probes/k-means its top principal components
+    wide = np.concatenate([emb, 1e-3 * rng.normal(size=(n, 40))], 1)
+    rw = E.evaluate_embeddings(wide, meta, train, test, heldout_tasks=["t1", "t3"], k_values=(1, 5),
+                               targets=("test_acc",), probes=("ridge",), max_probe_dims=8)
+    assert rw["dims"] == {"embedding": 45.0, "probes": 8.0}
+    assert rw["clustering"]["ARI"] == pytest.approx(1.0) and rw["properties"]["test_acc"]["ridge"]["R2"] > 0.9
+
+
+def test_reduce_dims_keeps_narrow_and_projects_wide():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 6)).astype(np.float32)
+    assert E.reduce_dims(x, np.arange(30), 8) is x
+    wide = np.concatenate([x * 10, 0.01 * rng.normal(size=(50, 30))], 1)
+    red = E.reduce_dims(wide, np.arange(30), 6, seed=0)
+    assert red.shape == (50, 6)
+    # the top components span the high-variance block: projecting it back loses almost nothing
+    from sklearn.decomposition import PCA
+    ref = PCA(6).fit(wide[:30])
+    assert np.allclose(np.abs(red), np.abs(ref.transform(wide)), atol=1e-3)
 
 
 def test_embed_fn_from_method_passes_spec_and_weights():

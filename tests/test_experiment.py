@@ -71,6 +71,24 @@ def test_markdown_numbers_equal_json(small_run):
     assert checked > 20
 
 
+def test_same_architecture_table_equals_json(small_run):
+    res = json.loads((small_run / "results.json").read_text())
+    sa = res["same_architecture"]
+    assert sa["ran"] and sa["subzoos"], "the same-architecture stage selected no sub-zoo on the small zoo"
+    assert "nfn (random init)" in sa["methods"] and "random (chance)" in sa["methods"]
+    rows = _md_tables((small_run / "results.md").read_text())[report.SAME_ARCH_HEADING]
+    assert [r[0] for r in rows[1:]] == list(sa["methods"])
+    table = report.same_architecture_table(sa)
+    for row in rows[1:]:
+        for col, cell in zip(rows[0][1:], row[1:]):
+            assert cell == report.fmt(table[row[0]][col]), f"{row[0]}/{col}: md {cell}"
+    by_name = {z["arch_name"]: z["arch_id"] for z in sa["subzoos"]}
+    for m, agg in sa["methods"].items():  # the table's values are the JSON's, not recomputed
+        assert table[m]["P@10"] == agg["mean"]["P@10"]
+        for name, arch in by_name.items():
+            assert table[m][f"P@10 {name}"] == agg[arch]["P@10"]
+
+
 def test_failed_stage_is_reported_not_filled(tmp_path):
     rec = report.RunRecorder(tmp_path, {})
 

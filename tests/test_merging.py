@@ -122,3 +122,19 @@ def test_select_merge_pairs():
     assert meta["arch_id"][i] == meta["arch_id"][j] == "a" and meta["run_id"][i] != meta["run_id"][j]
     meta["is_final"][2] = meta["is_final"][3] = False
     assert M.select_merge_pairs(meta, n_pairs=5) == []  # only run r1 is left final in (a, t)
+
+
+def test_extended_specs_are_refused_and_not_selected():
+    """Residual/flatten specs need coupled permutations that weight matching here does not do: a clear
+    error, and select_merge_pairs leaves ineligible rows out."""
+    import architecture as A
+    spec = A.ArchitectureSpec.from_dict({"input_shape": [1, 8, 8], "layers": [
+        {"kind": "conv2d", "in_dim": 1, "out_dim": 4, "activation": "relu", "kernel_size": 3, "pool": "max2"},
+        {"kind": "linear", "in_dim": 64, "out_dim": 10, "activation": "identity", "flatten": True}]})
+    sd = {k: torch.zeros(s) for k, s in spec.param_shapes().items()}
+    with pytest.raises(ValueError, match="weight matching supports plain"):
+        M.weight_matching(spec, sd, sd)
+    meta = {"arch_id": np.array(["a", "a", "b", "b"]), "task": np.array(["t"] * 4), "run_id": np.array(["r1", "r2", "r3", "r4"]),
+            "is_final": np.ones(4, bool)}
+    assert sorted(map(sorted, M.select_merge_pairs(meta, 5, eligible=np.array([True, True, False, False])))) == [[0, 1]]
+    assert len(M.select_merge_pairs(meta, 5)) == 2

@@ -10,7 +10,7 @@ from torch_geometric.data import Batch
 
 import architecture as A
 from symmetry import flip_signs, permute_hidden, rescale_hidden
-from weight_to_graph import EDGE_CONV, EDGE_LINEAR, WeightToGraph, canonicalize
+from weight_to_graph import EDGE_CONV, EDGE_LINEAR, WeightToGraph
 from conftest import FAMILY_SPECS
 
 FAMILIES = list(FAMILY_SPECS)
