@@ -169,6 +169,7 @@ class ExperimentConfig:
 
 # Values applied by --small before the config file and explicit flags.
 SMALL_PRESET: dict[str, Any] = {
+    "experiment_name": "small",  # a quick run never overwrites results/default (--experiment_name still wins)
     "zoo": {"zoo_dir": "zoo/small", "num_models": 500, "zoo_epochs": 30},
     "encoder": {"hidden_dim": 32, "global_dim": 64, "message_passing_steps": 2},
     "train": {"epochs": 2, "batch_size": 64, "compare_epochs": 0},

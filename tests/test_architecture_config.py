@@ -56,6 +56,9 @@ def test_config_precedence_and_save(tmp_path):
     assert cfg.zoo.num_models == config.SMALL_PRESET["zoo"]["num_models"]  # from --small
     assert cfg.encoder.hidden_dim == 48  # file beats preset
     assert cfg.train.epochs == 9  # flag beats file
+    assert cfg.experiment_name == "small"  # a quick run never overwrites results/default ...
+    assert config.parse_args(["--small", "--experiment_name", "mine"]).experiment_name == "mine"  # ... unless asked
+    assert config.parse_args([]).experiment_name == "default"
     cfg.save(tmp_path / "resolved.json")
     again = config.config_from_dict(json.loads((tmp_path / "resolved.json").read_text()))
     assert again == cfg
