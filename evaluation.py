@@ -49,6 +49,8 @@ PROTOCOL_NOTES: dict[str, str] = {
                           "shape group (same input/output sizes)",
     "unseen_tasks": "within shape group, queries from held-out tasks (no encoder was trained on them) "
                     "searched in the whole database of their shape group (seen-task models are distractors)",
+    "seen_tasks": "within shape group, queries from tasks the encoders were trained on (test-split runs "
+                  "only); the gap to unseen_tasks shows how much training on task labels transfers",
     "cross_architecture": "relevant = same task; the database excludes the query's own architecture "
                           "family, so every answer has another architecture",
     "cross_architecture_within_shape_group": "cross_architecture restricted to the query's shape group "
@@ -319,6 +321,15 @@ def retrieval_protocols(
             kw.update(task_labels=col["task"], group_labels=col["shape_group"], query_idx=q[held[q]])
             if len(kw["query_idx"]) == 0:
                 raise ValueError(f"unseen_tasks: no query belongs to the held-out tasks {list(heldout_tasks)}")
+        elif name == "seen_tasks":
+            if len(heldout_tasks) == 0:
+                skipped[name] = "no held-out tasks given (every task is seen: see within_shape_group)"
+                continue
+            seen = ~np.isin(col["task"], list(heldout_tasks))
+            kw.update(task_labels=col["task"], group_labels=col["shape_group"], query_idx=q[seen[q]])
+            if len(kw["query_idx"]) == 0:
+                skipped[name] = "no query belongs to a seen task"
+                continue
         elif name.startswith("cross_architecture"):
             kw.update(task_labels=col["task"], exclude_same=run + [col["arch_family"]])
             if name.endswith("within_shape_group"):

@@ -139,11 +139,15 @@ def test_retrieval_protocols_task_embeddings():
     assert res["within_shape_group"]["chance_P"] > res["full_zoo"]["chance_P"]
     # unseen_tasks: only t1/t3 queries
     assert res["unseen_tasks"]["n_queries"] == len([i for i in range(0, n, 3) if meta["task"][i] in ("t1", "t3")])
+    # seen_tasks: the complement, same database
+    assert res["seen_tasks"]["n_queries"] == len([i for i in range(0, n, 3) if meta["task"][i] not in ("t1", "t3")])
+    assert res["seen_tasks"]["P@5"] == 1.0
     assert "skipped" not in res
     # one architecture family only: cross_architecture has nothing relevant -> reported as skipped
     one_family = dict(meta, arch_family=np.array(["mlp-1h"] * n))
     res = E.retrieval_protocols(emb, one_family, np.arange(0, n, 3), np.arange(n), k_values=(1,))
-    assert set(res["skipped"]) == {"unseen_tasks", "cross_architecture", "cross_architecture_within_shape_group"}
+    assert set(res["skipped"]) == {"unseen_tasks", "seen_tasks", "cross_architecture",
+                                   "cross_architecture_within_shape_group"}
     assert "relevant item" in res["skipped"]["cross_architecture"] and "full_zoo" in res
     with pytest.raises(E.NoRelevantItems):
         E.RetrievalEvaluator().evaluate_knn_retrieval(emb, meta["task"], exclude_same=meta["task"])
