@@ -741,8 +741,7 @@ class BatchNormSpecNet(torch.nn.Module):
                 h = h + saved[layer.residual_from]
             h = A.apply_activation(h, layer.activation)
             if layer.pool:
-                op, k = A.parse_pool(layer.pool)
-                h = (torch.nn.MaxPool2d(k) if op == "max" else torch.nn.AvgPool2d(k))(h)
+                h = A.apply_pool(h, layer.pool)
             if i in sources:
                 saved[i] = h
         return h

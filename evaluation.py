@@ -311,23 +311,19 @@ def retrieval_protocols(
             kw.update(task_labels=col["task"])
         elif name == "within_shape_group":
             kw.update(task_labels=col["task"], group_labels=col["shape_group"])
-        elif name == "unseen_tasks":
+        elif name in ("unseen_tasks", "seen_tasks"):
             if len(heldout_tasks) == 0:
-                skipped[name] = "no held-out tasks given"
+                skipped[name] = "no held-out tasks given" + (
+                    " (every task is seen: see within_shape_group)" if name == "seen_tasks" else "")
                 continue
             held = np.isin(col["task"], list(heldout_tasks))
-            # the database stays whole (seen-task models are distractors): restricted to held-out
+            wanted_q = held if name == "unseen_tasks" else ~held
+            # the database stays whole (the other tasks' models are distractors): restricted to held-out
             # tasks, a shape group with one held-out task would make every answer relevant
-            kw.update(task_labels=col["task"], group_labels=col["shape_group"], query_idx=q[held[q]])
+            kw.update(task_labels=col["task"], group_labels=col["shape_group"], query_idx=q[wanted_q[q]])
             if len(kw["query_idx"]) == 0:
-                raise ValueError(f"unseen_tasks: no query belongs to the held-out tasks {list(heldout_tasks)}")
-        elif name == "seen_tasks":
-            if len(heldout_tasks) == 0:
-                skipped[name] = "no held-out tasks given (every task is seen: see within_shape_group)"
-                continue
-            seen = ~np.isin(col["task"], list(heldout_tasks))
-            kw.update(task_labels=col["task"], group_labels=col["shape_group"], query_idx=q[seen[q]])
-            if len(kw["query_idx"]) == 0:
+                if name == "unseen_tasks":
+                    raise ValueError(f"unseen_tasks: no query belongs to the held-out tasks {list(heldout_tasks)}")
                 skipped[name] = "no query belongs to a seen task"
                 continue
         elif name.startswith("cross_architecture"):

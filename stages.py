@@ -143,11 +143,11 @@ def _make_encoder(cfg: ExperimentConfig, zoo: ModelZooDataset, split: D.Split, c
                             e.model, e.attention_heads, e.canonical_order, e.io_slots)
         return build_encoder(e.model, edge_dim=conv.edge_dim, **kw), None
     length = B.max_flat_length(zoo)
+    flat_weights = _flat_weights_fn(conv)
 
-    def to_flat(data):  # graph (possibly augmented) -> flat weight vector (1, length)
-        spec, sd = conv.to_state_dict(data)
+    def to_flat(data):  # graph (possibly augmented) -> flat weight vector zero-padded to (1, length)
+        flat = flat_weights(data)
         v = torch.zeros(1, length)
-        flat = torch.from_numpy(B.flatten_state_dict(spec, sd))
         v[0, : len(flat)] = flat
         return v
 

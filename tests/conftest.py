@@ -87,3 +87,26 @@ def model_inputs(digits_data):
         return X[:n].view(-1, 1, 8, 8) if spec.is_cnn else X[:n]
 
     return inputs
+
+
+def assert_fused_matches_pyg(make_encoder, batch, name: str) -> dict:
+    """Run ``make_encoder()`` twice on ``batch``, with the fused edge kernel and with the plain PyG path
+    (``FactorizedEdgeConv.fused``), and assert equal embeddings and gradients. Returns the fused run's
+    gradients {param name: grad} for further checks."""
+    import gnn_encoder as G
+
+    out = []
+    for fused in (True, False):
+        enc = make_encoder()
+        for m in enc.modules():
+            if isinstance(m, G.FactorizedEdgeConv):
+                m.fused = fused
+        z = enc(batch)
+        enc.project(z).square().sum().backward()
+        out.append((z.detach(), {n: p.grad for n, p in enc.named_parameters() if p.grad is not None}))
+    (z1, g1), (z2, g2) = out
+    torch.testing.assert_close(z1, z2, atol=1e-5, rtol=1e-4)
+    assert g1.keys() == g2.keys()
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], atol=1e-4, rtol=1e-3, msg=lambda m: f"{name} grad of {n}: {m}")
+    return g1

@@ -6,6 +6,7 @@ import torch
 from torch_geometric.data import Batch
 
 import gnn_encoder as G
+from conftest import assert_fused_matches_pyg
 from symmetry import flip_signs, permute_hidden, rescale_hidden
 from weight_to_graph import WeightToGraph
 from weightnet import WeightNet, canonical_rank
@@ -145,21 +146,7 @@ def test_factorized_message_equals_concat_mlp_reference():
 @pytest.mark.parametrize("name", G.ENCODER_NAMES)
 def test_fused_edge_kernel_equals_pyg_message_passing(name, graphs):
     """The fused autograd kernel and the plain PyG path give the same embeddings and gradients."""
-    batch = Batch.from_data_list(graphs)
-    out = []
-    for fused in (True, False):
-        enc = _encoder(name)
-        for m in enc.modules():
-            if isinstance(m, G.FactorizedEdgeConv):
-                m.fused = fused
-        z = enc(batch)
-        enc.project(z).square().sum().backward()
-        out.append((z.detach(), {n: p.grad for n, p in enc.named_parameters() if p.grad is not None}))
-    (z1, g1), (z2, g2) = out
-    torch.testing.assert_close(z1, z2, atol=1e-5, rtol=1e-4)
-    assert g1.keys() == g2.keys()
-    for n in g1:
-        torch.testing.assert_close(g1[n], g2[n], atol=1e-4, rtol=1e-3, msg=lambda m: f"{name} grad of {n}: {m}")
+    assert_fused_matches_pyg(lambda: _encoder(name), Batch.from_data_list(graphs), name)
 
 
 def test_weightnet_property_head_trains_with_mse(graphs, trained_models):
