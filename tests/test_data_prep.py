@@ -187,6 +187,39 @@ def test_sharded_generation_merges_to_the_same_zoo(tmp_path):
     assert D.ModelZooDataset.load(tmp_path / "merged").version == full.version
 
 
+def test_worker_processes_make_the_same_zoo(tmp_path):
+    # groups trained in forkserver worker processes give exactly the zoo trained in-process
+    kw = dict(num_models=16, epochs=2, checkpoints_per_run=2, seed=3, group_size=4, cnn_fraction=0.0,
+              tasks=["iris", "iris_perm", "wine"], min_groups=2, reuse=False)
+    inproc = D.ModelZooDataset.create_synthetic_model_zoo(tmp_path / "w1", workers=1, **kw)
+    pooled = D.ModelZooDataset.create_synthetic_model_zoo(tmp_path / "w2", workers=2, **kw)
+    assert inproc.metadata["group_index"].nunique() >= 2
+    pd.testing.assert_frame_equal(inproc.metadata, pooled.metadata)
+    for i in range(len(inproc)):
+        for k, v in inproc.state_dict(i).items():
+            assert torch.equal(v, pooled.state_dict(i)[k]), (i, k)
+
+
+def test_source_cache_is_rebuilt_when_damaged(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("WEIGHTZOO_DATA_CACHE", str(tmp_path))
+    D._load_source.cache_clear()
+    try:
+        fresh = D._load_source("iris")
+        cache = D._source_cache_path("iris")
+        assert cache.parent == tmp_path and cache.exists()
+        D._load_source.cache_clear()
+        assert all(np.array_equal(a, b) for a, b in zip(fresh, D._load_source("iris")))  # read back from the cache
+        cache.write_bytes(cache.read_bytes()[:100])  # truncated
+        D._load_source.cache_clear()
+        with caplog.at_level("WARNING"):
+            rebuilt = D._load_source("iris")
+        assert "unreadable" in caplog.text and str(cache) in caplog.text
+        assert all(np.array_equal(a, b) for a, b in zip(fresh, rebuilt))
+        assert np.load(cache)["x"].shape == fresh[0].shape  # rewritten whole
+    finally:
+        D._load_source.cache_clear()
+
+
 def test_cli_generate_and_info(tmp_path, capsys):
     out = tmp_path / "cli_zoo"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
