@@ -136,19 +136,24 @@ def _extension_fields(batch: Data | Batch, b: Tensor, num_graphs: int) -> dict[s
     if all(e is None for e in ext):
         return none
     dev, edge_index = b.device, batch.edge_index
-    n_nodes = torch.bincount(b, minlength=num_graphs).tolist()
-    n_edges = torch.bincount(b[edge_index[0]], minlength=num_graphs).tolist()  # edges lie within one graph
-    parts: list[list[Tensor]] = [[], [], [], []]
+    n_nodes = torch.bincount(b, minlength=num_graphs)
+    n_edges = torch.bincount(b[edge_index[0]], minlength=num_graphs)  # edges lie within one graph
+    node_off = (n_nodes.cumsum(0) - n_nodes).tolist()
+    edge_off = (n_edges.cumsum(0) - n_edges).tolist()
+    n_nodes, n_edges = n_nodes.tolist(), n_edges.tolist()
+    # zeros (row 0: no pooling, no flag) for every node/edge, then the few extended graphs' slices written in
+    out = [torch.zeros(sum(n_nodes), dtype=torch.long), torch.zeros(sum(n_nodes), dtype=torch.long),
+           torch.zeros(sum(n_edges), dtype=torch.bool), torch.zeros(sum(n_edges), dtype=torch.bool)]
     for g, e in enumerate(ext):
-        if e is not None and (e[0].numel() != n_nodes[g] or e[2].numel() != n_edges[g]):
+        if e is None:
+            continue
+        if e[0].numel() != n_nodes[g] or e[2].numel() != n_edges[g]:
             raise ValueError(f"neuron graph {g}: {n_nodes[g]} nodes/{n_edges[g]} edges, its spec_json needs "
                              f"{e[0].numel()}/{e[2].numel()}")
-        zeros = (torch.zeros(n_nodes[g], dtype=torch.long), torch.zeros(n_nodes[g], dtype=torch.long),
-                 torch.zeros(n_edges[g], dtype=torch.bool), torch.zeros(n_edges[g], dtype=torch.bool))
-        for k, t in enumerate(e if e is not None else zeros):
-            parts[k].append(t)
-    out = [torch.cat(p).to(dev) for p in parts]
-    return dict(zip(none, out))
+        for k, t in enumerate(e):
+            off = node_off[g] if k < 2 else edge_off[g]
+            out[k][off:off + t.numel()] = t
+    return dict(zip(none, (t.to(dev) for t in out)))
 
 
 def _check_range(name: str, t: Tensor, upper: int, knob: str) -> None:
