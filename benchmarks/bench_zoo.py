@@ -9,8 +9,10 @@ runs on the machine; the CPU-time figures (machine-wide busy CPU seconds, so wor
 saving and anything else running count against the batched side) estimate what a quiet machine
 with ``--cores`` cores does: runs / CPU-minute x cores.
 
-The batched/loop ratio is given two ways: per CPU second (the loop runs on one thread, so this
-compares work), and per wall second with the loop credited ``--cores`` perfectly parallel copies.
+The batched/loop ratio is given three ways: per CPU second of the whole generation (worker
+start-up and saving included; the loop runs on one thread, so this compares work), per wall second
+with the loop credited ``--cores`` perfectly parallel copies, and for the training alone (the same
+groups trained in this process on one thread, data loaded first, as the loop is timed).
 """
 from __future__ import annotations
 
@@ -67,12 +69,32 @@ def bench_batched(num_runs: int, epochs: int, workers: int, group_size: int, out
             "mean_final_test_acc_by_family": acc}
 
 
-def bench_per_model_loop(num_runs: int, epochs: int, of_runs: int) -> dict:
+def _plans(num_runs: int, group_size: int) -> list:
+    """The groups ``bench_batched`` trains (the same plan_zoo call as create_synthetic_model_zoo makes)."""
+    return D.plan_zoo(num_runs, seed=11, group_size=group_size, cnn_fraction=0.0, tasks=sorted(DIGITS_TASKS),
+                      min_groups=1, **MLP_ONLY)
+
+
+def bench_batched_in_process(num_runs: int, epochs: int, group_size: int) -> dict:
+    """The batched training alone, in this process on one thread (data loaded, no workers, nothing saved):
+    the same conditions as the per-model loop, so their ratio compares the training itself."""
+    plans = _plans(num_runs, group_size)
+    for p in plans:
+        D._group_pool(p)  # load the data first, as the loop's data is cached before it is timed
+    torch.set_num_threads(1)
+    c0 = time.process_time()
+    for p in plans:
+        D.train_group(p, epochs, [epochs])
+    cpu = time.process_time() - c0
+    return {"runs": num_runs, "epochs": epochs, "group_size": group_size, "cpu_s": round(cpu, 2),
+            "runs_per_cpu_min": round(num_runs / cpu * 60, 1)}
+
+
+def bench_per_model_loop(num_runs: int, epochs: int, of_runs: int, group_size: int) -> dict:
     """``num_runs`` of the batched benchmark's ``of_runs`` runs (spread evenly over its groups, so
     architectures and batch sizes are represented), one model at a time (nn.Module + torch.optim,
     one thread)."""
-    plans = D.plan_zoo(of_runs, seed=11, group_size=64, cnn_fraction=0.0, tasks=sorted(DIGITS_TASKS), min_groups=1,
-                       **MLP_ONLY)
+    plans = _plans(of_runs, group_size)
     every = [(p, r) for p in plans for r in p.runs]
     runs = [every[i] for i in np.linspace(0, len(every) - 1, num_runs).round().astype(int)]
     torch.set_num_threads(1)
@@ -148,24 +170,30 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="worker processes for batched training")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "bench_zoo.json"), help="JSON output")
     p.add_argument("--skip_mixed", action="store_true", help="skip the mixed-zoo generation")
+    p.add_argument("--group_size", type=int, default=64, help="models per stacked group (the zoo's default: 64)")
     a = p.parse_args()
     n_batched, n_loop, n_mixed, epochs = (128, 4, 300, 50) if a.quick else (512, 16, 3000, 50)
     res: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                              "loadavg_start": os.getloadavg()}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        res["batched_digits_mlps"] = b = bench_batched(n_batched, epochs, a.workers, 64, tmp)
+        res["batched_digits_mlps"] = b = bench_batched(n_batched, epochs, a.workers, a.group_size, tmp)
         print(f"batched: {b['runs']} digits MLPs x {epochs} epochs in {b['wall_s']} s wall "
               f"({b['runs_per_min_wall']}/min), {b['cpu_s']} CPU s -> {b['runs_per_cpu_min']}/CPU-min, "
               f"~{b['runs_per_cpu_min'] * a.cores:.0f}/min on {a.cores} quiet cores; acc {b['mean_final_test_acc']}")
-        res["per_model_loop"] = s = bench_per_model_loop(n_loop, epochs, n_batched)
+        res["per_model_loop"] = s = bench_per_model_loop(n_loop, epochs, n_batched, a.group_size)
+        res["batched_in_process"] = bi = bench_batched_in_process(n_batched, epochs, a.group_size)
         ratio = b["runs_per_cpu_min"] / s["runs_per_cpu_min"]
         wall_ratio = b["runs_per_min_wall"] / (a.cores * s["runs_per_min_wall"])
+        train_ratio = bi["runs_per_cpu_min"] / s["runs_per_cpu_min"]
         res["speedup_batched_vs_loop_cpu"] = round(ratio, 1)
         res["speedup_batched_vs_loop_wall"] = round(wall_ratio, 1)
+        res["speedup_training_only_cpu"] = round(train_ratio, 1)
         print(f"per-model loop: {s['runs']} runs in {s['cpu_s']} CPU s -> {s['runs_per_cpu_min']}/CPU-min; "
-              f"batched/loop = {ratio:.1f}x per CPU second, {wall_ratio:.1f}x per wall second "
+              f"batched/loop = {ratio:.1f}x per CPU second (whole generation), {wall_ratio:.1f}x per wall second "
               f"(loop credited {a.cores} parallel copies)")
+        print(f"batched training alone, in this process: {bi['cpu_s']} CPU s -> {bi['runs_per_cpu_min']}/CPU-min, "
+              f"{train_ratio:.1f}x the loop")
         if not a.skip_mixed:
             res["mixed_zoo"] = mz = bench_mixed_zoo(n_mixed, epochs, a.workers, tmp)
             print(f"mixed zoo: {mz['models']} models ({mz['runs']} runs) in {mz['wall_s']} s wall, {mz['cpu_s']} CPU s")

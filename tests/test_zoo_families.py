@@ -60,21 +60,38 @@ def _stacked_run(spec, bn_layers, epochs: int, sgd_only: bool = False):
     return X, ytr, rows, inits, hp, res
 
 
+def _max_diff(a, b) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in b)
+
+
 @pytest.mark.parametrize("case", list(FAMILY_CASES))
 def test_stacked_training_equals_per_model_reference(case):
     spec, bn_layers = FAMILY_CASES[case]
     X, y, rows, inits, hp, res = _stacked_run(spec, bn_layers, epochs=2, sgd_only=case == "resnet2-bn")
     for m in range(4):
-        ref = D.train_single_reference(spec, inits[m], X, y, rows[m], 32, 2, float(hp["lr"][m]),
-                                       float(hp["weight_decay"][m]), "adam" if hp["use_adam"][m] else "sgd", 10 + m,
-                                       bn_layers=bn_layers)
-        got = res.bn_state[2] if bn_layers else res.params[2]
-        assert set(got) == set(ref)
-        for k in ref:
-            assert torch.allclose(got[k][m], ref[k], atol=1e-5, rtol=0), f"{case} model {m} {k}"
-        folded = D.fold_bn_state(spec, ref) if bn_layers else ref
+        def alone(epochs, init=inits[m]):
+            return D.train_single_reference(spec, init, X, y, rows[m], 32, epochs, float(hp["lr"][m]),
+                                            float(hp["weight_decay"][m]), "adam" if hp["use_adam"][m] else "sgd",
+                                            10 + m, bn_layers=bn_layers)
+
+        state = (lambda e: {k: v[m] for k, v in (res.bn_state[e] if bn_layers else res.params[e]).items()})
+        ref = alone(2)
+        assert set(state(2)) == set(ref)
+        # after one epoch (masked steps included) every family agrees to 1e-5
+        assert _max_diff(state(1), alone(1)) < 1e-5, f"{case} model {m} epoch 1"
+        # after two, float rounding (grouped vs single conv kernels) can be amplified by the run itself: then the
+        # stacked result must lie no further from the reference than the reference moves for a 1e-6 change of
+        # its init (measured: resnet2-bn model 3, 4.5e-5 vs 9.6e-4; everything else < 3e-6)
+        d = _max_diff(state(2), ref)
+        if d >= 1e-5:
+            g = torch.Generator().manual_seed(0)
+            nudged = {k: v + 1e-6 * torch.randn(v.shape, generator=g) if k.endswith("weight") else v
+                      for k, v in inits[m].items()}
+            sensitivity = _max_diff(alone(2, nudged), ref)
+            assert d < sensitivity, f"{case} model {m}: {d:.2e} from the reference, which moves {sensitivity:.2e}"
+        folded = D.fold_bn_state(spec, state(2)) if bn_layers else state(2)  # the stored weights are the fold
         for k in spec.param_shapes():
-            assert torch.allclose(res.params[2][k][m], folded[k], atol=1e-5, rtol=1e-5), f"{case} model {m} {k} folded"
+            assert torch.allclose(res.params[2][k][m], folded[k], atol=1e-6, rtol=1e-6), f"{case} model {m} {k} folded"
         assert not torch.allclose(ref["layers.1.weight"], inits[m]["layers.1.weight"]), "training did not move"
     if bn_layers:  # the running statistics really moved (so folding is not the identity) ...
         rv = res.bn_state[2][f"layers.{bn_layers[-1]}.bn_running_var"]
