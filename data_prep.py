@@ -188,9 +188,15 @@ _SOURCE_CACHE_FORMAT = 2  # bump when _build_source changes what it returns
 
 def _source_cache_path(dataset: str) -> Path:
     """Cache file of a source: keyed by the dataset, its package's version and the cache format."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    key = hashlib.sha1(json.dumps([dataset, version(_SOURCE_PACKAGES[dataset]), _SOURCE_CACHE_FORMAT]).encode())
+    package = _SOURCE_PACKAGES[dataset]
+    try:
+        package_version = version(package)
+    except PackageNotFoundError:
+        raise RuntimeError(f"dataset {dataset!r} ships in the package {package!r}, which is not installed "
+                           f"(pip install -r requirements.txt)") from None
+    key = hashlib.sha1(json.dumps([dataset, package_version, _SOURCE_CACHE_FORMAT]).encode())
     return _data_cache_dir() / f"{dataset}-{key.hexdigest()[:10]}.npz"
 
 

@@ -220,6 +220,12 @@ def test_source_cache_is_rebuilt_when_damaged(tmp_path, monkeypatch, caplog):
         D._load_source.cache_clear()
 
 
+def test_missing_source_package_is_named(monkeypatch):
+    monkeypatch.setitem(D._SOURCE_PACKAGES, "iris", "no-such-package-xyz")
+    with pytest.raises(RuntimeError, match="'iris'.*'no-such-package-xyz'.*not installed"):
+        D._source_cache_path("iris")
+
+
 def test_cli_generate_and_info(tmp_path, capsys):
     out = tmp_path / "cli_zoo"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
