@@ -1095,14 +1095,21 @@ def _train_groups(plans: Sequence[GroupPlan], epochs: int, ckpts: Sequence[int],
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+    else:  # Windows: no fork; spawned workers give the same zoo, only start slower
+        ctx = mp.get_context("spawn")
     # longest groups first (a CNN group can cost 50 MLP groups): the last group to finish is then a short one
     order = sorted(range(len(jobs)), key=lambda i: -_plan_cost(plans[i], epochs))
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
         futures = {i: ex.submit(_train_group_worker, jobs[i]) for i in order}
-        for i in range(len(jobs)):  # results in plan order, whatever order they finish in
-            yield futures.pop(i).result()
+        try:
+            for i in range(len(jobs)):  # results in plan order, whatever order they finish in
+                yield futures.pop(i).result()
+        except BaseException:  # a failed group (or the caller stopping): do not train the queued ones first
+            ex.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 _FAMILY_COST = {"mlp": 1.0, "cnn": 1.3, "cnn-bn": 2.6, "resnet": 2.2}  # grouped convs, BatchNorm: measured here
