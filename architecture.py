@@ -386,12 +386,31 @@ def cnn_spec(
     return ArchitectureSpec(tuple(input_shape), tuple(layers), name)
 
 
+def shortcut_sources(spec: ArchitectureSpec) -> set[int]:
+    """Layers whose output (after activation and pooling; -1: the input) a later shortcut adds."""
+    return {layer.residual_from for layer in spec.layers if layer.residual_from is not None}
+
+
+def finish_layer(h: torch.Tensor, i: int, layer: LayerSpec, saved: dict[int, torch.Tensor], sources: set[int]
+                 ) -> torch.Tensor:
+    """Layer ``i`` after its conv/linear (and BatchNorm): + shortcut (``residual_from``), activation, pooling;
+    the result is kept in ``saved`` when it is one of ``sources`` (:func:`shortcut_sources`)."""
+    if layer.residual_from is not None:
+        h = h + saved[layer.residual_from]
+    h = apply_activation(h, layer.activation)
+    if layer.pool:
+        h = apply_pool(h, layer.pool)
+    if i in sources:
+        saved[i] = h
+    return h
+
+
 def forward(spec: ArchitectureSpec, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Functional forward pass: ``x`` (B, *input_shape) -> logits (B, num_outputs).
 
     Per layer: conv/linear, + shortcut (``residual_from``), activation, pooling (``pool``).
     """
-    sources = {layer.residual_from for layer in spec.layers if layer.residual_from is not None}
+    sources = shortcut_sources(spec)
     saved = {-1: x} if -1 in sources else {}  # outputs that a later shortcut adds
     h = x
     for i, layer in enumerate(spec.layers):
@@ -402,13 +421,7 @@ def forward(spec: ArchitectureSpec, params: Mapping[str, torch.Tensor], x: torch
             if h.dim() == 4:  # flatten (channel-major), or global average pooling, joins convs to linears
                 h = h.flatten(1) if layer.flatten else h.mean(dim=(2, 3))
             h = F.linear(h, w, b)
-        if layer.residual_from is not None:
-            h = h + saved[layer.residual_from]
-        h = apply_activation(h, layer.activation)
-        if layer.pool:
-            h = apply_pool(h, layer.pool)
-        if i in sources:
-            saved[i] = h
+        h = finish_layer(h, i, layer, saved, sources)
     return h
 
 

@@ -438,7 +438,7 @@ def stacked_forward(spec: A.ArchitectureSpec, params: Sequence[torch.Tensor], x:
     # backward) in NHWC than in NCHW here; reshape/mean below read the logical (NCHW) order either way
     h = (x.transpose(0, 1).reshape(B, M * spec.input_shape[0], *x.shape[-2:]).contiguous(
         memory_format=torch.channels_last) if spec.is_cnn else x)
-    sources = {layer.residual_from for layer in spec.layers if layer.residual_from is not None}
+    sources = A.shortcut_sources(spec)
     saved = {-1: h} if -1 in sources else {}
     for i, layer in enumerate(spec.layers):
         w, b = params[2 * i], params[2 * i + 1]
@@ -456,13 +456,7 @@ def stacked_forward(spec: A.ArchitectureSpec, params: Sequence[torch.Tensor], x:
         if i in bn_at:
             h = _stacked_batch_norm(h, bn, bn_at[i], params[2 * L + 2 * bn_at[i]], params[2 * L + 2 * bn_at[i] + 1],
                                     training, active)
-        if layer.residual_from is not None:
-            h = h + saved[layer.residual_from]
-        h = A.apply_activation(h, layer.activation)
-        if layer.pool:
-            h = A.apply_pool(h, layer.pool)
-        if i in sources:
-            saved[i] = h
+        h = A.finish_layer(h, i, layer, saved, sources)
     return h
 
 
@@ -778,7 +772,7 @@ class BatchNormSpecNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, *spec.input_shape) -> logits (B, num_outputs)."""
-        sources = {layer.residual_from for layer in self.spec.layers if layer.residual_from is not None}
+        sources = A.shortcut_sources(self.spec)
         saved = {-1: x}
         h = x
         for i, (layer, mod) in enumerate(zip(self.spec.layers, self.layers)):
@@ -789,13 +783,7 @@ class BatchNormSpecNet(torch.nn.Module):
             h = mod(h)
             if str(i) in self.bns:
                 h = self.bns[str(i)](h)
-            if layer.residual_from is not None:
-                h = h + saved[layer.residual_from]
-            h = A.apply_activation(h, layer.activation)
-            if layer.pool:
-                h = A.apply_pool(h, layer.pool)
-            if i in sources:
-                saved[i] = h
+            h = A.finish_layer(h, i, layer, saved, sources)
         return h
 
     def state(self) -> dict[str, torch.Tensor]:
