@@ -12,7 +12,7 @@ nested-module state_dicts (``features.0.weight``, ``features.1.running_mean``, `
 * identity-shortcut residual blocks (``LayerSpec.residual_from``).
 
 What the keys cannot tell comes from a sidecar JSON (``<file>.spec.json`` or ``spec.json`` in the
-folder, the same places ``data_prep`` looks), all keys optional:
+folder), all keys optional:
 
   ``activation``   "relu" (default, with a warning) or a list with one entry per hidden layer;
   ``input_shape``  [C, H, W] or [features]; a CNN without it is assumed 8x8 (with a warning);
@@ -23,7 +23,7 @@ folder, the same places ``data_prep`` looks), all keys optional:
   ``order``        module prefixes (BatchNorms included) in forward order, for named modules in a
                    .safetensors file (see below);
   ``spec``         a whole ``ArchitectureSpec`` dict instead of the above;
-  plus the metadata keys of ``data_prep`` (task, dataset, lr, ...), returned as metadata.
+  plus the zoo's metadata keys (task, dataset, lr, ...; ``data_prep.METADATA_COLUMNS``), returned as metadata.
 
 Orders the keys cannot show are assumed to be the usual ones: Conv/Linear -> BatchNorm -> activation
 -> pooling (max pooling commutes with the monotone relu/leaky_relu/tanh, so MaxPool -> ReLU reads the
@@ -51,10 +51,11 @@ import torch
 from torch import Tensor
 
 import architecture as A
-from data_prep import CheckpointError
 
-__all__ = ["fold_batchnorm", "infer_wild_spec", "read_tensors", "read_sidecar", "read_checkpoint",
-           "SIDECAR_KEYS", "DEFAULT_BN_EPS"]
+__all__ = ["CheckpointError", "CHECKPOINT_SUFFIXES", "fold_batchnorm", "infer_wild_spec", "read_tensors",
+           "read_sidecar", "read_checkpoint", "SIDECAR_KEYS", "DEFAULT_BN_EPS"]
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")  # the files a folder of checkpoints is read from
 
 DEFAULT_BN_EPS = 1e-5  # nn.BatchNorm default; the state_dict does not store eps
 _NESTED_STATE_KEYS = ("state_dict", "model_state_dict", "model")
@@ -62,6 +63,15 @@ _META_KEYS = {"task", "dataset", "task_family", "optimizer", "lr", "weight_decay
               "train_acc"}
 SIDECAR_KEYS = frozenset({"activation", "input_shape", "spec", "pool", "residual", "bn_eps", "order"} | _META_KEYS)
 _BN_STATS = {"running_mean", "running_var", "num_batches_tracked"}
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be loaded; ``file`` and ``cause`` say which and why."""
+
+    def __init__(self, file: str | Path, cause: str):
+        super().__init__(f"{file}: {cause}")
+        self.file = str(file)
+        self.cause = cause
 
 
 # --- reading files ------------------------------------------------------------------------------------
@@ -425,7 +435,7 @@ def _infer(sd: Mapping[str, Tensor], side: dict, file_order: bool
         if layer.kind == "linear":
             hw = None
     spec = A.ArchitectureSpec(tuple(int(s) for s in shape), tuple(specs))  # checks shortcuts, pools, flatten
-    # the name data_prep gives the zoo's plain specs, plus what the extensions and folded BatchNorms add
+    # the zoo's naming of plain specs, plus what the extensions and folded BatchNorms add
     name = f"{'cnn' if spec.is_cnn else 'mlp'}-" + "-".join(str(l.out_dim) for l in specs) + f"-{acts[0]}"
     tags = [t for t, on in (("bn", any(l.folded_bn for l in raw_layers)), ("pool", any(l.pool for l in specs)),
                             ("flat", any(l.flatten for l in specs)),
@@ -438,8 +448,8 @@ def _infer(sd: Mapping[str, Tensor], side: dict, file_order: bool
 def read_checkpoint(path: str | Path) -> tuple[A.ArchitectureSpec, dict[str, Tensor], list[str], dict]:
     """(spec, state_dict, warnings, sidecar metadata) of one checkpoint file; ``CheckpointError`` otherwise.
 
-    Same signature as ``data_prep.read_checkpoint``, which it extends (BatchNorm, pooling, flatten heads,
-    shortcuts, nested module names); the zoo's own checkpoints give the same spec and weights.
+    Reads Sequential-style and nested-module state_dicts (BatchNorm folded, pooling, flatten heads, shortcuts)
+    and the zoo's own ``layers.{i}.*`` checkpoints; nothing in a file is executed.
     """
     path = Path(path)
     raw = read_tensors(path)

@@ -154,7 +154,7 @@ def _as_record(item: Any, i: int) -> ModelRecord:
 # =========================================================================== checkpoints
 def list_checkpoint_files(folder: str | os.PathLike) -> list[Path]:
     """Checkpoint files under ``folder`` (recursive, sorted so every rank sees the same order)."""
-    from data_prep import CHECKPOINT_SUFFIXES  # the suffixes the zoo's loader reads
+    from checkpoint_import import CHECKPOINT_SUFFIXES
 
     root = Path(folder)
     if not root.is_dir():
@@ -163,16 +163,16 @@ def list_checkpoint_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def load_checkpoint(path: str | os.PathLike, root: str | os.PathLike | None = None) -> ModelRecord:
-    """Read one checkpoint file with the zoo's loader (``data_prep.read_checkpoint``: safetensors or
+    """Read one checkpoint file with the zoo's loader (``checkpoint_import.read_checkpoint``: safetensors or
     ``.pt`` with ``weights_only=True``, optional spec sidecar, architecture inference).
 
     The model id is the path relative to ``root`` (the indexed folder), else the file name.
-    Raises ``data_prep.CheckpointError`` (file and cause) for a bad file.
+    Raises ``checkpoint_import.CheckpointError`` (file and cause) for a bad file.
     """
-    import data_prep
+    from checkpoint_import import read_checkpoint
 
     p = Path(path)
-    spec, sd, warns, side_meta = data_prep.read_checkpoint(p)
+    spec, sd, warns, side_meta = read_checkpoint(p)
     meta = dict(side_meta)
     if warns:
         meta["load_warning"] = "; ".join(warns)
@@ -182,13 +182,13 @@ def load_checkpoint(path: str | os.PathLike, root: str | os.PathLike | None = No
 
 def _load_files(paths: Sequence[Path], root: Path | None) -> tuple[list[ModelRecord], list[SkippedModel]]:
     """Load a chunk of files; bad ones become SkippedModel (file and cause) instead of records."""
-    import data_prep
+    from checkpoint_import import CheckpointError
 
     recs, bad = [], []
     for p in paths:
         try:
             recs.append(load_checkpoint(p, root))
-        except data_prep.CheckpointError as e:
+        except CheckpointError as e:
             bad.append(SkippedModel(e.file, e.cause))
         except Exception as e:  # noqa: BLE001 - an unreadable user file must not abort the folder; it is reported
             bad.append(SkippedModel(str(p), f"the checkpoint loader failed: {type(e).__name__}: {e}"))

@@ -24,11 +24,12 @@ from config import ExperimentConfig
 from contrastive_learning import (ContrastiveLearningFramework, DistInfo, NTXentLoss, build_optimizer, cleanup_distributed,
                                   compare_view_recipes, embed, make_retrieval_val_fn, seed_everything,
                                   setup_distributed)
-from data_prep import ModelZooDataset, inputs_for_spec, load_task_data
+from data_prep import ModelZooDataset
 from gnn_encoder import build_encoder, encoder_kwargs, save_encoder, tune_cpu_allocator
 from report import RunRecorder, StageFailed, render_figures, render_markdown
 from retrieval import Embedder
 from symmetry import SymmetryAugmenter
+from tasks import inputs_for_spec, load_task_data
 from weight_to_graph import WeightToGraph
 
 log = logging.getLogger("weightzoo")

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_graphs.py [--zoo_dir zoo/default] [--num_models 3000]
 
 Uses the zoo in ``--zoo_dir`` when it exists; otherwise a zoo of the default zoo's architecture
-mix (``data_prep.plan_zoo``) with random-init weights (``data_prep.init_params``): conversion
+mix (``zoo_plan.plan_zoo``) with random-init weights (``zoo_training.init_params``): conversion
 cost depends on the shapes, not on the values. Prints the figures and writes them as JSON to
 benchmarks/out/bench_graphs.json.
 """
@@ -27,18 +27,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data_prep  # noqa: E402
 from symmetry import SymmetryAugmenter  # noqa: E402
 from weight_to_graph import WeightToGraph  # noqa: E402
+from zoo_plan import plan_zoo  # noqa: E402
+from zoo_training import init_params  # noqa: E402
 
 
 def random_zoo(num_models: int, checkpoints_per_run: int = 3, seed: int = 0) -> data_prep.ModelZooDataset:
     """A zoo with the default zoo's architectures (plan_zoo) and random-init weights."""
-    plans = data_prep.plan_zoo(math.ceil(num_models / checkpoints_per_run), seed=seed)
+    plans = plan_zoo(math.ceil(num_models / checkpoints_per_run), seed=seed)
     rows, weights, specs = [], {}, {}
     for plan in plans:
         specs[plan.spec.arch_id] = plan.spec
         for run in plan.runs:
             for c in range(checkpoints_per_run):
                 mid = f"{run.run_id}-c{c}"
-                weights[mid] = data_prep.init_params(plan.spec, run.seed + c, run.init_scale)
+                weights[mid] = init_params(plan.spec, run.seed + c, run.init_scale)
                 rows.append({"model_id": mid, "arch_id": plan.spec.arch_id})
     return data_prep.ModelZooDataset(pd.DataFrame(rows), specs, weights)
 

@@ -31,9 +31,13 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import architecture as A  # noqa: E402
 import data_prep as D  # noqa: E402
+import tasks as T  # noqa: E402
+import zoo_plan as ZP  # noqa: E402
+import zoo_training as ZT  # noqa: E402
 
-DIGITS_TASKS = [n for n, t in D.TASKS.items() if t.dataset == "digits"]
+DIGITS_TASKS = [n for n, t in T.TASKS.items() if t.dataset == "digits"]
 MLP_ONLY = dict(cnn_bn_fraction=0.0, resnet_fraction=0.0)  # the throughput workload: digits MLPs only
 
 
@@ -53,7 +57,7 @@ def _busy_cpu() -> float:
 
 def bench_batched(num_runs: int, epochs: int, workers: int, group_size: int, out_dir: Path) -> dict:
     """Train ``num_runs`` digits MLPs (``epochs`` each) as a zoo; wall and CPU throughput."""
-    ckpt = D.checkpoint_schedule(epochs, 1)
+    ckpt = ZP.checkpoint_schedule(epochs, 1)
     cpu0, t0 = _busy_cpu(), time.time()
     zoo = D.ModelZooDataset.create_synthetic_model_zoo(
         out_dir / "digits_mlps", num_models=num_runs * len(ckpt), epochs=epochs, checkpoints_per_run=1,
@@ -71,7 +75,7 @@ def bench_batched(num_runs: int, epochs: int, workers: int, group_size: int, out
 
 def _plans(num_runs: int, group_size: int) -> list:
     """The groups ``bench_batched`` trains (the same plan_zoo call as create_synthetic_model_zoo makes)."""
-    return D.plan_zoo(num_runs, seed=11, group_size=group_size, cnn_fraction=0.0, tasks=sorted(DIGITS_TASKS),
+    return ZP.plan_zoo(num_runs, seed=11, group_size=group_size, cnn_fraction=0.0, tasks=sorted(DIGITS_TASKS),
                       min_groups=1, **MLP_ONLY)
 
 
@@ -80,11 +84,11 @@ def bench_batched_in_process(num_runs: int, epochs: int, group_size: int) -> dic
     the same conditions as the per-model loop, so their ratio compares the training itself."""
     plans = _plans(num_runs, group_size)
     for p in plans:
-        D._group_pool(p)  # load the data first, as the loop's data is cached before it is timed
+        ZP.group_pool(p)  # load the data first, as the loop's data is cached before it is timed
     torch.set_num_threads(1)
     c0 = time.process_time()
     for p in plans:
-        D.train_group(p, epochs, [epochs])
+        ZP.train_group(p, epochs, [epochs])
     cpu = time.process_time() - c0
     return {"runs": num_runs, "epochs": epochs, "group_size": group_size, "cpu_s": round(cpu, 2),
             "runs_per_cpu_min": round(num_runs / cpu * 60, 1)}
@@ -101,13 +105,14 @@ def bench_per_model_loop(num_runs: int, epochs: int, of_runs: int, group_size: i
     t0, c0 = time.time(), time.process_time()
     accs = []
     for plan, run in runs:
-        Xtr, ytr, Xte, yte = D.load_task_data(run.task)
-        X = D.inputs_for_spec(plan.spec, Xtr)
+        Xtr, ytr, Xte, yte = T.load_task_data(run.task)
+        X = T.inputs_for_spec(plan.spec, Xtr)
         g = torch.Generator().manual_seed(run.seed + 1)
         rows = torch.randperm(len(X), generator=g)[: int(round(plan.train_fraction * len(X)))].sort().values
-        sd = D.train_single_reference(plan.spec, D.init_params(plan.spec, run.seed, run.init_scale), X, ytr, rows,
-                                      plan.batch_size, epochs, run.lr, run.weight_decay, run.optimizer, run.seed + 2)
-        pred = D.A.forward(plan.spec, sd, D.inputs_for_spec(plan.spec, Xte)).argmax(1)
+        sd = ZT.train_single_reference(plan.spec, ZT.init_params(plan.spec, run.seed, run.init_scale), X, ytr, rows,
+                                       batch_size=plan.batch_size, epochs=epochs, lr=run.lr,
+                                       weight_decay=run.weight_decay, optimizer=run.optimizer, batch_seed=run.seed + 2)
+        pred = A.forward(plan.spec, sd, T.inputs_for_spec(plan.spec, Xte)).argmax(1)
         accs.append(float((pred == yte).float().mean()))
     wall, cpu = time.time() - t0, time.process_time() - c0
     return {"runs": len(runs), "epochs": epochs, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),

@@ -16,6 +16,9 @@ from safetensors.torch import save_file
 
 import architecture as A
 import data_prep as D
+import tasks as T
+import zoo_plan as ZP
+import zoo_training as ZT
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TASKS = ["digits", "digits_perm_a", "digits_rot90", "digits_parity", "digits_lt5", "iris", "iris_perm"]
@@ -28,22 +31,22 @@ CONTRACT_COLUMNS = ["model_id", "run_id", "task", "dataset", "task_family", "sha
 # ---------------------------------------------------------------- task registry
 
 def test_task_registry_invariants():
-    assert len(D.TASKS) >= 20
-    assert len({t.dataset for t in D.TASKS.values()}) >= 4
-    big = {g: ts for g, ts in D.shape_groups().items() if len(ts) >= 4}
+    assert len(T.TASKS) >= 20
+    assert len({t.dataset for t in T.TASKS.values()}) >= 4
+    big = {g: ts for g, ts in T.shape_groups().items() if len(ts) >= 4}
     assert len(big) >= 3, f"shape groups with >= 4 tasks: {big}"
-    for t in D.TASKS.values():
+    for t in T.TASKS.values():
         assert t.shape_group == f"in{t.num_features}-out{t.num_classes}"
     # in one shape group: identical inputs with different labels, and identical labels with transformed inputs
-    Xa, ya, Xta, yta = D.load_task_data("digits")
-    Xp, yp, _, _ = D.load_task_data("digits_perm_a")
-    Xr, yr, _, _ = D.load_task_data("digits_rot90")
-    assert D.TASKS["digits"].shape_group == D.TASKS["digits_perm_a"].shape_group == D.TASKS["digits_rot90"].shape_group
+    Xa, ya, Xta, yta = T.load_task_data("digits")
+    Xp, yp, _, _ = T.load_task_data("digits_perm_a")
+    Xr, yr, _, _ = T.load_task_data("digits_rot90")
+    assert T.TASKS["digits"].shape_group == T.TASKS["digits_perm_a"].shape_group == T.TASKS["digits_rot90"].shape_group
     assert torch.equal(Xa, Xp) and not torch.equal(ya, yp)
     assert torch.equal(ya, yr) and not torch.equal(Xa, Xr)
     assert torch.allclose(Xr.view(-1, 8, 8), torch.rot90(Xa.view(-1, 8, 8), 1, dims=(1, 2)))
     # binary splits of the very same inputs (the dead-pixel fingerprint cannot tell them apart)
-    same_inputs = [t for t in D.shape_groups()["in64-out2"] if D.TASKS[t].transform == "none"]
+    same_inputs = [t for t in T.shape_groups()["in64-out2"] if T.TASKS[t].transform == "none"]
     assert len(same_inputs) >= 4
     # standardised with train statistics
     assert Xa.mean(0).abs().max() < 1e-4 and Xa.dtype == torch.float32 and ya.dtype == torch.int64
@@ -52,8 +55,8 @@ def test_task_registry_invariants():
 
 @pytest.mark.parametrize("name", ["mnist", "mnist1d", "wine", "breast_cancer", "digits_0to4", "digits_5to9"])
 def test_load_task_data_shapes(name):
-    t = D.TASKS[name]
-    Xtr, ytr, Xte, yte = D.load_task_data(name)
+    t = T.TASKS[name]
+    Xtr, ytr, Xte, yte = T.load_task_data(name)
     assert Xtr.shape[1:] == t.input_shape and Xte.shape[1:] == t.input_shape
     assert set(ytr.unique().tolist()) == set(range(t.num_classes))
     assert torch.isfinite(Xtr).all() and len(Xtr) == len(ytr) > len(Xte) == len(yte) > 0
@@ -64,21 +67,23 @@ def test_load_task_data_shapes(name):
 @pytest.mark.parametrize("spec", [A.mlp_spec(64, [16, 12], 10, "tanh"), A.cnn_spec((1, 8, 8), [4, 6], 3, 10, "gelu")],
                          ids=["mlp", "cnn"])
 def test_batched_training_equals_single(spec):
-    Xtr, ytr, _, _ = D.load_task_data("digits")
-    X = D.inputs_for_spec(spec, Xtr)
+    Xtr, ytr, _, _ = T.load_task_data("digits")
+    X = T.inputs_for_spec(spec, Xtr)
     M = 4
-    inits = [D.init_params(spec, s, 0.7 + 0.3 * s) for s in range(M)]
+    inits = [ZT.init_params(spec, s, 0.7 + 0.3 * s) for s in range(M)]
     init = {k: torch.stack([i[k] for i in inits]) for k in inits[0]}
     g = torch.Generator().manual_seed(0)
     rows = [torch.randperm(len(X), generator=g)[:n] for n in (300, 220, 300, 180)]  # unequal epochs: masked steps
     lr = torch.tensor([5e-3, 2e-3, 0.05, 0.03])
     wd = torch.tensor([1e-4, 0.0, 1e-3, 1e-5])
     adam = torch.tensor([True, False, True, False])  # mixed optimizers in one stack
-    res = D.train_stacked(spec, init, X, ytr, rows, 32, 2, lr, wd, adam, [10, 11, 12, 13], checkpoint_epochs=[1, 2])
+    res = ZT.train_stacked(spec, init, X, ytr, rows, batch_size=32, epochs=2, lr=lr, weight_decay=wd, use_adam=adam,
+                           batch_seeds=[10, 11, 12, 13], checkpoint_epochs=[1, 2])
     moved = False
     for m in range(M):
-        sd = D.train_single_reference(spec, inits[m], X, ytr, rows[m], 32, 2, float(lr[m]), float(wd[m]),
-                                      "adam" if adam[m] else "sgd", 10 + m)
+        sd = ZT.train_single_reference(spec, inits[m], X, ytr, rows[m], batch_size=32, epochs=2, lr=float(lr[m]),
+                                       weight_decay=float(wd[m]), optimizer="adam" if adam[m] else "sgd",
+                                       batch_seed=10 + m)
         for k in sd:
             assert torch.allclose(res.params[2][k][m], sd[k], atol=1e-5, rtol=0), f"model {m} {k}"
             moved |= not torch.allclose(sd[k], inits[m][k])
@@ -120,8 +125,8 @@ def test_tiny_zoo_trains_and_has_contract_columns(tiny_zoo_dir):
     # the stored weights are the evaluated model: recompute one test accuracy
     i = int(np.flatnonzero(m["is_final"])[0])
     model = zoo[i]
-    _, _, Xte, yte = D.load_task_data(model.meta["task"])
-    acc = (A.forward(model.spec, model.state_dict, D.inputs_for_spec(model.spec, Xte)).argmax(1) == yte)
+    _, _, Xte, yte = T.load_task_data(model.meta["task"])
+    acc = (A.forward(model.spec, model.state_dict, T.inputs_for_spec(model.spec, Xte)).argmax(1) == yte)
     assert abs(acc.float().mean().item() - model.meta["test_acc"]) < 1e-6
 
 
@@ -139,7 +144,7 @@ def test_storage_roundtrip_subset_and_reuse(tiny_zoo_dir, tmp_path, monkeypatch)
     assert len(sub) == 3 and sub[0].model_id == zoo[5].model_id and sub.version != zoo.version
     assert torch.equal(sub.state_dict(1)["layers.0.weight"], zoo.state_dict(1)["layers.0.weight"])
     # same generation args -> loaded from disk, not retrained
-    monkeypatch.setattr(D, "train_group", lambda *a, **k: pytest.fail("retrained a zoo that was on disk"))
+    monkeypatch.setattr(ZP, "train_group", lambda *a, **k: pytest.fail("retrained a zoo that was on disk"))
     reused = D.ModelZooDataset.create_synthetic_model_zoo(tiny_zoo_dir, num_models=48, epochs=6,
                                                           checkpoints_per_run=2, card_task_fraction=0.5, seed=3,
                                                           group_size=8, cnn_fraction=0.25, tasks=TINY_TASKS)
@@ -202,28 +207,28 @@ def test_worker_processes_make_the_same_zoo(tmp_path):
 
 def test_source_cache_is_rebuilt_when_damaged(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("WEIGHTZOO_DATA_CACHE", str(tmp_path))
-    D._load_source.cache_clear()
+    T._load_source.cache_clear()
     try:
-        fresh = D._load_source("iris")
-        cache = D._source_cache_path("iris")
+        fresh = T._load_source("iris")
+        cache = T._source_cache_path("iris")
         assert cache.parent == tmp_path and cache.exists()
-        D._load_source.cache_clear()
-        assert all(np.array_equal(a, b) for a, b in zip(fresh, D._load_source("iris")))  # read back from the cache
+        T._load_source.cache_clear()
+        assert all(np.array_equal(a, b) for a, b in zip(fresh, T._load_source("iris")))  # read back from the cache
         cache.write_bytes(cache.read_bytes()[:100])  # truncated
-        D._load_source.cache_clear()
+        T._load_source.cache_clear()
         with caplog.at_level("WARNING"):
-            rebuilt = D._load_source("iris")
+            rebuilt = T._load_source("iris")
         assert "unreadable" in caplog.text and str(cache) in caplog.text
         assert all(np.array_equal(a, b) for a, b in zip(fresh, rebuilt))
         assert np.load(cache)["x"].shape == fresh[0].shape  # rewritten whole
     finally:
-        D._load_source.cache_clear()
+        T._load_source.cache_clear()
 
 
 def test_missing_source_package_is_named(monkeypatch):
-    monkeypatch.setitem(D._SOURCE_PACKAGES, "iris", "no-such-package-xyz")
+    monkeypatch.setitem(T._SOURCE_PACKAGES, "iris", "no-such-package-xyz")
     with pytest.raises(RuntimeError, match="'iris'.*'no-such-package-xyz'.*not installed"):
-        D._source_cache_path("iris")
+        T._source_cache_path("iris")
 
 
 def test_cli_generate_and_info(tmp_path, capsys):
@@ -246,7 +251,7 @@ def two_trained(digits_data):
 
     X, y = digits_data
     out = {}
-    with D.single_thread():
+    with ZT.single_thread():
         for i, name in enumerate(["mlp2_leaky", "cnn2_relu_k3"]):
             spec = FAMILY_SPECS[name]
             Xi = X.view(-1, 1, 8, 8) if spec.is_cnn else X

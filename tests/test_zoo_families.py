@@ -17,6 +17,9 @@ from torch_geometric.data import Batch
 
 import architecture as A
 import data_prep as D
+import tasks as T
+import zoo_plan as ZP
+import zoo_training as ZT
 import gnn_encoder as G
 from symmetry import permute_hidden, rescale_hidden
 from weight_to_graph import WeightToGraph
@@ -32,11 +35,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 FAMILY_CASES = {  # name -> (spec, BatchNorm layers)
-    "cnn-bn-max": (D.cnn_bn_spec((1, 8, 8), (4, 6), 12, 10, "max2"), (0, 1)),
-    "cnn-bn-avg": (D.cnn_bn_spec((1, 8, 8), (4, 6), 12, 10, "avg2"), (0, 1)),
-    "resnet-bn": (D.resnet_spec((1, 8, 8), 6, 1, 10), (0, 1, 2)),
-    "resnet": (D.resnet_spec((1, 8, 8), 6, 2, 10), ()),
-    "resnet2-bn": (D.resnet_spec((1, 8, 8), 6, 2, 10), (0, 1, 2, 3, 4)),
+    "cnn-bn-max": (ZP.cnn_bn_spec((1, 8, 8), (4, 6), 12, 10, "max2"), (0, 1)),
+    "cnn-bn-avg": (ZP.cnn_bn_spec((1, 8, 8), (4, 6), 12, 10, "avg2"), (0, 1)),
+    "resnet-bn": (ZP.resnet_spec((1, 8, 8), 6, 1, 10), (0, 1, 2)),
+    "resnet": (ZP.resnet_spec((1, 8, 8), 6, 2, 10), ()),
+    "resnet2-bn": (ZP.resnet_spec((1, 8, 8), 6, 2, 10), (0, 1, 2, 3, 4)),
 }
 # Stacked == reference is checked where training is not chaotic. With BatchNorm after all 5 convs of a two-block
 # net, Adam is: changing its lr by 2e-10 (relative) moves the reference's own weights by 1e-3 after 2 epochs
@@ -45,9 +48,9 @@ FAMILY_CASES = {  # name -> (spec, BatchNorm layers)
 
 
 def _stacked_run(spec, bn_layers, epochs: int, sgd_only: bool = False):
-    Xtr, ytr, _, _ = D.load_task_data("digits")
-    X = D.inputs_for_spec(spec, Xtr)
-    inits = [D.init_params(spec, s, 0.7 + 0.3 * s, bn_layers) for s in range(4)]
+    Xtr, ytr, _, _ = T.load_task_data("digits")
+    X = T.inputs_for_spec(spec, Xtr)
+    inits = [ZT.init_params(spec, s, 0.7 + 0.3 * s, bn_layers) for s in range(4)]
     init = {k: torch.stack([i[k] for i in inits]) for k in inits[0]}
     g = torch.Generator().manual_seed(0)
     rows = [torch.randperm(len(X), generator=g)[:n] for n in (300, 220, 300, 180)]  # unequal epochs: masked steps
@@ -55,7 +58,7 @@ def _stacked_run(spec, bn_layers, epochs: int, sgd_only: bool = False):
               use_adam=torch.tensor([True, False, True, False]))  # mixed optimizers in one stack
     if sgd_only:
         hp.update(lr=torch.tensor([0.03, 2e-2, 0.01, 0.05]), use_adam=torch.zeros(4, dtype=torch.bool))
-    res = D.train_stacked(spec, init, X, ytr, rows, 32, epochs, batch_seeds=[10, 11, 12, 13],
+    res = ZT.train_stacked(spec, init, X, ytr, rows, batch_size=32, epochs=epochs, batch_seeds=[10, 11, 12, 13],
                           checkpoint_epochs=[1, epochs], bn_layers=bn_layers, **hp)
     return X, ytr, rows, inits, hp, res
 
@@ -70,9 +73,10 @@ def test_stacked_training_equals_per_model_reference(case):
     X, y, rows, inits, hp, res = _stacked_run(spec, bn_layers, epochs=2, sgd_only=case == "resnet2-bn")
     for m in range(4):
         def alone(epochs, init=inits[m]):
-            return D.train_single_reference(spec, init, X, y, rows[m], 32, epochs, float(hp["lr"][m]),
-                                            float(hp["weight_decay"][m]), "adam" if hp["use_adam"][m] else "sgd",
-                                            10 + m, bn_layers=bn_layers)
+            return ZT.train_single_reference(spec, init, X, y, rows[m], batch_size=32, epochs=epochs,
+                                             lr=float(hp["lr"][m]), weight_decay=float(hp["weight_decay"][m]),
+                                             optimizer="adam" if hp["use_adam"][m] else "sgd", batch_seed=10 + m,
+                                             bn_layers=bn_layers)
 
         state = (lambda e: {k: v[m] for k, v in (res.bn_state[e] if bn_layers else res.params[e]).items()})
         ref = alone(2)
@@ -89,7 +93,7 @@ def test_stacked_training_equals_per_model_reference(case):
                       for k, v in inits[m].items()}
             sensitivity = _max_diff(alone(2, nudged), ref)
             assert d < sensitivity, f"{case} model {m}: {d:.2e} from the reference, which moves {sensitivity:.2e}"
-        folded = D.fold_bn_state(spec, state(2)) if bn_layers else state(2)  # the stored weights are the fold
+        folded = ZT.fold_bn_state(spec, state(2)) if bn_layers else state(2)  # the stored weights are the fold
         for k in spec.param_shapes():
             assert torch.allclose(res.params[2][k][m], folded[k], atol=1e-6, rtol=1e-6), f"{case} model {m} {k} folded"
         assert not torch.allclose(ref["layers.1.weight"], inits[m]["layers.1.weight"]), "training did not move"
@@ -107,9 +111,9 @@ def test_stacked_training_equals_per_model_reference(case):
 def test_folded_checkpoint_computes_the_batchnorm_network_in_eval_mode(case):
     spec, bn_layers = FAMILY_CASES[case]
     X, y, rows, _, _, res = _stacked_run(spec, bn_layers, epochs=6)
-    _, _, Xte, yte = D.load_task_data("digits")
+    _, _, Xte, yte = T.load_task_data("digits")
     for m in range(4):
-        net = D.BatchNormSpecNet(spec, bn_layers, {k: v[m] for k, v in res.bn_state[6].items()})
+        net = ZT.BatchNormSpecNet(spec, bn_layers, {k: v[m] for k, v in res.bn_state[6].items()})
         stored = {k: v[m] for k, v in res.params[6].items()}
         with torch.no_grad():
             out_bn = net.eval()(Xte)
@@ -161,8 +165,8 @@ def test_family_zoo_metadata_cards_and_stored_metrics(family_zoo):
     for i in range(len(zoo)):  # stored specs are plain (pool/flatten/shortcut fields) and compute the recorded metric
         model = zoo[i]
         assert set(model.state_dict) == set(model.spec.param_shapes())
-        _, _, Xte, yte = D.load_task_data(model.meta["task"])
-        acc = (A.forward(model.spec, model.state_dict, D.inputs_for_spec(model.spec, Xte)).argmax(1) == yte)
+        _, _, Xte, yte = T.load_task_data(model.meta["task"])
+        acc = (A.forward(model.spec, model.state_dict, T.inputs_for_spec(model.spec, Xte)).argmax(1) == yte)
         assert abs(acc.float().mean().item() - model.meta["test_acc"]) < 1e-6
     chance = 1.0 / m["shape_group"].str.extract(r"out(\d+)")[0].astype(int)
     assert (m["test_acc"] > chance + 0.1).mean() >= 0.75, m[["arch_name", "batchnorm", "task", "lr", "test_acc"]]
@@ -174,7 +178,7 @@ def test_zoo_family_graph_round_trip(family_zoo, kind):
     i = _first(zoo, lambda s, r: any(l.flatten for l in s.layers) if kind == "flat"
                else any(l.residual_from is not None for l in s.layers))
     spec, sd = zoo.spec(i), zoo.state_dict(i)
-    _, _, Xte, _ = D.load_task_data(zoo.metadata["task"][i])
+    _, _, Xte, _ = T.load_task_data(zoo.metadata["task"][i])
     for canon in (False, True):
         conv = WeightToGraph(max_kernel=5, canonicalize=canon)
         data = conv.to_graph(spec, sd, model_idx=i)
@@ -191,7 +195,7 @@ def test_embedding_invariant_to_coupled_permutation_of_trained_residual_model(fa
     i = _first(zoo, lambda s, r: any(l.residual_from is not None for l in s.layers))
     spec, sd = zoo.spec(i), zoo.state_dict(i)
     assert spec.residual_groups(), "expected channels coupled by shortcuts"
-    _, _, Xte, _ = D.load_task_data(zoo.metadata["task"][i])
+    _, _, Xte, _ = T.load_task_data(zoo.metadata["task"][i])
     g = torch.Generator().manual_seed(0)
     sd2 = rescale_hidden(spec, permute_hidden(spec, sd, generator=g), generator=g, low=0.3, high=3.0)
     assert max((sd[k] - sd2[k]).abs().max() for k in sd) > 1e-2  # really different weights
