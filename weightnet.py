@@ -2,7 +2,7 @@
 
 A network is read as a sequence of layers, each a *set* of neurons:
 
-1. Neuron tokens: the node encoding of gnn_encoder (bias, type, activation, layer position,
+1. Neuron tokens: the node encoding of encoder_blocks (bias, type, activation, layer position,
    IO position) refined by ``summary_steps`` factorized message-passing steps, so each token
    holds a permutation-invariant summary (sums) of its incoming and outgoing weights.
 2. Intra-layer attention: self-attention among the neurons of one layer of one graph, with no
@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from torch_geometric.data import Batch, Data
 from torch_geometric.utils import scatter, to_dense_batch
 
-from gnn_encoder import (NODE_HIDDEN, NODE_INPUT, NODE_OUTPUT, FactorizedEdgeConv, NodeEncoder, _check_range, edge_incidence,
-                         graph_fields, projection_head, standardize_inputs)
+from encoder_blocks import (NODE_HIDDEN, NODE_INPUT, NODE_OUTPUT, FactorizedEdgeConv, NodeEncoder, _check_range,
+                            edge_incidence, graph_fields, projection_head, standardize_inputs)
 
 
 def _encoder_stack(hidden_dim: int, num_heads: int, num_layers: int, dropout: float) -> nn.TransformerEncoder:
@@ -117,7 +117,7 @@ class WeightNet(nn.Module):
             raise ValueError(f"graphs have edge_attr of width {f['edge_attr'].size(-1)}, the encoder expects {self.edge_dim}")
         node_type, layer, b, num_graphs = f["node_type"], f["layer_index"], f["batch"], f["num_graphs"]
         # 1. neuron tokens
-        e, f["x_std"], _ = standardize_inputs(f, self.max_layers)  # see gnn_encoder.standardize_inputs
+        e, f["x_std"], _ = standardize_inputs(f, self.max_layers)  # see encoder_blocks.standardize_inputs
         h = self.node_encoder(f)
         edge_index = f["edge_index"]
         inc = edge_incidence(edge_index, h.size(0))

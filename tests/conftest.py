@@ -93,13 +93,13 @@ def assert_fused_matches_pyg(make_encoder, batch, name: str) -> dict:
     """Run ``make_encoder()`` twice on ``batch``, with the fused edge kernel and with the plain PyG path
     (``FactorizedEdgeConv.fused``), and assert equal embeddings and gradients. Returns the fused run's
     gradients {param name: grad} for further checks."""
-    import gnn_encoder as G
+    from encoder_blocks import FactorizedEdgeConv
 
     out = []
     for fused in (True, False):
         enc = make_encoder()
         for m in enc.modules():
-            if isinstance(m, G.FactorizedEdgeConv):
+            if isinstance(m, FactorizedEdgeConv):
                 m.fused = fused
         z = enc(batch)
         enc.project(z).square().sum().backward()

@@ -13,6 +13,7 @@ import torch
 from torch_geometric.data import Batch
 
 import architecture as A
+import encoder_blocks as EB
 import gnn_encoder as G
 from conftest import assert_fused_matches_pyg
 from weight_to_graph import WeightToGraph, extension_features
@@ -51,10 +52,10 @@ def mixed_batch(trained_models) -> Batch:
 
 def test_gather_add_equals_index_select(mixed_batch):
     n = mixed_batch.num_nodes
-    inc = G.edge_incidence(mixed_batch.edge_index, n)
+    inc = EB.edge_incidence(mixed_batch.edge_index, n)
     src, dst = mixed_batch.edge_index
     a, b = torch.randn(n, 7), torch.randn(n, 7)
-    torch.testing.assert_close(G._gather_add(a, b, inc), a[dst] + b[src], rtol=0, atol=0)
+    torch.testing.assert_close(EB._gather_add(a, b, inc), a[dst] + b[src], rtol=0, atol=0)
 
 
 def test_csr_incidence_sums_equal_scatter(mixed_batch):
@@ -62,17 +63,17 @@ def test_csr_incidence_sums_equal_scatter(mixed_batch):
     # residual edges come after each graph's weight edges: dst is not sorted, so both CSRs go through the sort
     assert not bool((dst[1:] >= dst[:-1]).all())
     n = mixed_batch.num_nodes
-    inc = G.edge_incidence(mixed_batch.edge_index, n)
+    inc = EB.edge_incidence(mixed_batch.edge_index, n)
     assert inc.to_dst.crow_indices().dtype == torch.int32
     s = torch.randn(src.numel(), 5, dtype=torch.float64)
     for csr, index in ((inc.to_dst, dst), (inc.to_src, src)):
         ref = torch.zeros(n, 5, dtype=torch.float64).index_add_(0, index, s)
-        torch.testing.assert_close(G._csr_sum(csr, s), ref)
+        torch.testing.assert_close(EB._csr_sum(csr, s), ref)
     # a graph of the contract alone (dst-sorted): the no-sort branch
     g = mixed_batch.get_example(0)
-    inc1 = G.edge_incidence(g.edge_index, g.num_nodes)
+    inc1 = EB.edge_incidence(g.edge_index, g.num_nodes)
     s1 = torch.randn(g.edge_index.size(1), 3)
-    torch.testing.assert_close(G._csr_sum(inc1.to_dst, s1), torch.zeros(g.num_nodes, 3).index_add_(0, g.edge_index[1], s1))
+    torch.testing.assert_close(EB._csr_sum(inc1.to_dst, s1), torch.zeros(g.num_nodes, 3).index_add_(0, g.edge_index[1], s1))
 
 
 @pytest.mark.parametrize("name", ["gnn", "weightnet"])
@@ -92,13 +93,13 @@ def test_fused_kernel_partial_gradients():
     torch.manual_seed(0)
     n, h = 7, 4
     edge_index = torch.tensor([[0, 1, 2, 0, 3, 4, 5], [3, 3, 3, 4, 5, 5, 6]])
-    inc = G.edge_incidence(edge_index, n)
+    inc = EB.edge_incidence(edge_index, n)
     src, dst = edge_index
     leaves = [torch.randn(n, h), torch.randn(n, h), torch.randn(7, 3), torch.randn(h, 3)]
     for pick in (0, 1, 2):
         ins = [t.clone().requires_grad_() for t in leaves]
         ref_ins = [t.clone().requires_grad_() for t in leaves]
-        outs = G._FusedEdgeMessage.apply(*ins, inc)
+        outs = EB._FusedEdgeMessage.apply(*ins, inc)
         a, b, e, w = ref_ins
         s = torch.relu(a[dst] + b[src] + e @ w.t())
         ref = (s, torch.zeros(n, h).index_add(0, dst, s), torch.zeros(n, h).index_add(0, src, s))
@@ -110,8 +111,8 @@ def test_fused_kernel_partial_gradients():
 
 
 def test_standardize_row_sums_match_direct_formula(mixed_batch):
-    f = G.graph_fields(mixed_batch)
-    e_std, x_std, log_w = G.standardize_inputs(f, max_layers=16)
+    f = EB.graph_fields(mixed_batch)
+    e_std, x_std, log_w = EB.standardize_inputs(f, max_layers=16)
     # the direct formula: nonzero kernel entries and squares per edge, pooled per (graph, layer of the dst)
     e, dst = f["edge_attr"], f["edge_index"][1]
     seg = (f["batch"] * 17 + f["layer_index"])[dst]

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch_geometric.data import Batch
 
+import encoder_blocks as EB
 import gnn_encoder as G
 from conftest import assert_fused_matches_pyg
 from symmetry import flip_signs, permute_hidden, rescale_hidden
@@ -127,10 +128,10 @@ def test_factorized_message_equals_concat_mlp_reference():
     """s_ij = relu(W [h_dst, h_src, e_ij] + b), aggregated both ways, as a dense loop would compute it."""
     torch.manual_seed(0)
     h_dim, e_dim, n = 8, 5, 6
-    conv = G.FactorizedEdgeConv(h_dim, e_dim)
+    conv = EB.FactorizedEdgeConv(h_dim, e_dim)
     edge_index = torch.tensor([[0, 1, 2, 0, 3, 4], [3, 3, 3, 4, 5, 5]])
     h, e = torch.randn(n, h_dim), torch.randn(edge_index.size(1), e_dim)
-    h_new, s = conv(h, e, G.edge_incidence(edge_index, n))
+    h_new, s = conv(h, e, EB.edge_incidence(edge_index, n))
     hn = conv.norm(h)
     w = torch.cat([conv.lin_dst.weight, conv.lin_src.weight, conv.lin_edge.weight], dim=1)  # (h, 2h + e)
     m_in, m_out = torch.zeros(n, h_dim), torch.zeros(n, h_dim)

@@ -17,10 +17,11 @@ from torch_geometric.data import Batch
 
 import architecture as A
 import data_prep as D
+import encoder_blocks as EB
+import gnn_encoder as G
 import tasks as T
 import zoo_plan as ZP
 import zoo_training as ZT
-import gnn_encoder as G
 from symmetry import permute_hidden, rescale_hidden
 from weight_to_graph import WeightToGraph
 
@@ -267,7 +268,7 @@ def test_extended_graphs_batch_independent_and_old_encoders_load(family_zoo, nam
     G.save_encoder(str(path), enc)
     raw = torch.load(path, weights_only=True)
     raw["state_dict"] = {k: v for k, v in raw["state_dict"].items()
-                         if not any(k == f"node_encoder.{t}.weight" for t in G.NodeEncoder._EXTENSION_TABLES)}
+                         if not any(k == f"node_encoder.{t}.weight" for t in EB.NodeEncoder._EXTENSION_TABLES)}
     assert len(raw["state_dict"]) == len(enc.state_dict()) - 3
     torch.save(raw, path)
     with warnings.catch_warnings(record=True) as w:
