@@ -99,7 +99,8 @@ class StackedBatchNorm:
 def fold_bn_state(spec: A.ArchitectureSpec, state: Mapping[str, torch.Tensor], eps: float = BN_EPS
                   ) -> dict[str, torch.Tensor]:
     """Fold the eval-mode BatchNorms of an unfolded state (``StackedBatchNorm.state`` keys, one model or a
-    leading model dim) into their convs -> a plain state_dict of ``spec`` (``checkpoint_import.fold_batchnorm``)."""
+    leading model dim) into their convs -> a plain state_dict of ``spec`` (``checkpoint_import.fold_batchnorm``,
+    float32 precision, returned in the state's dtype)."""
     out = {k: state[k] for k in spec.param_shapes()}
     for i in range(len(spec.layers)):
         if f"layers.{i}.bn_weight" not in state:
@@ -107,11 +108,12 @@ def fold_bn_state(spec: A.ArchitectureSpec, state: Mapping[str, torch.Tensor], e
         w, b = state[f"layers.{i}.weight"], state[f"layers.{i}.bias"]
         bn = [state[f"layers.{i}.bn_{n}"] for n in ("running_mean", "running_var", "weight", "bias")]
         if w.dim() == 4:  # one model
-            out[f"layers.{i}.weight"], out[f"layers.{i}.bias"] = fold_batchnorm(w, b, *bn[:2], *bn[2:], eps=eps)
-            continue
-        folded = [fold_batchnorm(w[m], b[m], *(t[m] for t in bn), eps=eps) for m in range(len(w))]
-        out[f"layers.{i}.weight"] = torch.stack([f[0] for f in folded])
-        out[f"layers.{i}.bias"] = torch.stack([f[1] for f in folded])
+            folded = [fold_batchnorm(w, b, *bn, eps=eps)]
+        else:
+            folded = [fold_batchnorm(w[m], b[m], *(t[m] for t in bn), eps=eps) for m in range(len(w))]
+        for j, name in enumerate(("weight", "bias")):
+            t = torch.stack([f[j] for f in folded]) if w.dim() == 5 else folded[0][j]
+            out[f"layers.{i}.{name}"] = t.to(w.dtype)
     return out
 
 

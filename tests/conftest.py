@@ -110,3 +110,12 @@ def assert_fused_matches_pyg(make_encoder, batch, name: str) -> dict:
     for n in g1:
         torch.testing.assert_close(g1[n], g2[n], atol=1e-4, rtol=1e-3, msg=lambda m: f"{name} grad of {n}: {m}")
     return g1
+
+
+def assert_accuracy_of(logits: torch.Tensor, y: torch.Tensor, recorded: float, margin: float = 1e-4) -> None:
+    """``recorded`` is the accuracy of ``logits`` (N, C) on labels y, computed by another code path: equal up to
+    the rows whose top two logits lie within ``margin`` (relative), whose argmax float rounding may flip."""
+    top2 = logits.detach().float().topk(2, dim=1).values
+    near_tie = (top2[:, 0] - top2[:, 1]) <= margin * top2[:, 0].abs().clamp_min(1.0)
+    acc = (logits.argmax(1) == y).float().mean().item()
+    assert abs(acc - recorded) <= near_tie.float().mean().item() + 1e-6, (acc, recorded, int(near_tie.sum()))

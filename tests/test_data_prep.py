@@ -1,4 +1,4 @@
-"""Zoo: task registry, batched == single training, storage, sharding, user checkpoints."""
+"""Zoo: task registry, zoo generation, storage, sharding, user checkpoints (stacked training: test_zoo_training.py)."""
 from __future__ import annotations
 
 import json
@@ -19,6 +19,7 @@ import data_prep as D
 import tasks as T
 import zoo_plan as ZP
 import zoo_training as ZT
+from conftest import assert_accuracy_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TASKS = ["digits", "digits_perm_a", "digits_rot90", "digits_parity", "digits_lt5", "iris", "iris_perm"]
@@ -26,71 +27,6 @@ CONTRACT_COLUMNS = ["model_id", "run_id", "task", "dataset", "task_family", "sha
                     "arch_family", "activation", "num_params", "seed", "lr", "weight_decay", "init_scale",
                     "optimizer", "batch_size", "train_fraction", "epoch", "is_final", "train_acc", "test_acc",
                     "train_loss", "test_loss", "gen_gap", "model_card"]
-
-
-# ---------------------------------------------------------------- task registry
-
-def test_task_registry_invariants():
-    assert len(T.TASKS) >= 20
-    assert len({t.dataset for t in T.TASKS.values()}) >= 4
-    big = {g: ts for g, ts in T.shape_groups().items() if len(ts) >= 4}
-    assert len(big) >= 3, f"shape groups with >= 4 tasks: {big}"
-    for t in T.TASKS.values():
-        assert t.shape_group == f"in{t.num_features}-out{t.num_classes}"
-    # in one shape group: identical inputs with different labels, and identical labels with transformed inputs
-    Xa, ya, Xta, yta = T.load_task_data("digits")
-    Xp, yp, _, _ = T.load_task_data("digits_perm_a")
-    Xr, yr, _, _ = T.load_task_data("digits_rot90")
-    assert T.TASKS["digits"].shape_group == T.TASKS["digits_perm_a"].shape_group == T.TASKS["digits_rot90"].shape_group
-    assert torch.equal(Xa, Xp) and not torch.equal(ya, yp)
-    assert torch.equal(ya, yr) and not torch.equal(Xa, Xr)
-    assert torch.allclose(Xr.view(-1, 8, 8), torch.rot90(Xa.view(-1, 8, 8), 1, dims=(1, 2)))
-    # binary splits of the very same inputs (the dead-pixel fingerprint cannot tell them apart)
-    same_inputs = [t for t in T.shape_groups()["in64-out2"] if T.TASKS[t].transform == "none"]
-    assert len(same_inputs) >= 4
-    # standardised with train statistics
-    assert Xa.mean(0).abs().max() < 1e-4 and Xa.dtype == torch.float32 and ya.dtype == torch.int64
-    assert Xa.shape[1:] == (1, 8, 8) and len(Xta) == len(yta)
-
-
-@pytest.mark.parametrize("name", ["mnist", "mnist1d", "wine", "breast_cancer", "digits_0to4", "digits_5to9"])
-def test_load_task_data_shapes(name):
-    t = T.TASKS[name]
-    Xtr, ytr, Xte, yte = T.load_task_data(name)
-    assert Xtr.shape[1:] == t.input_shape and Xte.shape[1:] == t.input_shape
-    assert set(ytr.unique().tolist()) == set(range(t.num_classes))
-    assert torch.isfinite(Xtr).all() and len(Xtr) == len(ytr) > len(Xte) == len(yte) > 0
-
-
-# ---------------------------------------------------------------- batched == single
-
-@pytest.mark.parametrize("spec", [A.mlp_spec(64, [16, 12], 10, "tanh"), A.cnn_spec((1, 8, 8), [4, 6], 3, 10, "gelu")],
-                         ids=["mlp", "cnn"])
-def test_batched_training_equals_single(spec):
-    Xtr, ytr, _, _ = T.load_task_data("digits")
-    X = T.inputs_for_spec(spec, Xtr)
-    M = 4
-    inits = [ZT.init_params(spec, s, 0.7 + 0.3 * s) for s in range(M)]
-    init = {k: torch.stack([i[k] for i in inits]) for k in inits[0]}
-    g = torch.Generator().manual_seed(0)
-    rows = [torch.randperm(len(X), generator=g)[:n] for n in (300, 220, 300, 180)]  # unequal epochs: masked steps
-    lr = torch.tensor([5e-3, 2e-3, 0.05, 0.03])
-    wd = torch.tensor([1e-4, 0.0, 1e-3, 1e-5])
-    adam = torch.tensor([True, False, True, False])  # mixed optimizers in one stack
-    res = ZT.train_stacked(spec, init, X, ytr, rows, batch_size=32, epochs=2, lr=lr, weight_decay=wd, use_adam=adam,
-                           batch_seeds=[10, 11, 12, 13], checkpoint_epochs=[1, 2])
-    moved = False
-    for m in range(M):
-        sd = ZT.train_single_reference(spec, inits[m], X, ytr, rows[m], batch_size=32, epochs=2, lr=float(lr[m]),
-                                       weight_decay=float(wd[m]), optimizer="adam" if adam[m] else "sgd",
-                                       batch_seed=10 + m)
-        for k in sd:
-            assert torch.allclose(res.params[2][k][m], sd[k], atol=1e-5, rtol=0), f"model {m} {k}"
-            moved |= not torch.allclose(sd[k], inits[m][k])
-    assert moved, "training did not change the weights"
-    # the recorded metrics are those of the recorded weights
-    acc = (A.forward(spec, {k: v[0] for k, v in res.params[2].items()}, X[rows[0]]).argmax(1) == ytr[rows[0]])
-    assert abs(acc.float().mean().item() - res.metrics[2]["train_acc"][0].item()) < 1e-6
 
 
 # ---------------------------------------------------------------- a tiny real zoo
@@ -126,8 +62,8 @@ def test_tiny_zoo_trains_and_has_contract_columns(tiny_zoo_dir):
     i = int(np.flatnonzero(m["is_final"])[0])
     model = zoo[i]
     _, _, Xte, yte = T.load_task_data(model.meta["task"])
-    acc = (A.forward(model.spec, model.state_dict, T.inputs_for_spec(model.spec, Xte)).argmax(1) == yte)
-    assert abs(acc.float().mean().item() - model.meta["test_acc"]) < 1e-6
+    assert_accuracy_of(A.forward(model.spec, model.state_dict, T.inputs_for_spec(model.spec, Xte)), yte,
+                       model.meta["test_acc"])
 
 
 def test_storage_roundtrip_subset_and_reuse(tiny_zoo_dir, tmp_path, monkeypatch):
@@ -203,32 +139,6 @@ def test_worker_processes_make_the_same_zoo(tmp_path):
     for i in range(len(inproc)):
         for k, v in inproc.state_dict(i).items():
             assert torch.equal(v, pooled.state_dict(i)[k]), (i, k)
-
-
-def test_source_cache_is_rebuilt_when_damaged(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("WEIGHTZOO_DATA_CACHE", str(tmp_path))
-    T._load_source.cache_clear()
-    try:
-        fresh = T._load_source("iris")
-        cache = T._source_cache_path("iris")
-        assert cache.parent == tmp_path and cache.exists()
-        T._load_source.cache_clear()
-        assert all(np.array_equal(a, b) for a, b in zip(fresh, T._load_source("iris")))  # read back from the cache
-        cache.write_bytes(cache.read_bytes()[:100])  # truncated
-        T._load_source.cache_clear()
-        with caplog.at_level("WARNING"):
-            rebuilt = T._load_source("iris")
-        assert "unreadable" in caplog.text and str(cache) in caplog.text
-        assert all(np.array_equal(a, b) for a, b in zip(fresh, rebuilt))
-        assert np.load(cache)["x"].shape == fresh[0].shape  # rewritten whole
-    finally:
-        T._load_source.cache_clear()
-
-
-def test_missing_source_package_is_named(monkeypatch):
-    monkeypatch.setitem(T._SOURCE_PACKAGES, "iris", "no-such-package-xyz")
-    with pytest.raises(RuntimeError, match="'iris'.*'no-such-package-xyz'.*not installed"):
-        T._source_cache_path("iris")
 
 
 def test_cli_generate_and_info(tmp_path, capsys):

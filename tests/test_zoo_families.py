@@ -1,10 +1,10 @@
 """The zoo's families of published shapes: Conv-BN-ReLU-MaxPool CNNs with a flatten head ("cnn-bn") and
 small ResNet-style CNNs ("resnet", with and without BatchNorm).
 
-Stacked (batched) training equals per-model torch training, BatchNorm included; the stored checkpoints
-(BatchNorm folded, eval mode) compute what the BatchNorm network computes; zoo models of each family
-convert to neuron graphs and back; the GNN embedding of a trained residual model is invariant to
-channel permutations coupled across its shortcuts; and the encoders tell max from average pooling.
+A tiny zoo of the families has the metadata, model cards and metrics it should; its models convert to
+neuron graphs and back; the GNN embedding of a trained residual model is invariant to channel permutations
+coupled across its shortcuts; and the encoders tell max from average pooling. (Stacked training of these
+families equals per-model torch training: tests/test_zoo_training.py.)
 """
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ import data_prep as D
 import encoder_blocks as EB
 import gnn_encoder as G
 import tasks as T
-import zoo_plan as ZP
-import zoo_training as ZT
+from conftest import assert_accuracy_of
 from symmetry import permute_hidden, rescale_hidden
 from weight_to_graph import WeightToGraph
 
@@ -33,98 +32,6 @@ TASKS = ["digits", "digits_parity"]
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).norm(dim=-1) / a.norm(dim=-1).clamp_min(1e-12)
-
-
-FAMILY_CASES = {  # name -> (spec, BatchNorm layers)
-    "cnn-bn-max": (ZP.cnn_bn_spec((1, 8, 8), (4, 6), 12, 10, "max2"), (0, 1)),
-    "cnn-bn-avg": (ZP.cnn_bn_spec((1, 8, 8), (4, 6), 12, 10, "avg2"), (0, 1)),
-    "resnet-bn": (ZP.resnet_spec((1, 8, 8), 6, 1, 10), (0, 1, 2)),
-    "resnet": (ZP.resnet_spec((1, 8, 8), 6, 2, 10), ()),
-    "resnet2-bn": (ZP.resnet_spec((1, 8, 8), 6, 2, 10), (0, 1, 2, 3, 4)),
-}
-# Stacked == reference is checked where training is not chaotic. With BatchNorm after all 5 convs of a two-block
-# net, Adam is: changing its lr by 2e-10 (relative) moves the reference's own weights by 1e-3 after 2 epochs
-# (Adam's first steps are +-lr for coordinates whose gradient is rounding noise), so float rounding differences
-# between the stacked and the per-model loop are amplified the same way; that case is compared with SGD only.
-
-
-def _stacked_run(spec, bn_layers, epochs: int, sgd_only: bool = False):
-    Xtr, ytr, _, _ = T.load_task_data("digits")
-    X = T.inputs_for_spec(spec, Xtr)
-    inits = [ZT.init_params(spec, s, 0.7 + 0.3 * s, bn_layers) for s in range(4)]
-    init = {k: torch.stack([i[k] for i in inits]) for k in inits[0]}
-    g = torch.Generator().manual_seed(0)
-    rows = [torch.randperm(len(X), generator=g)[:n] for n in (300, 220, 300, 180)]  # unequal epochs: masked steps
-    hp = dict(lr=torch.tensor([5e-3, 2e-2, 1e-2, 0.05]), weight_decay=torch.tensor([1e-4, 0.0, 1e-3, 1e-5]),
-              use_adam=torch.tensor([True, False, True, False]))  # mixed optimizers in one stack
-    if sgd_only:
-        hp.update(lr=torch.tensor([0.03, 2e-2, 0.01, 0.05]), use_adam=torch.zeros(4, dtype=torch.bool))
-    res = ZT.train_stacked(spec, init, X, ytr, rows, batch_size=32, epochs=epochs, batch_seeds=[10, 11, 12, 13],
-                          checkpoint_epochs=[1, epochs], bn_layers=bn_layers, **hp)
-    return X, ytr, rows, inits, hp, res
-
-
-def _max_diff(a, b) -> float:
-    return max((a[k] - b[k]).abs().max().item() for k in b)
-
-
-@pytest.mark.parametrize("case", list(FAMILY_CASES))
-def test_stacked_training_equals_per_model_reference(case):
-    spec, bn_layers = FAMILY_CASES[case]
-    X, y, rows, inits, hp, res = _stacked_run(spec, bn_layers, epochs=2, sgd_only=case == "resnet2-bn")
-    for m in range(4):
-        def alone(epochs, init=inits[m]):
-            return ZT.train_single_reference(spec, init, X, y, rows[m], batch_size=32, epochs=epochs,
-                                             lr=float(hp["lr"][m]), weight_decay=float(hp["weight_decay"][m]),
-                                             optimizer="adam" if hp["use_adam"][m] else "sgd", batch_seed=10 + m,
-                                             bn_layers=bn_layers)
-
-        state = (lambda e: {k: v[m] for k, v in (res.bn_state[e] if bn_layers else res.params[e]).items()})
-        ref = alone(2)
-        assert set(state(2)) == set(ref)
-        # after one epoch (masked steps included) every family agrees to 1e-5
-        assert _max_diff(state(1), alone(1)) < 1e-5, f"{case} model {m} epoch 1"
-        # after two, float rounding (grouped vs single conv kernels) can be amplified by the run itself: then the
-        # stacked result must lie no further from the reference than the reference moves for a 1e-6 change of
-        # its init (measured: resnet2-bn model 3, 4.5e-5 vs 9.6e-4; everything else < 3e-6)
-        d = _max_diff(state(2), ref)
-        if d >= 1e-5:
-            g = torch.Generator().manual_seed(0)
-            nudged = {k: v + 1e-6 * torch.randn(v.shape, generator=g) if k.endswith("weight") else v
-                      for k, v in inits[m].items()}
-            sensitivity = _max_diff(alone(2, nudged), ref)
-            assert d < sensitivity, f"{case} model {m}: {d:.2e} from the reference, which moves {sensitivity:.2e}"
-        folded = ZT.fold_bn_state(spec, state(2)) if bn_layers else state(2)  # the stored weights are the fold
-        for k in spec.param_shapes():
-            assert torch.allclose(res.params[2][k][m], folded[k], atol=1e-6, rtol=1e-6), f"{case} model {m} {k} folded"
-        assert not torch.allclose(ref["layers.1.weight"], inits[m]["layers.1.weight"]), "training did not move"
-    if bn_layers:  # the running statistics really moved (so folding is not the identity) ...
-        rv = res.bn_state[2][f"layers.{bn_layers[-1]}.bn_running_var"]
-        assert (rv - 1).abs().max() > 0.05
-        # ... and the model whose epoch ended first kept them unchanged through the masked steps (checked above)
-    # the recorded metrics are those of the stored (folded, eval-mode) weights, for every model of the stack
-    for m in range(4):
-        acc = A.forward(spec, {k: v[m] for k, v in res.params[2].items()}, X[rows[m]]).argmax(1) == y[rows[m]]
-        assert abs(acc.float().mean().item() - res.metrics[2]["train_acc"][m].item()) < 1e-6
-
-
-@pytest.mark.parametrize("case", ["cnn-bn-max", "resnet2-bn"])
-def test_folded_checkpoint_computes_the_batchnorm_network_in_eval_mode(case):
-    spec, bn_layers = FAMILY_CASES[case]
-    X, y, rows, _, _, res = _stacked_run(spec, bn_layers, epochs=6)
-    _, _, Xte, yte = T.load_task_data("digits")
-    for m in range(4):
-        net = ZT.BatchNormSpecNet(spec, bn_layers, {k: v[m] for k, v in res.bn_state[6].items()})
-        stored = {k: v[m] for k, v in res.params[6].items()}
-        with torch.no_grad():
-            out_bn = net.eval()(Xte)
-            out_train_mode = net.train()(Xte)  # batch statistics (this also moves the running ones: last)
-        out_folded = A.forward(spec, stored, Xte)
-        assert not torch.allclose(out_bn, out_train_mode, atol=1e-2), "eval-mode BN equals batch statistics"
-        assert torch.allclose(out_folded, out_bn, atol=1e-4, rtol=1e-4), (out_folded - out_bn).abs().max()
-        assert torch.equal(out_folded.argmax(1), out_bn.argmax(1))
-        acc = (out_bn.argmax(1) == yte).float().mean().item()
-        assert acc > 0.3, f"{case} model {m} did not train (test acc {acc:.2f})"
 
 
 # ------------------------------------------------------------------------------ a tiny zoo of the families
@@ -167,8 +74,8 @@ def test_family_zoo_metadata_cards_and_stored_metrics(family_zoo):
         model = zoo[i]
         assert set(model.state_dict) == set(model.spec.param_shapes())
         _, _, Xte, yte = T.load_task_data(model.meta["task"])
-        acc = (A.forward(model.spec, model.state_dict, T.inputs_for_spec(model.spec, Xte)).argmax(1) == yte)
-        assert abs(acc.float().mean().item() - model.meta["test_acc"]) < 1e-6
+        assert_accuracy_of(A.forward(model.spec, model.state_dict, T.inputs_for_spec(model.spec, Xte)), yte,
+                           model.meta["test_acc"])
     chance = 1.0 / m["shape_group"].str.extract(r"out(\d+)")[0].astype(int)
     assert (m["test_acc"] > chance + 0.1).mean() >= 0.75, m[["arch_name", "batchnorm", "task", "lr", "test_acc"]]
 
