@@ -4,7 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: install install-extra experiment test clean
+# Numerics-sensitive tests (equivalences, symmetries, encoders, the zoo): CI runs them again with
+# OMP_NUM_THREADS=1 and with older-CPU kernels (.ci/run).
+NUMERICS_TESTS := tests/test_zoo_training.py tests/test_zoo_families.py tests/test_symmetry.py \
+    tests/test_weight_to_graph.py tests/test_gnn_encoder.py tests/test_edge_kernels.py tests/test_merging.py \
+    tests/test_ddp.py
+
+.PHONY: install install-extra experiment test test-numerics clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +27,9 @@ experiment: install
 
 test: install
 	$(PY) -m pytest -q tests $(ARGS)
+
+test-numerics: install
+	$(PY) -m pytest -q $(NUMERICS_TESTS) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
