@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import TrainConfig
-from dataloader import SELF_SUPERVISED_RECIPES, Split, ViewFn, build_loaders, check_recipe, embed_loader
+from dataloader import SELF_SUPERVISED_RECIPES, Split, ViewFn, build_loaders, check_recipe
 from runtime import (DistInfo, all_gather, atomic_torch_save, atomic_write_json, autocast_context, progress,
                      seed_everything, set_rng_state, rng_state, single_process, world)
 
@@ -636,12 +636,7 @@ def split_digest(split: Split) -> str:
     return h.hexdigest()[:16]
 
 
-def _trained_settings(train: TrainConfig) -> dict[str, Any]:
-    """The fields of ``train`` that change the trained weights (DataLoader workers do not)."""
-    return {k: v for k, v in asdict(train).items() if k in FIT_FIELDS}
-
-
-# TrainConfig fields fit_contrastive reads (besides epochs and num_workers)
+# the TrainConfig fields that change what fit_contrastive trains (epochs may grow on resume; workers change nothing)
 FIT_FIELDS = ("batch_size", "learning_rate", "weight_decay", "temperature", "weak_supervision", "weak_targets",
               "hard_negative_beta", "grad_clip", "lr_schedule")
 
@@ -664,28 +659,27 @@ def fit_contrastive(encoder: nn.Module, graphs: Sequence[Any], meta_df: Any, spl
     epochs = train.epochs if epochs is None else epochs
     loaders = build_loaders(graphs, meta_df, split, recipe, train.batch_size, view_fn, seed, train.num_workers,
                             dist.rank, dist.world_size, transform)
-    ckpt = checkpoint
-    config = None if ckpt is None else {**ckpt.config, "train": _trained_settings(train), "recipe": recipe,
-                                        "split": split_digest(split)}
+    model_args = config = last = resume_from = None
+    if checkpoint is not None:
+        model_args, last = checkpoint.model_args, Path(checkpoint.directory) / CHECKPOINT_NAME
+        config = {**checkpoint.config, "recipe": recipe, "split": split_digest(split),
+                  "train": {k: v for k, v in asdict(train).items() if k in FIT_FIELDS}}
+        if last.exists() and checkpoint.resume:
+            resume_from = last
+        elif last.exists() and dist.is_master:
+            log.info("%s exists but --resume was not given: training afresh", last)
     fw = ContrastiveLearningFramework(
         encoder, NTXentLoss(train.temperature, train.hard_negative_beta), dist.device, dist,
         supervised_positives=recipe == "supcon", weak_supervision=train.weak_supervision,
         weak_targets=train.weak_targets, num_tasks=len(loaders.task_vocab), grad_clip=train.grad_clip, seed=seed,
-        model_args=None if ckpt is None else ckpt.model_args, config=config, show_progress=show_progress)
+        model_args=model_args, config=config, show_progress=show_progress)
     opt, sched = build_optimizer(fw.parameters(), train.learning_rate, train.weight_decay, train.lr_schedule, epochs)
     val_fn = None
     if loaders.val_embed is not None:
         val_fn = make_retrieval_val_fn(loaders.val_embed, np.asarray(meta_df["task"])[split.val],
                                        np.asarray(meta_df["run_id"])[split.val], dist.device, VAL_K)
-    resume_from = None
-    if ckpt is not None and (Path(ckpt.directory) / CHECKPOINT_NAME).exists():
-        if ckpt.resume:
-            resume_from = Path(ckpt.directory) / CHECKPOINT_NAME
-        elif dist.is_master:
-            log.info("%s exists but --resume was not given: training afresh", Path(ckpt.directory) / CHECKPOINT_NAME)
-    history, best = fw.train(loaders.train, loaders.val, epochs, opt, sched,
-                             checkpoint_dir=None if ckpt is None else ckpt.directory, resume_from=resume_from,
-                             val_fn=val_fn)
+    history, best = fw.train(loaders.train, loaders.val, epochs, opt, sched, resume_from=resume_from, val_fn=val_fn,
+                             checkpoint_dir=None if last is None else last.parent)
     return Fit(best, history, loaders.info)
 
 
