@@ -468,7 +468,8 @@ class ContrastiveLearningFramework:
         }
 
     def _check_resume_config(self, ckpt: Mapping[str, Any], path: Any) -> None:
-        """Refuse a checkpoint of another seed, encoder or config (``epochs`` may grow)."""
+        """Refuse a checkpoint of another seed, encoder or config (the number of epochs included: the
+        learning-rate schedule spans it)."""
         if ckpt["seed"] != self.seed:
             raise ValueError(f"cannot resume from {path}: seed {ckpt['seed']} != {self.seed}")
         if ckpt["model_args"] != self.model_args:
@@ -479,7 +480,7 @@ class ContrastiveLearningFramework:
             for k, v in d.items():
                 if isinstance(v, Mapping):
                     out.update(flat(v, f"{pre}{k}."))
-                elif k != "epochs":
+                else:
                     out[f"{pre}{k}"] = v
             return out
 
@@ -636,7 +637,7 @@ def split_digest(split: Split) -> str:
     return h.hexdigest()[:16]
 
 
-# the TrainConfig fields that change what fit_contrastive trains (epochs may grow on resume; workers change nothing)
+# the TrainConfig fields that change what fit_contrastive trains (DataLoader workers change nothing)
 FIT_FIELDS = ("batch_size", "learning_rate", "weight_decay", "temperature", "weak_supervision", "weak_targets",
               "hard_negative_beta", "grad_clip", "lr_schedule")
 
@@ -663,7 +664,7 @@ def fit_contrastive(encoder: nn.Module, graphs: Sequence[Any], meta_df: Any, spl
     if checkpoint is not None:
         model_args, last = checkpoint.model_args, Path(checkpoint.directory) / CHECKPOINT_NAME
         config = {**checkpoint.config, "recipe": recipe, "split": split_digest(split),
-                  "train": {k: v for k, v in asdict(train).items() if k in FIT_FIELDS}}
+                  "train": {**{k: v for k, v in asdict(train).items() if k in FIT_FIELDS}, "epochs": epochs}}
         if last.exists() and checkpoint.resume:
             resume_from = last
         elif last.exists() and dist.is_master:

@@ -220,6 +220,34 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
                        torch.load(tmp_path / "straight" / "best.pt", weights_only=True)["out.0.weight"])
 
 
+def test_fit_contrastive_checkpoint_resumes_only_the_same_training(toy, tmp_path):
+    graphs, meta, split = toy
+    train, one = TrainConfig(batch_size=16, epochs=2), runtime.single_process()
+    ck = C.Checkpointing(tmp_path, {"name": "standin", "kwargs": {"hidden_dim": 16}}, {"data": "toy"}, resume=True)
+
+    def fit(**kw):
+        torch.manual_seed(0)
+        return C.fit_contrastive(StandInGNN(), graphs, meta, split, kw.pop("recipe", "checkpoint"), train, one,
+                                 seed=0, checkpoint=kw.pop("checkpoint", ck), **kw)
+
+    first = fit()
+    last = C.load_checkpoint(tmp_path)
+    assert set(C.CHECKPOINT_KEYS) <= set(last) and last["epoch"] == 2
+    assert last["model_args"] == ck.model_args and last["best_metric"] == first.history["best_metric"]
+    assert last["config"]["recipe"] == "checkpoint" and last["config"]["train"]["epochs"] == 2
+    written = (tmp_path / C.CHECKPOINT_NAME).stat().st_mtime_ns
+    again = fit()  # finished: loaded from last.pt, not trained again
+    assert (tmp_path / C.CHECKPOINT_NAME).stat().st_mtime_ns == written and again.history == first.history
+    for k, v in first.encoder.state_dict().items():
+        assert torch.equal(again.encoder.state_dict()[k], v)
+    with pytest.raises(ValueError, match="train.epochs"):
+        fit(epochs=3)  # the cosine schedule spans the epochs: another number is another training
+    with pytest.raises(ValueError, match="recipe"):
+        fit(recipe="supcon")
+    fit(checkpoint=dataclasses.replace(ck, resume=False), epochs=1)  # without resume: trained afresh
+    assert C.load_checkpoint(tmp_path)["epoch"] == 1
+
+
 # ----------------------------------------------------------------------------- recipes + real encoder
 def test_comparison_and_training_share_one_setup(toy, monkeypatch):
     # compare_view_recipes trains through fit_contrastive: the run's schedule, clipping and workers apply
