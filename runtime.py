@@ -5,8 +5,9 @@ initialises the process group (nccl on GPUs, gloo on CPU) and picks the device; 
 :class:`DistInfo` it returns is passed down, and rank 0 (``is_master``) alone logs and writes.
 :func:`resolve_device` is the one place that names the GPU backend.
 
-Every file a run may be killed while writing (checkpoints, results, histories) goes through
-:func:`atomic_write_json` / :func:`atomic_torch_save`: a temporary file, then ``os.replace``.
+Training checkpoints, histories and results.json are written with :func:`atomic_torch_save` /
+:func:`atomic_write_json` (a temporary file, then ``os.replace``), so a killed run never leaves
+half of one for ``--resume`` to read.
 """
 from __future__ import annotations
 
