@@ -66,6 +66,8 @@ class AugmentConfig:
     prune_fraction: float = _f(0.0, "fraction of smallest-magnitude weights pruned (0 disables)")
     rescale_low: float = _f(0.5, "smallest per-neuron scaling factor of the rescale view (log-uniform)")
     rescale_high: float = _f(2.0, "largest per-neuron scaling factor of the rescale view (log-uniform)")
+    erase_fraction: float = _f(0.0, "length of one random contiguous span of weights zeroed per view, as a fraction "
+                                    "of all weights and biases (seed 004's erasing; 0 disables)")
 
 
 @dataclass

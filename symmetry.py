@@ -38,7 +38,7 @@ import copy
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -288,12 +288,51 @@ def _replace(data: Data, **tensors: Tensor) -> Data:
     return out
 
 
+# Graph fields holding the network's weights, which every symmetry transformation moves: the weights themselves
+# and, on the views of the reconstruction objective (reconstruction.py), the clean weights the decoder must return.
+# Perturbations (noise, dropout, pruning, erasing) change x and edge_attr only.
+NODE_WEIGHT_FIELDS = ("x", "target_x")
+EDGE_WEIGHT_FIELDS = ("edge_attr", "target_edge_attr")
+
+
+def _transform(data: Data, node_fn: Any, edge_fn: Any) -> Data:
+    """``data`` with ``node_fn``/``edge_fn`` applied to each of its node/edge weight fields."""
+    out = {k: node_fn(data[k]) for k in NODE_WEIGHT_FIELDS if k in data}
+    out.update({k: edge_fn(data[k]) for k in EDGE_WEIGHT_FIELDS if k in data})
+    return _replace(data, **out)
+
+
+def erase_spans(sizes: Sequence[int], fraction: float, generator: torch.Generator | None = None
+                ) -> list[tuple[int, int]]:
+    """One random contiguous span of ``round(fraction * sum(sizes))`` entries over blocks of ``sizes`` laid end
+    to end (seed 004's erasing); returns its part ``(start, stop)`` within each block (``start == stop``: none)."""
+    n = int(sum(sizes))
+    length = int(round(fraction * n))
+    start = int(torch.randint(0, n - length + 1, (1,), generator=generator))
+    spans, offset = [], 0
+    for size in sizes:
+        a, b = min(max(start - offset, 0), size), min(max(start + length - offset, 0), size)
+        spans.append((a, b))
+        offset += size
+    return spans
+
+
+def _erase(blocks: Sequence[Tensor], fraction: float, generator: torch.Generator | None) -> None:
+    """Zero one random contiguous span (:func:`erase_spans`) of ``blocks`` flattened in order, in place."""
+    for t, (a, b) in zip(blocks, erase_spans([t.numel() for t in blocks], fraction, generator)):
+        if b > a:
+            flat = t.reshape(-1)  # a copy when t is strided (a kernel window), written back below
+            flat[a:b] = 0
+            t.copy_(flat.view_as(t))
+
+
 def permute_graph(data: Data, generator: torch.Generator | None = None) -> Data:
     """Randomly relabel the hidden neurons of one neuron graph, keeping the node/edge order contract.
 
     Equals ``to_graph(permute_hidden(spec, sd))`` (with the same permutations): node ``j`` of a
     hidden layer takes the bias of old node ``p[j]``, and edge (o, i) of layer l the weight of old
-    edge (p_l[o], p_{l-1}[i]). Only ``x`` and ``edge_attr`` change.
+    edge (p_l[o], p_{l-1}[i]). Only the weight fields change (``x``, ``edge_attr`` and the reconstruction
+    targets ``target_x``, ``target_edge_attr`` where present: :data:`NODE_WEIGHT_FIELDS`, :data:`EDGE_WEIGHT_FIELDS`).
     """
     spec, node_off, edge_off = _graph_layout(data)
     L = len(spec.layers)
@@ -317,7 +356,8 @@ def permute_graph(data: Data, generator: torch.Generator | None = None) -> Data:
         if layer.residual_from is not None:
             parts.append(perms[j + 1] + start)
             start += layer.out_dim
-    return _replace(data, x=data.x[node_perm], edge_attr=data.edge_attr[torch.cat(parts)])
+    edge_perm = torch.cat(parts)
+    return _transform(data, lambda t: t[node_perm], lambda t: t[edge_perm])
 
 
 def _node_freedom(data: Data, kind: str) -> tuple[Tensor, Tensor]:
@@ -340,7 +380,8 @@ def _node_freedom(data: Data, kind: str) -> tuple[Tensor, Tensor]:
 def _scale_graph(data: Data, f: Tensor) -> Data:
     """Per-node factor f (N,): bias and incoming edges times f[dst], outgoing edges divided by f[src]."""
     src, dst = data.edge_index
-    return _replace(data, x=data.x * f[:, None], edge_attr=data.edge_attr * (f[dst] / f[src])[:, None])
+    g = (f[dst] / f[src])[:, None]
+    return _transform(data, lambda t: t * f[:, None], lambda t: t * g)
 
 
 def rescale_graph(data: Data, generator: torch.Generator | None = None, low: float = 0.5,
@@ -374,8 +415,10 @@ class SymmetryAugmenter:
         edge_dropout: fraction of edges (a weight, or a whole conv kernel) set to zero.
         prune_fraction: fraction of each layer's smallest-magnitude weights set to zero.
         rescale_range: (low, high) of the log-uniform scaling factors.
+        erase_fraction: seed 004's erasing: one random contiguous span of this fraction of all weights and
+            biases, in state-dict order (layer 0 weight, layer 0 bias, layer 1 weight, ...), set to zero.
 
-    The weight-changing views (prune, dropout, noise, in that order) are applied first, then the
+    The weight-changing views (prune, dropout, noise, erase, in that order) are applied first, then the
     symmetries, so a view computes exactly the function of the perturbed weights.
     """
 
@@ -386,11 +429,12 @@ class SymmetryAugmenter:
     edge_dropout: float = 0.1
     prune_fraction: float = 0.0
     rescale_range: tuple[float, float] = (0.5, 2.0)
+    erase_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
-        for name in ("edge_dropout", "prune_fraction"):
+        for name in ("edge_dropout", "prune_fraction", "erase_fraction"):
             v = getattr(self, name)
             if not 0 <= v < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {v}")
@@ -403,12 +447,12 @@ class SymmetryAugmenter:
         """Build from a ``config.AugmentConfig``."""
         return cls(permute=cfg.permute, rescale=cfg.rescale, sign_flip=cfg.sign_flip, noise_std=cfg.noise_std,
                    edge_dropout=cfg.edge_dropout, prune_fraction=cfg.prune_fraction,
-                   rescale_range=(cfg.rescale_low, cfg.rescale_high))
+                   rescale_range=(cfg.rescale_low, cfg.rescale_high), erase_fraction=cfg.erase_fraction)
 
     # state_dict level ---------------------------------------------------------------------------
     def perturb(self, spec: ArchitectureSpec, sd: Mapping[str, Tensor],
                 generator: torch.Generator | None = None) -> StateDict:
-        """Only the weight-changing views (prune, edge dropout, noise) of one state_dict."""
+        """Only the weight-changing views (prune, edge dropout, noise, erase) of one state_dict."""
         _check(spec, sd)
         out = {k: v.detach().clone() for k, v in sd.items()}
         for i, layer in enumerate(spec.layers):
@@ -427,6 +471,8 @@ class SymmetryAugmenter:
             if self.noise_std > 0:
                 w.mul_(1 + self.noise_std * torch.randn(w.shape, generator=generator, dtype=w.dtype))
                 b.mul_(1 + self.noise_std * torch.randn(b.shape, generator=generator, dtype=b.dtype))
+        if self.erase_fraction > 0:
+            _erase([out[k] for k in spec.param_shapes()], self.erase_fraction, generator)
         return out
 
     def view(self, spec: ArchitectureSpec, sd: Mapping[str, Tensor],
@@ -446,16 +492,17 @@ class SymmetryAugmenter:
                       canonical: bool = True) -> Data:
         """One random view of one neuron graph, without reconverting from weights.
 
-        Applies prune/edge dropout/noise to ``edge_attr`` and ``x`` and the hidden-node
+        Applies prune/edge dropout/noise/erase to ``edge_attr`` and ``x`` and the hidden-node
         relabelling (``permute_graph``). Scaling and sign views are applied only when
         ``canonical=False``: on canonical graphs (``WeightToGraph(canonicalize=True)``) they are
         removed exactly by canonicalization, so adding them would only make the views non-canonical.
         """
         spec, node_off, edge_off = _graph_layout(data)
         ea, x = data.edge_attr, data.x
-        if self.prune_fraction > 0 or self.edge_dropout > 0 or self.noise_std > 0:
+        if self.prune_fraction > 0 or self.edge_dropout > 0 or self.noise_std > 0 or self.erase_fraction > 0:
             ea, x = ea.clone(), x.clone()
             K = int(round(math.sqrt(ea.shape[1])))
+            blocks = []  # per layer its weights (kernel windows) and biases, in state-dict order
             for l in range(len(spec.layers)):  # weight edges only: identity shortcuts stay exact
                 (kh, kw) = spec.edge_window(l)
                 lh, lw = (K - kh) // 2, (K - kw) // 2
@@ -471,8 +518,11 @@ class SymmetryAugmenter:
                     win.mul_((torch.rand(win.shape[0], 1, 1, generator=generator) >= self.edge_dropout).to(ea.dtype))
                 if self.noise_std > 0:  # noise only on real weights: 25x fewer draws for linear edges
                     win.mul_(1 + self.noise_std * torch.randn(win.shape, generator=generator, dtype=ea.dtype))
+                blocks += [win, x[node_off[l + 1]:node_off[l + 2], 0]]
             if self.noise_std > 0:
                 x.mul_(1 + self.noise_std * torch.randn(x.shape, generator=generator, dtype=x.dtype))
+            if self.erase_fraction > 0:
+                _erase(blocks, self.erase_fraction, generator)
         out = _replace(data, x=x, edge_attr=ea)
         if not canonical and self.rescale:
             out = rescale_graph(out, generator, *self.rescale_range)

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 import architecture as A
-from symmetry import (SymmetryAugmenter, canonicalize, flip_signs, flip_signs_graph, permute_graph,
+from symmetry import (SymmetryAugmenter, canonicalize, erase_spans, flip_signs, flip_signs_graph, permute_graph,
                       permute_hidden, rescale_graph, rescale_hidden)
 from weight_to_graph import WeightToGraph
-from conftest import FAMILY_SPECS
+from conftest import FAMILY_SPECS, train_small
+from zoo_plan import cnn_bn_spec, resnet_spec
 
 FAMILIES = list(FAMILY_SPECS)
 
@@ -111,6 +112,8 @@ def test_bad_inputs_raise(trained_models):
         canonicalize(spec, bad)
     with pytest.raises(ValueError, match="edge_dropout"):
         SymmetryAugmenter(edge_dropout=1.0)
+    with pytest.raises(ValueError, match="erase_fraction"):
+        SymmetryAugmenter(erase_fraction=-0.1)
 
 
 @pytest.mark.parametrize("name", ["mlp2_leaky", "cnn3_tanh_k5", "cnn2_leaky_k3_hidden"])
@@ -204,3 +207,40 @@ def test_augmenter_from_config():
     cfg = AugmentConfig()
     aug = SymmetryAugmenter.from_config(cfg)
     assert aug.noise_std == cfg.noise_std and aug.rescale_range == (cfg.rescale_low, cfg.rescale_high)
+    assert aug.erase_fraction == cfg.erase_fraction
+
+
+# --- seed 004's erasing ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def published_shapes(digits_data) -> dict:
+    """A max-pooled flatten-head CNN and a residual CNN (the zoo's published shapes), trained on digits."""
+    X, y = digits_data
+    specs = {"cnn_bn_flat": cnn_bn_spec((1, 8, 8), (4, 8), 16, 10), "resnet": resnet_spec((1, 8, 8), 4, 1, 10)}
+    return {name: (spec, train_small(spec, X.view(-1, 1, 8, 8), y, seed=7, epochs=40)) for name, spec in specs.items()}
+
+
+def test_erase_spans_cover_one_contiguous_span():
+    g = torch.Generator().manual_seed(0)
+    sizes = [7, 3, 12, 1, 5]
+    for _ in range(20):
+        spans = erase_spans(sizes, 0.3, g)
+        hit = torch.cat([(torch.arange(s) >= a) & (torch.arange(s) < b) for s, (a, b) in zip(sizes, spans)]).nonzero()
+        assert len(hit) == round(0.3 * sum(sizes)) and bool((hit.flatten().diff() == 1).all())
+
+
+@pytest.mark.parametrize("name", ["mlp2_leaky", "cnn2_relu_k3", "cnn_bn_flat", "resnet"])
+def test_erasing_zeroes_one_span_of_the_state_dict_at_both_levels(trained_models, published_shapes, name):
+    spec, sd = {**trained_models, **published_shapes}[name]
+    aug = SymmetryAugmenter(permute=False, rescale=False, sign_flip=False, noise_std=0.0, edge_dropout=0.0,
+                            erase_fraction=0.2)
+    flat = lambda d: torch.cat([d[k].reshape(-1) for k in spec.param_shapes()])  # noqa: E731  state-dict order
+    clean = flat(sd)
+    assert bool((clean != 0).all()), "trained weights have no exact zeros (the test counts the erased ones)"
+    conv = WeightToGraph(canonicalize=False)
+    views = {"state_dict": flat(aug.perturb(spec, sd, torch.Generator().manual_seed(1))),
+             "graph": flat(conv.to_state_dict(aug.augment_graph(conv.to_graph(spec, sd),
+                                                                torch.Generator().manual_seed(1)))[1])}
+    for level, v in views.items():  # (to_state_dict also checks that shortcut edges stay the identity)
+        zero = torch.nonzero(v == 0).flatten()
+        assert zero.numel() == round(0.2 * clean.numel()) and bool((zero.diff() == 1).all()), level
+        assert torch.equal(v[v != 0], clean[v != 0]), f"{level}: only the span changes"
