@@ -4,6 +4,8 @@ Every encoder is an ``nn.Module`` with
 
 * ``forward(batch) -> (B, global_dim)``: the model embedding, one row per graph;
 * ``project(z) -> (B, projection_dim)``: the contrastive projection head;
+* ``node_states(batch) -> (h (N, hidden_dim), fields)`` and ``readout(h, fields) -> (B, global_dim)``: the two
+  halves of ``forward``, for objectives that read the per-neuron states (reconstruction.py);
 
 and is built by name with :func:`build_encoder` (``gnn | nonequivariant_gnn | weightnet``),
 saved with :func:`save_encoder` and loaded with :func:`load_encoder` (a plain dict
@@ -204,10 +206,13 @@ class ModelEmbedder(nn.Module):
             h, e = conv(h, e, inc)
         return h, f
 
+    def readout(self, h: Tensor, f: dict) -> Tensor:
+        """Node states (N, hidden_dim) and the fields of :meth:`node_states` -> the embedding (B, global_dim)."""
+        return self.pool(h, f)
+
     def forward(self, batch: Data | Batch) -> Tensor:
         """Embed a batch of neuron graphs -> (B, global_dim)."""
-        h, f = self.node_states(batch)
-        return self.pool(h, f)
+        return self.readout(*self.node_states(batch))
 
     def project(self, z: Tensor) -> Tensor:
         """Contrastive projection head: (B, global_dim) -> (B, projection_dim)."""

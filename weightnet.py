@@ -110,12 +110,13 @@ class WeightNet(nn.Module):
         self.property_head = nn.Sequential(nn.Linear(global_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
                                            nn.Linear(hidden_dim, num_properties))
 
-    def forward(self, batch: Data | Batch) -> Tensor:
-        """Embed a batch of neuron graphs -> (B, global_dim)."""
+    def node_states(self, batch: Data | Batch) -> tuple[Tensor, dict]:
+        """Neuron tokens after intra-layer attention (N, hidden_dim) and the parsed graph fields, with the
+        (graph, layer) segments the read-out pools over (``seg`` (N,), ``uniq`` (G,))."""
         f = graph_fields(batch)
         if f["edge_attr"].size(-1) != self.edge_dim:
             raise ValueError(f"graphs have edge_attr of width {f['edge_attr'].size(-1)}, the encoder expects {self.edge_dim}")
-        node_type, layer, b, num_graphs = f["node_type"], f["layer_index"], f["batch"], f["num_graphs"]
+        node_type, layer, b = f["node_type"], f["layer_index"], f["batch"]
         # 1. neuron tokens
         e, f["x_std"], _ = standardize_inputs(f, self.max_layers)  # see encoder_blocks.standardize_inputs
         h = self.node_encoder(f)
@@ -130,7 +131,6 @@ class WeightNet(nn.Module):
             raise ValueError("WeightNet: nodes must be ordered by graph then layer (inputs, layer 1, ..., outputs), "
                              "as weight_to_graph.py produces them")
         uniq, seg = torch.unique_consecutive(key, return_inverse=True)  # G segments
-        g = uniq.numel()
         hidden = node_type == NODE_HIDDEN
         if self.rank is not None:
             src, dst = edge_index
@@ -139,14 +139,20 @@ class WeightNet(nn.Module):
             _check_range("hidden layer width (canonical rank)", rank[hidden], self.max_width, "max_width")
             h = h + self.rank(torch.where(hidden, rank, 0)) * hidden.unsqueeze(1).to(h.dtype)
         # 2. intra-layer attention over each layer's neurons (no hidden positions: a set)
-        dense, mask = to_dense_batch(h, seg, batch_size=g)  # (G, W, h), (G, W)
+        dense, mask = to_dense_batch(h, seg, batch_size=uniq.numel())  # (G, W, h), (G, W)
         dense = self.intra(dense, src_key_padding_mask=~mask)
-        h = dense[mask]  # (N, h) back in node order
+        f["seg"], f["uniq"] = seg, uniq
+        return dense[mask], f  # (N, h) back in node order
+
+    def readout(self, h: Tensor, f: dict) -> Tensor:
+        """Neuron tokens (N, hidden_dim) and the fields of :meth:`node_states` -> the embedding (B, global_dim)."""
+        seg, uniq, num_graphs = f["seg"], f["uniq"], f["num_graphs"]
+        g = uniq.numel()
         tok = torch.cat([scatter(h, seg, 0, g, "mean"), scatter(h, seg, 0, g, "max")], dim=-1)  # (G, 2h)
         tok_graph, tok_layer = uniq // (self.max_layers + 1), uniq % (self.max_layers + 1)
         first = torch.zeros(g, dtype=torch.long, device=h.device).scatter_reduce(
             0, seg, torch.arange(seg.numel(), device=h.device), "amin", include_self=False)
-        tok_type = node_type[first]  # input / hidden / output layer
+        tok_type = f["node_type"][first]  # input / hidden / output layer
         tok_from_end = f["num_layers_node"][first] - tok_layer
         tok = (self.layer_mlp(tok) + self.layer_pos(tok_layer) + self.layer_from_end(tok_from_end)
                + self.layer_role(tok_type))
@@ -157,6 +163,10 @@ class WeightNet(nn.Module):
         seq = self.cross(seq, src_key_padding_mask=~seq_mask)
         mean = (seq[:, 1:] * seq_mask[:, 1:, None]).sum(1) / seq_mask[:, 1:].sum(1, keepdim=True).clamp_min(1)
         return self.out(torch.cat([seq[:, 0], mean], dim=-1))
+
+    def forward(self, batch: Data | Batch) -> Tensor:
+        """Embed a batch of neuron graphs -> (B, global_dim)."""
+        return self.readout(*self.node_states(batch))
 
     def project(self, z: Tensor) -> Tensor:
         """Contrastive projection head: (B, global_dim) -> (B, projection_dim)."""
