@@ -111,6 +111,9 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "max gradient norm (0 disables clipping)")
     lr_schedule: str = _f("cosine", "learning-rate schedule over epochs", choices=["cosine", "none"])
     num_workers: int = _f(0, "DataLoader workers")
+    recon_beta: float = _f(0.0, "weight beta of the weight-reconstruction loss: L = (1 - beta) L_con + beta L_rec "
+                                "(0 = contrastive only, 1 = reconstruction only; graph encoders; reconstruction.py)")
+    decoder_dim: int = _f(64, "width of the weight-reconstruction decoder (with recon_beta > 0)")
 
 
 @dataclass

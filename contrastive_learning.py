@@ -7,13 +7,16 @@ weights): the loop only moves it to the device and calls ``encoder(view)`` and
 
 Objective (``ContrastiveLearner.forward`` returns it, byol-style)::
 
-    L = L_con + lambda * L_task
+    L = L_con + lambda * L_task                                   (no reconstruction: every recipe's default)
+    L = (1 - beta) * L_con + beta * L_rec + lambda * L_task       (with weight reconstruction, beta > 0)
     L_con  = NT-Xent over the 2B projected views (in-batch negatives; under DDP the
              negatives are the *global* batch, gathered from all ranks), optionally with
              supervised-contrastive positives (same training-task label) and hardness-weighted
              negatives (Robinson et al. 2021, optionally only across task families);
     L_task = weak supervision from a small head on the embedding: MSE on test accuracy
-             and/or cross-entropy on the training-task label.
+             and/or cross-entropy on the training-task label;
+    L_rec  = reconstruction.py: a decoder from the encoder's per-neuron states back to every clean
+             weight and bias of each view (hyper-representations, seed 004); ``TrainConfig.recon_beta``.
 
 Distribution (runtime.py): under torchrun the learner is wrapped in DDP, rank 0 alone logs and
 writes checkpoints/history, and :func:`embed` gathers every rank's rows in dataset order. bf16
@@ -50,6 +53,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import TrainConfig
 from dataloader import SELF_SUPERVISED_RECIPES, Split, ViewFn, build_loaders, check_recipe
+from reconstruction import Reconstruction, with_targets
 from runtime import (DistInfo, all_gather, atomic_torch_save, atomic_write_json, autocast_context, progress,
                      seed_everything, set_rng_state, rng_state, single_process, world)
 
@@ -172,7 +176,7 @@ class TaskHead(nn.Module):
 
 
 class ContrastiveLearner(nn.Module):
-    """Encoder + objective: ``forward(view1, view2, meta) -> {"loss", "con", "task"}``.
+    """Encoder + objective: ``forward(view1, view2, meta) -> {"loss", "con", "task", "rec"}``.
 
     Args:
         encoder: module with ``forward(batch) -> (B, D)`` and ``project(z) -> (B, P)``.
@@ -184,12 +188,19 @@ class ContrastiveLearner(nn.Module):
         embedding_dim: D; default ``encoder.global_dim``.
         gather_negatives: under DDP, contrast against the global batch (needed to match a
             single-process run with the same global batch).
+        reconstruction: the weight-reconstruction objective (reconstruction.Reconstruction), or None.
+        recon_beta: its weight beta in (0, 1] (given iff ``reconstruction`` is; 1 = reconstruction only).
     """
 
     def __init__(self, encoder: nn.Module, loss: NTXentLoss, supervised_positives: bool = False,
                  weak_supervision: float = 0.0, weak_targets: str = "acc+task", num_tasks: int = 0,
-                 embedding_dim: int | None = None, gather_negatives: bool = True):
+                 embedding_dim: int | None = None, gather_negatives: bool = True,
+                 reconstruction: nn.Module | None = None, recon_beta: float = 0.0):
         super().__init__()
+        if (reconstruction is None) != (recon_beta == 0) or not 0 <= recon_beta <= 1:
+            raise ValueError(f"recon_beta must be in (0, 1] with a reconstruction objective and 0 without one, "
+                             f"got {recon_beta} {'with' if reconstruction is not None else 'without'} one")
+        self.reconstruction, self.recon_beta = reconstruction, float(recon_beta)
         for name in ("forward", "project"):
             if not callable(getattr(encoder, name, None)):
                 raise TypeError(f"{type(encoder).__name__} has no {name}(); encoders need forward(batch) and project(z)")
@@ -214,7 +225,10 @@ class ContrastiveLearner(nn.Module):
             f"task labels outside the training-task vocabulary [0, {self.num_tasks}): a held-out task leaked into training"
 
     def forward(self, view1: Any, view2: Any, meta: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        h1, h2 = self.encoder(view1), self.encoder(view2)  # (b, D) each
+        if self.reconstruction is None:
+            h1, h2 = self.encoder(view1), self.encoder(view2)  # (b, D) each
+        else:  # one encoder pass per view gives the embedding and the reconstruction loss
+            (h1, rec1), (h2, rec2) = self.reconstruction(self.encoder, view1), self.reconstruction(self.encoder, view2)
         z1, z2 = self.encoder.project(h1), self.encoder.project(h2)  # (b, P)
         labels = families = None
         if self.supervised_positives or self.loss_fn.hard_negative_beta > 0:
@@ -226,16 +240,20 @@ class ContrastiveLearner(nn.Module):
         g = self.gather_negatives
         with torch.autocast(device_type=z1.device.type, enabled=False):  # the loss in fp32, also under bf16
             con = self.loss_fn(all_gather(z1.float(), g), all_gather(z2.float(), g), labels, families)
-        out = {"con": con}
+        out = {"con": con, "rec": torch.zeros((), device=con.device)}
+        objective = con
+        if self.reconstruction is not None:
+            out["rec"] = 0.5 * (rec1 + rec2)
+            objective = (1 - self.recon_beta) * con + self.recon_beta * out["rec"]
         if self.head is not None:
             if "task" in self.head.targets:
                 self._check_labels(meta["task"])
             task = 0.5 * (self.head.loss(h1, meta) + self.head.loss(h2, meta))
             out["task"] = task
-            out["loss"] = con + self.weak_supervision * task
+            out["loss"] = objective + self.weak_supervision * task
         else:
             out["task"] = torch.zeros((), device=con.device)
-            out["loss"] = con
+            out["loss"] = objective
         return out
 
 
@@ -322,9 +340,10 @@ CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "model_args", "epoch", "be
                    "config", "seed", "rng")
 
 
-def encoder_state(learner_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The encoder's state_dict inside a learner state_dict (checkpoint ``model`` / ``best_model``)."""
-    return {k[len("encoder."):]: v for k, v in learner_state.items() if k.startswith("encoder.")}
+def encoder_state(learner_state: Mapping[str, Tensor], part: str = "encoder") -> dict[str, Tensor]:
+    """The state_dict of the learner's ``part`` (the encoder; "reconstruction": the decoder) inside a learner
+    state_dict (checkpoint ``model`` / ``best_model``)."""
+    return {k[len(part) + 1:]: v for k, v in learner_state.items() if k.startswith(f"{part}.")}
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -343,7 +362,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 # =========================================================================== framework
 def _new_history(metric_name: str) -> dict[str, Any]:
-    return {"epoch": [], "train_loss": [], "train_con_loss": [], "train_task_loss": [], "val_loss": [],
+    return {"epoch": [], "train_loss": [], "train_con_loss": [], "train_task_loss": [], "train_rec_loss": [],
+            "val_loss": [],
             "val_metric": [], "lr": [], "epoch_time_s": [], "metric_name": metric_name,
             "initial_val_metric": None, "best_epoch": None, "best_metric": None}
 
@@ -356,8 +376,8 @@ class ContrastiveLearningFramework:
         loss: NTXentLoss (default: temperature 0.1).
         device: where to train (default: ``dist.device`` or CPU).
         dist: a :class:`DistInfo` from :func:`setup_distributed` (default: single process).
-        supervised_positives, weak_supervision, weak_targets, num_tasks, embedding_dim:
-            see :class:`ContrastiveLearner`.
+        supervised_positives, weak_supervision, weak_targets, num_tasks, embedding_dim, reconstruction,
+            recon_beta: see :class:`ContrastiveLearner`.
         grad_clip: max gradient norm (0 disables).
         seed: reseeds the global RNGs at every epoch start from (seed, epoch, rank).
         model_args: ``{"name", "kwargs"}`` that rebuild the encoder (stored in checkpoints).
@@ -365,7 +385,7 @@ class ContrastiveLearningFramework:
         show_progress: a tqdm bar per epoch (rank 0, on a terminal only).
         find_unused_parameters: passed to DDP (keep False; True costs a graph traversal per step).
 
-    Build the optimizer over :meth:`parameters` (encoder + weak-supervision head).
+    Build the optimizer over :meth:`parameters` (encoder + weak-supervision head + decoder).
     """
 
     def __init__(self, model: nn.Module, loss: NTXentLoss | None = None, device: torch.device | None = None,
@@ -373,11 +393,13 @@ class ContrastiveLearningFramework:
                  weak_targets: str = "acc+task", num_tasks: int = 0, embedding_dim: int | None = None,
                  grad_clip: float = 1.0, seed: int = 0, model_args: Mapping[str, Any] | None = None,
                  config: Mapping[str, Any] | None = None, show_progress: bool = True,
-                 find_unused_parameters: bool = False):
+                 find_unused_parameters: bool = False, reconstruction: nn.Module | None = None,
+                 recon_beta: float = 0.0):
         self.dist = dist or single_process(device or "cpu")
         self.device = device or self.dist.device
         self.learner = ContrastiveLearner(model, loss or NTXentLoss(), supervised_positives, weak_supervision,
-                                          weak_targets, num_tasks, embedding_dim).to(self.device)
+                                          weak_targets, num_tasks, embedding_dim, reconstruction=reconstruction,
+                                          recon_beta=recon_beta).to(self.device)
         self.ddp = None
         if self.dist.is_distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -393,7 +415,7 @@ class ContrastiveLearningFramework:
         return self.learner.encoder
 
     def parameters(self) -> list[nn.Parameter]:
-        """Every trainable parameter (encoder + head): build the optimizer over these."""
+        """Every trainable parameter (encoder + head + decoder): build the optimizer over these."""
         return [p for p in self.learner.parameters() if p.requires_grad]
 
     # --------------------------------------------------------------- epochs
@@ -407,11 +429,11 @@ class ContrastiveLearningFramework:
                 obj.set_epoch(epoch)
 
     def train_one_epoch(self, loader: Iterable, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]:
-        """One pass over ``loader``; returns mean losses {"loss", "con", "task"} (averaged over ranks)."""
+        """One pass over ``loader``; returns mean losses {"loss", "con", "task", "rec"} (averaged over ranks)."""
         self._set_epoch(loader, epoch)
         net = self.ddp or self.learner
         net.train()
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(4, dtype=torch.float64)
         steps = 0
         bar = progress(loader, self.show_progress, desc=f"epoch {epoch}", leave=False)
         for v1, v2, meta in bar:
@@ -426,13 +448,14 @@ class ContrastiveLearningFramework:
             if self.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.learner.parameters(), self.grad_clip)
             optimizer.step()
-            sums += torch.tensor([loss.item(), out["con"].item(), out["task"].item()], dtype=torch.float64)
+            sums += torch.tensor([loss.item(), out["con"].item(), out["task"].item(), out["rec"].item()],
+                                 dtype=torch.float64)
             steps += 1
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if steps == 0:
             raise ValueError("the training loader yielded no batch (fewer models than one global batch?)")
         means = self._mean_over_ranks(sums / steps)
-        return {"loss": means[0], "con": means[1], "task": means[2]}
+        return {"loss": means[0], "con": means[1], "task": means[2], "rec": means[3]}
 
     @torch.no_grad()
     def validation_loss(self, loader: Iterable, epoch: int = 0) -> float:
@@ -502,10 +525,10 @@ class ContrastiveLearningFramework:
         loss (``val_loader``), else the last epoch. ``scheduler.step()`` runs once per epoch.
         ``checkpoint_dir`` receives ``last.pt`` after every epoch and ``history.json`` (rank 0).
         ``epoch_callback(epoch, history)`` runs after the epoch's checkpoint is written.
-        History: per-epoch lists ``epoch, train_loss, train_con_loss, train_task_loss, val_loss,
-        val_metric, lr, epoch_time_s`` plus ``metric_name, initial_val_metric, best_epoch,
+        History: per-epoch lists ``epoch, train_loss, train_con_loss, train_task_loss, train_rec_loss,
+        val_loss, val_metric, lr, epoch_time_s`` plus ``metric_name, initial_val_metric, best_epoch,
         best_metric``. ``best_model`` is a copy of the encoder with the best weights, on the
-        training device.
+        training device; ``self.best_state`` holds the whole learner's best state_dict afterwards.
         """
         if num_epochs < 1:
             raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
@@ -528,6 +551,7 @@ class ContrastiveLearningFramework:
                     raise ValueError(f"{resume_from}: saved without a scheduler, but one was given")
                 scheduler.load_state_dict(ckpt["scheduler"])
             history, best_state, start = ckpt["history"], ckpt["best_model"], int(ckpt["epoch"]) + 1
+            history.setdefault("train_rec_loss", [0.0] * len(history["epoch"]))  # saved before L_rec existed: none
             best_metric = history["best_metric"] if history["best_metric"] is not None else -float("inf")
             set_rng_state(ckpt["rng"])
             if self.dist.is_master:
@@ -560,12 +584,13 @@ class ContrastiveLearningFramework:
                 best_state = copy.deepcopy(self.learner.state_dict())
                 history["best_epoch"], history["best_metric"] = epoch, best_metric
             for k, v in (("epoch", epoch), ("train_loss", losses["loss"]), ("train_con_loss", losses["con"]),
-                         ("train_task_loss", losses["task"]), ("val_loss", val_loss), ("val_metric", metric),
+                         ("train_task_loss", losses["task"]), ("train_rec_loss", losses["rec"]),
+                         ("val_loss", val_loss), ("val_metric", metric),
                          ("lr", lr), ("epoch_time_s", time.perf_counter() - t0)):
                 history[k].append(v)
             if self.dist.is_master:
-                log.info("epoch %d/%d  train %.4f (con %.4f task %.4f)  val_loss %s  %s %.4f  %.1fs", epoch,
-                         num_epochs, losses["loss"], losses["con"], losses["task"],
+                log.info("epoch %d/%d  train %.4f (con %.4f task %.4f rec %.4f)  val_loss %s  %s %.4f  %.1fs", epoch,
+                         num_epochs, losses["loss"], losses["con"], losses["task"], losses["rec"],
                          "-" if val_loss is None else f"{val_loss:.4f}", metric_name, metric, history["epoch_time_s"][-1])
                 if ckpt_dir is not None:
                     atomic_torch_save(ckpt_dir / CHECKPOINT_NAME,
@@ -578,6 +603,7 @@ class ContrastiveLearningFramework:
 
         best_model = copy.deepcopy(self.model)
         best_model.load_state_dict(encoder_state(best_state))
+        self.best_state = best_state
         return history, best_model
 
 
@@ -627,6 +653,7 @@ class Fit:
     encoder: nn.Module  # a copy with the best epoch's weights, on the training device
     history: dict[str, Any]
     data: dict[str, Any]  # dataloader.Loaders.info: split sizes, anchors without a partner, batch
+    reconstruction: Reconstruction | None = None  # the best epoch's decoder (recon_beta > 0), else None
 
 
 def split_digest(split: Split) -> str:
@@ -637,9 +664,11 @@ def split_digest(split: Split) -> str:
     return h.hexdigest()[:16]
 
 
-# the TrainConfig fields that change what fit_contrastive trains (DataLoader workers change nothing)
+# the TrainConfig fields that change what fit_contrastive trains (DataLoader workers change nothing); the
+# reconstruction ones only count when it is on (checkpoints of trainings without it stay resumable)
 FIT_FIELDS = ("batch_size", "learning_rate", "weight_decay", "temperature", "weak_supervision", "weak_targets",
               "hard_negative_beta", "grad_clip", "lr_schedule")
+RECON_FIELDS = ("recon_beta", "decoder_dim")
 
 
 def fit_contrastive(encoder: nn.Module, graphs: Sequence[Any], meta_df: Any, split: Split, recipe: str,
@@ -655,16 +684,28 @@ def fit_contrastive(encoder: nn.Module, graphs: Sequence[Any], meta_df: Any, spl
     last epoch. ``view_fn`` (``dataloader.make_view_fn``) draws each view; ``transform`` turns a
     graph into the encoder's input (flat-weight encoders). Collective under DDP (every rank
     calls it with the same arguments).
+
+    The extension point: ``train.recon_beta > 0`` adds the weight-reconstruction objective
+    (reconstruction.py, a decoder of width ``train.decoder_dim``) with weight beta, views then carry
+    their clean weights as targets, and ``Fit.reconstruction`` is the selected epoch's decoder.
     """
     check_recipe(recipe)
     epochs = train.epochs if epochs is None else epochs
+    recon = None
+    if train.recon_beta > 0:
+        if transform is not None:
+            raise ValueError("weight reconstruction decodes neuron graphs: it needs a graph encoder (gnn, "
+                             "nonequivariant_gnn, weightnet), not a flat-weight one")
+        recon = Reconstruction.for_encoder(encoder, train.decoder_dim)
+        view_fn = with_targets(view_fn)
     loaders = build_loaders(graphs, meta_df, split, recipe, train.batch_size, view_fn, seed, train.num_workers,
                             dist.rank, dist.world_size, transform)
     model_args = config = last = resume_from = None
     if checkpoint is not None:
         model_args, last = checkpoint.model_args, Path(checkpoint.directory) / CHECKPOINT_NAME
+        fields = FIT_FIELDS + (RECON_FIELDS if recon is not None else ())
         config = {**checkpoint.config, "recipe": recipe, "split": split_digest(split),
-                  "train": {**{k: v for k, v in asdict(train).items() if k in FIT_FIELDS}, "epochs": epochs}}
+                  "train": {**{k: v for k, v in asdict(train).items() if k in fields}, "epochs": epochs}}
         if last.exists() and checkpoint.resume:
             resume_from = last
         elif last.exists() and dist.is_master:
@@ -673,7 +714,8 @@ def fit_contrastive(encoder: nn.Module, graphs: Sequence[Any], meta_df: Any, spl
         encoder, NTXentLoss(train.temperature, train.hard_negative_beta), dist.device, dist,
         supervised_positives=recipe == "supcon", weak_supervision=train.weak_supervision,
         weak_targets=train.weak_targets, num_tasks=len(loaders.task_vocab), grad_clip=train.grad_clip, seed=seed,
-        model_args=model_args, config=config, show_progress=show_progress)
+        model_args=model_args, config=config, show_progress=show_progress, reconstruction=recon,
+        recon_beta=train.recon_beta)
     opt, sched = build_optimizer(fw.parameters(), train.learning_rate, train.weight_decay, train.lr_schedule, epochs)
     val_fn = None
     if loaders.val_embed is not None:
@@ -681,7 +723,10 @@ def fit_contrastive(encoder: nn.Module, graphs: Sequence[Any], meta_df: Any, spl
                                        np.asarray(meta_df["run_id"])[split.val], dist.device, VAL_K)
     history, best = fw.train(loaders.train, loaders.val, epochs, opt, sched, resume_from=resume_from, val_fn=val_fn,
                              checkpoint_dir=None if last is None else last.parent)
-    return Fit(best, history, loaders.info)
+    if recon is not None:
+        recon = copy.deepcopy(fw.learner.reconstruction)
+        recon.load_state_dict(encoder_state(fw.best_state, "reconstruction"))
+    return Fit(best, history, loaders.info, recon)
 
 
 # =========================================================================== recipe comparison
