@@ -148,6 +148,22 @@ class EvalConfig:
 
 
 @dataclass
+class ReconConfig:
+    """The hyper-representation ablation (seed 004): reconstruction + contrast, judged by property prediction."""
+
+    hyperreps: bool = _f(False, "also train the hyperreps encoder once per beta of hyperreps_betas and seed, and report "
+                                "the beta ablation and reconstruction quality (not in the default run: its time)")
+    hyperreps_betas: list = _f([0.0, 0.5, 1.0], "reconstruction weights beta of the ablation (0 = contrastive only)")
+    hyperreps_model: str = _f("weightnet", "encoder of the ablation (its per-neuron states feed the decoder)",
+                              choices=["weightnet", "gnn", "nonequivariant_gnn"])
+    hyperreps_row_codes: bool = _f(True, "WeightNet of the ablation: address-coded row and column sums in its neuron "
+                                         "tokens (seed 004's weight-row tokens, made equivariant; weightnet.AddressCodes)")
+    hyperreps_epochs: int = _f(10, "training epochs of each ablation encoder")
+    hyperreps_noise_std: float = _f(0.05, "multiplicative Gaussian weight noise of the ablation's views")
+    hyperreps_erase_fraction: float = _f(0.1, "erased span of the ablation's views (fraction of all weights)")
+
+
+@dataclass
 class ExperimentConfig:
     """Everything one run of run_experiment.py needs."""
 
@@ -167,6 +183,7 @@ class ExperimentConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    recon: ReconConfig = field(default_factory=ReconConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -319,6 +319,7 @@ def render_markdown(results: Mapping) -> str:
                     for m, a in r["methods"].items() if t in a.get("properties", {})}
             L += [f"### {t}", "", md_table(rows), ""]
     L += same_architecture_lines(r)
+    L += hyperreps_lines(r)
     sym = _get(r, "symmetry_robustness", "methods")
     if sym:
         L += ["## Symmetry robustness", "",
@@ -398,6 +399,77 @@ def same_architecture_lines(r: Mapping) -> list[str]:
     if sa.get("missing"):
         L += ["Missing: " + "; ".join(sa["missing"]), ""]
     return L + [md_table(same_architecture_table(sa)), ""]
+
+
+HYPERREPS_TARGETS = ("test_acc", "epoch", "log_lr")
+HYPERREPS_REFERENCES = ("statnn", "input_profile", "probe_fingerprint")
+RECON_COLUMNS = {"mean_r2": "R2 weights", "mean_r2_standardized": "R2 per-layer standardized", "pooled_r2": "R2 pooled",
+                 "mean_acc_original": "acc original", "mean_acc_reconstructed": "acc reconstructed",
+                 "mean_acc_drop": "acc drop", "frac_within_5_points": "within 5 points"}
+
+
+def hyperreps_rows(r: Mapping) -> dict[str, dict]:
+    """The beta ablation beside its references: {method: {"<target> R2" / "<target> tau": aggregated value}}
+    (ridge probe; tau = within-task Kendall tau). Rows: each beta, the untrained encoders, the trained
+    encoders of the run, StatNN and the training-free fingerprints, those that were evaluated."""
+    methods = r.get("methods", {})
+    hyper = list((_get(r, "hyperreps", "methods") or {}).values())
+    encoders = [m for m in methods if "[" in m and m not in hyper]
+    order = hyper + sorted(encoders, key=lambda m: "untrained" not in m) + list(HYPERREPS_REFERENCES)
+    rows = {}
+    for m in (m for m in order if m in methods):
+        props = methods[m].get("properties", {})
+        rows[m] = {f"{t} {name}": props[t]["ridge"][key] for t in HYPERREPS_TARGETS if t in props
+                   for name, key in (("R2", "R2"), ("tau", "within_kendall"))}
+    return rows
+
+
+def hyperreps_lines(r: Mapping) -> list[str]:
+    """The hyper-representation section of results.md (empty unless the hyperreps stage recorded numbers)."""
+    h = r.get("hyperreps")
+    if not h:
+        return []
+    v = h["views"]
+    L = ["## Hyper-representations (seed 004): contrast + weight reconstruction", "",
+         f"`{h['model']}` trained {h['epochs']} epochs per beta with L = (1 - beta) L_con + beta L_rec (beta 0: "
+         f"contrastive only, 1: reconstruction only), same initialisation, data and views for every beta. Views "
+         f"(positives: two views of one model): multiplicative Gaussian weight noise std {v['noise_std']}, erasing of "
+         f"a contiguous span of {v['erase_fraction']} of the weights, neuron permutation {'on' if v['permute'] else 'off'} "
+         f"(a no-op for permutation-equivariant encoders and decoder on canonical graphs). Decoder: {h['design']}.", "",
+         "### Property prediction (ridge probe, query models; tau = within-task Kendall tau)", "",
+         md_table(hyperreps_rows(r)), ""]
+    rq = h.get("reconstruction", {})
+    if rq:
+        L += [f"### Reconstruction quality ({h['n_query_models']} query models: test split + held-out tasks)", "",
+              "R2 of each model's canonical weights and biases (mean over models; per-layer standardized: every "
+              "layer's weight and bias block at unit RMS; pooled: all models' weights at once); accuracy of the "
+              "original and the rebuilt networks on their task's test data (`architecture.forward`).", "",
+              md_table({m: {c: q[k] for k, c in RECON_COLUMNS.items() if k in q} for m, q in rq.items()}), ""]
+    return L + ["### Hyper-representation targets", ""] + hyperreps_analysis(r) + [""]
+
+
+def hyperreps_analysis(r: Mapping) -> list[str]:
+    """Plain statements on the issue's targets, from the numbers in results.json."""
+    h = r["hyperreps"]
+    out = []
+    for m, q in h.get("reconstruction", {}).items():
+        r2, drop = _mean(q["mean_r2"]), _mean(q["mean_acc_drop"])
+        out.append(f"- {m}: reconstruction R2 {r2:.3f} ({'meets' if r2 >= 0.9 else 'misses'} the 0.9 target); "
+                   f"rebuilt networks {drop * 100:.1f} points below the originals' test accuracy on average "
+                   f"({'within' if abs(drop) <= 0.05 else 'outside'} the 5-point target).")
+    if not h.get("reconstruction"):
+        out.append("- No decoder was trained (no beta > 0): reconstruction quality not measured.")
+    rows = hyperreps_rows(r)
+    if "statnn" not in rows:
+        return out + ["- StatNN was not evaluated: the comparison with it is not made."]
+    for col in ("R2", "tau"):
+        ref = {t: _mean(rows["statnn"].get(f"{t} {col}")) for t in ("epoch", "log_lr")}
+        beats = [m for m in h["methods"].values() if m in rows
+                 and all(_mean(rows[m].get(f"{t} {col}")) is not None and ref[t] is not None
+                         and _mean(rows[m][f"{t} {col}"]) > ref[t] for t in ref)]
+        out.append(f"- Epoch and log_lr prediction ({col}): " + (f"{', '.join(beats)} beat StatNN on both"
+                   if beats else "no beta beats StatNN on both") + ".")
+    return out
 
 
 def analysis_lines(r: Mapping) -> list[str]:

@@ -3,6 +3,7 @@
     python run_experiment.py --seed 42 --epochs 50
     python run_experiment.py --small --epochs 1          # about a minute
     python run_experiment.py --small --resume            # after a crash: each training from its own last.pt
+    python run_experiment.py --hyperreps --experiment_name hyperreps   # + the seed-004 beta ablation (hyperreps.py)
     torchrun --standalone --nproc_per_node=2 run_experiment.py --small
 
 Every stage is recorded in results/<experiment>/results.json with its status and time;
@@ -24,7 +25,8 @@ log = logging.getLogger("weightzoo")
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
-    import stages as S  # heavy imports (torch, PyG) after argument parsing, so --help is instant
+    import hyperreps as H  # heavy imports (torch, PyG) after argument parsing, so --help is instant
+    import stages as S
 
     dist = S.setup(cfg)
     run_dir = Path(cfg.results_dir) / cfg.experiment_name
@@ -51,10 +53,14 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in seeds:
         trained = rec.run(f"train_embed_seed{seed}", S.train_and_embed, cfg, zoo, graphs, split, recipes, seed, dist,
                           run_dir / "checkpoints", rec, depends_on=("graphs", "split", "recipe_comparison"))
+        hyper = None
+        if cfg.recon.hyperreps:
+            hyper = rec.run(f"hyperreps_seed{seed}", H.train_hyperreps, cfg, zoo, graphs, split, seed, dist,
+                            run_dir / "checkpoints", rec, depends_on=("graphs", "split"))
         if not dist.is_master:
             continue
         fitted = rec.run(f"baselines_seed{seed}", S.baseline_embeddings, cfg, zoo, split, seed, rec, depends_on=("split",))
-        runs[seed] = S.Methods.join(trained, fitted)
+        runs[seed] = S.Methods.join(trained, fitted, hyper)
         for method, emb in runs[seed].embeddings.items():
             per_seed.setdefault(method, []).append(
                 rec.run(f"evaluate[{method}]_seed{seed}", S.evaluate_method, cfg, zoo, split, emb, seed))

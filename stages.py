@@ -248,6 +248,11 @@ def train_and_embed(cfg: ExperimentConfig, zoo, graphs, split: D.Split, recipes:
             rec.results.setdefault("training", {}).setdefault(method, {})[str(seed)] = fit.history
             if name in GNN_MODELS:  # the encoder file retrieval.py indexes with
                 save_encoder(str(ckpt_dir / f"{tag}.pt"), fit.encoder)
+    return embed_encoders(encoders, graphs, dist)
+
+
+def embed_encoders(encoders: dict[str, Encoder], graphs: list, dist: DistInfo) -> Methods:
+    """The encoders with their embeddings of the whole zoo (collective under DDP)."""
     out = Methods(encoders=encoders)
     for method, enc in encoders.items():
         loader = D.embed_loader(graphs, None, 256, dist.rank, dist.world_size, enc.transform)

@@ -68,9 +68,11 @@ def test_symmetry_views_move_the_targets_with_the_weights(trained_models, model_
 
 # ----------------------------------------------------------------------------- decoder output -> networks
 def _encoder(name: str) -> torch.nn.Module:
+    """A small encoder by name; "weightnet_row_codes": WeightNet with address-coded tokens."""
     torch.manual_seed(0)
-    return build_encoder(name, hidden_dim=16, global_dim=16, projection_dim=8, message_passing_steps=1,
-                         edge_dim=CONV.edge_dim)
+    kw = {"row_codes": True} if name == "weightnet_row_codes" else {}
+    return build_encoder(name.replace("_row_codes", ""), hidden_dim=16, global_dim=16, projection_dim=8,
+                         message_passing_steps=1, edge_dim=CONV.edge_dim, **kw)
 
 
 @pytest.mark.parametrize("name", ["mlp1_relu", "mlp3_tanh", "mlp1_gelu", "cnn2_relu_k3", "cnn3_tanh_k5",
@@ -90,7 +92,7 @@ def test_exact_decoder_output_rebuilds_the_original_network(all_models, model_in
     torch.testing.assert_close(A.forward(spec, rebuilt, X), A.forward(spec, sd, X), atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("encoder", ["weightnet", "gnn"])
+@pytest.mark.parametrize("encoder", ["weightnet_row_codes", "gnn"])
 def test_decoder_output_rebuilds_a_network_that_computes_what_it_says(all_models, model_inputs, encoder):
     """A trained model through encoder + decoder (a few steps of training on the real objective): the rebuilt
     networks have the spec's shapes, no weight outside the kernel windows (masking), exactly the decoded weights,
@@ -132,7 +134,8 @@ def test_decoder_output_rebuilds_a_network_that_computes_what_it_says(all_models
     assert q["mean_acc_drop"] == pytest.approx(np.mean(q["acc_original"]) - np.mean(q["acc_reconstructed"]))
 
 
-@pytest.mark.parametrize("encoder,invariant", [("weightnet", True), ("gnn", True), ("nonequivariant_gnn", False)])
+@pytest.mark.parametrize("encoder,invariant", [("weightnet", True), ("weightnet_row_codes", True), ("gnn", True),
+                                               ("nonequivariant_gnn", False)])
 def test_permutation_is_a_no_op_for_equivariant_encoders_only(trained_models, encoder, invariant):
     """Why seed 004's permutation view is drawn for nonequivariant_gnn only: one forward pass on a trained model
     and its permuted copy (targets permuted with it) gives the same embedding and loss for gnn and weightnet."""
@@ -187,3 +190,77 @@ def test_fit_contrastive_adds_reconstruction_with_beta():
         C.fit_contrastive(FlatMLP(10), graphs, meta, split, "noise", dataclasses.replace(train, recon_beta=0.5),
                           single_process("cpu"), seed=0, epochs=1, view_fn=view_fn, transform=lambda d: d.x.view(1, -1))
 
+
+# ----------------------------------------------------------------------------- the stage and its report
+@pytest.fixture(scope="module")
+def hyperreps_run(tmp_path_factory):
+    """The hyperreps stage on a tiny real zoo (betas 0 and 1, one epoch each), evaluated and rendered."""
+    import evaluation as E
+    import hyperreps as H
+    import stages as S
+    from config import config_from_dict
+    from data_prep import ModelZooDataset
+    from report import RunRecorder, render_markdown
+
+    d = tmp_path_factory.mktemp("hyperreps")
+    tasks = ["digits", "digits_perm_a", "digits_rot90", "digits_parity", "iris", "iris_perm"]
+    zoo = ModelZooDataset.create_synthetic_model_zoo(None, num_models=36, epochs=4, checkpoints_per_run=2, seed=5,
+                                                     group_size=6, cnn_fraction=0.2, tasks=tasks)
+    graphs = CONV.convert_model_to_graphs(zoo)
+    cfg = config_from_dict({
+        "encoder": {"hidden_dim": 16, "global_dim": 16, "projection_dim": 8, "message_passing_steps": 1},
+        "train": {"batch_size": 8, "val_fraction": 0.0, "test_fraction": 0.25},
+        "eval": {"probes": ["ridge"], "property_targets": ["test_acc", "epoch", "log_lr"], "within_task_min_models": 2},
+        "recon": {"hyperreps": True, "hyperreps_betas": [0.0, 1.0], "hyperreps_epochs": 1}})
+    rec = RunRecorder(d, {}, write=False)
+    split = S.make_split(cfg, zoo, rec)
+    methods = H.train_hyperreps(cfg, zoo, graphs, split, 0, single_process("cpu"), d / "checkpoints", rec)
+    statnn = S.baseline_embeddings(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, methods=["statnn"])),
+                                   zoo, split, 0, rec)
+    per_seed = {m: [S.evaluate_method(cfg, zoo, split, emb, 0)] for m, emb in {**methods.embeddings,
+                                                                              **statnn.embeddings}.items()}
+    rec.results["methods"] = {m: E.aggregate_seeds(v) for m, v in per_seed.items()}
+    return zoo, split, methods, rec.results, render_markdown(rec.results)
+
+
+def test_hyperreps_stage_trains_every_beta_and_measures_reconstruction(hyperreps_run):
+    zoo, split, methods, results, _ = hyperreps_run
+    names = ["weightnet [hyperreps untrained]", "weightnet [hyperreps beta=0]", "weightnet [hyperreps beta=1]"]
+    assert list(methods.embeddings) == names
+    assert all(e.shape == (len(zoo), 16) for e in methods.embeddings.values())
+    h = results["hyperreps"]
+    assert set(h["reconstruction"]) == {names[2]}, "beta 0 has no decoder"
+    q = h["reconstruction"][names[2]]
+    query = np.concatenate([split.test, split.heldout])
+    assert h["n_query_models"] == len(query) and q["n_models"]["mean"] == len(query)
+    # the originals rebuilt through the inverse converter score their recorded test accuracy (canonical form
+    # computes the same function; near-tied logits aside)
+    recorded = zoo.metadata["test_acc"].to_numpy()[query].mean()
+    assert q["mean_acc_original"]["mean"] == pytest.approx(recorded, abs=0.01)
+    assert -1.0 < q["mean_r2"]["mean"] < 1.0 and 0.0 <= q["mean_acc_reconstructed"]["mean"] <= 1.0
+    assert results["training"][names[1]]["0"]["train_rec_loss"] == [0.0]
+    assert results["training"][names[2]]["0"]["train_rec_loss"][0] > 0
+
+
+def test_hyperreps_report_section_equals_json(hyperreps_run):
+    from report import fmt
+
+    *_, results, md = hyperreps_run
+    section = md.split("## Hyper-representations")[1]
+    table = section.split("### Property prediction")[1].split("###")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("|")]
+    header = rows[0]
+    assert header[0] == "method" and "epoch tau" in header and "log_lr R2" in header
+    body = {r[0]: r for r in rows[2:] if r[0] in results["methods"]}
+    assert {"weightnet [hyperreps untrained]", "weightnet [hyperreps beta=0]", "weightnet [hyperreps beta=1]",
+            "statnn"} == set(body)
+    for m, row in body.items():
+        for col, cell in zip(header[1:], row[1:]):
+            target, kind = col.rsplit(" ", 1)
+            key = {"R2": "R2", "tau": "within_kendall"}.get(kind)
+            if key is not None:
+                assert cell == fmt(results["methods"][m]["properties"][target]["ridge"][key]), (m, col)
+    q = results["hyperreps"]["reconstruction"]["weightnet [hyperreps beta=1]"]
+    verdict = "meets" if q["mean_r2"]["mean"] >= 0.9 else "misses"
+    assert f"reconstruction R2 {q['mean_r2']['mean']:.3f} ({verdict} the 0.9 target)" in section
+    assert "Epoch and log_lr prediction (R2)" in section and "Epoch and log_lr prediction (tau)" in section
