@@ -1,16 +1,16 @@
 """The model retrieval database: a FAISS index of model embeddings plus SQLite metadata.
 
 ``ModelIndex`` answers "which indexed models are most like this one?" by cosine similarity
-(inner product of L2-normalised embeddings):
+(inner product of L2-normalised embeddings). It composes two halves that know nothing of each
+other:
 
-* FAISS holds the vectors behind an ``IndexIDMap2``; the id of a vector is the ``fid`` primary
-  key of its row in the SQLite ``models`` table (model id, path, task, dataset, architecture,
-  metrics), so the two always agree (checked on load).
-* Index kinds: ``flat`` (exact ``IndexFlatIP``), ``hnsw`` (``IndexHNSWFlat``, M=32, efSearch
-  tuned to a target recall@10), ``ivf`` (``IndexIVFFlat``, nprobe tuned the same way) and
-  ``auto`` (exact below ``auto_threshold`` vectors, then moved once to HNSW). An approximate
-  kind starts exact and is built when enough vectors are there (HNSW at once, IVF once it has
-  enough training vectors), so ``add`` never needs a rebuild by the caller.
+* ``vector_index.VectorIndex``: the vectors behind a FAISS ``IndexIDMap2`` (exact, HNSW, IVF or
+  auto, moved between kinds as it grows, search parameters tuned to a target recall);
+* ``catalogue.Catalogue``: the SQLite ``models`` table (model id, path, task, dataset,
+  architecture, metrics) and its query filters.
+
+The id of a vector is the ``fid`` primary key of its row, so the two always agree (checked on load).
+
 * ``save`` is atomic: a new version folder is written beside the old one, then a one-line
   ``CURRENT`` pointer file is swapped with ``os.replace``. A process killed at any point
   leaves the previous version loadable.
@@ -43,24 +43,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-import faiss
 import numpy as np
 import torch
 
 from architecture import ArchitectureSpec
+from catalogue import COLUMNS, NUMERIC_COLUMNS, TEXT_COLUMNS, Catalogue, metadata_row  # noqa: F401 (re-exported)
+from vector_index import INDEX_TYPES, VectorIndex, unit_rows
 
 log = logging.getLogger("retrieval")
 
-INDEX_TYPES = ("auto", "flat", "hnsw", "ivf")
 FORMAT_VERSION = 1
-# Metadata columns (besides fid/model_id/path); anything else in a model's metadata goes to ``extra``.
-TEXT_COLUMNS = ("task", "dataset", "task_family", "arch_id", "arch_name", "arch_family", "activation", "input_shape")
-NUMERIC_COLUMNS = ("num_inputs", "num_outputs", "num_params", "epoch", "train_acc", "test_acc",
-                   "train_loss", "test_loss", "gen_gap")
-COLUMNS = ("model_id", "path", *TEXT_COLUMNS, *NUMERIC_COLUMNS)
-# Filter keys matched by equality (a value or a list of values).
-_EQ_FILTERS = ("arch_id", "arch_name", "arch_family", "dataset", "task", "task_family", "activation",
-               "num_inputs", "num_outputs", "model_id")
 
 EmbedFn = Callable[[Sequence[tuple[ArchitectureSpec, Mapping[str, torch.Tensor]]]], np.ndarray]
 
@@ -88,49 +80,6 @@ class SkippedModel:
         return f"{self.source}: {self.cause}"
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, (np.generic,)):
-        return v.item()
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        return v.item()
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return str(v)
-
-
-def metadata_row(model_id: str, spec: ArchitectureSpec, meta: Mapping[str, Any], path: str = "") -> dict:
-    """The SQLite row of a model: architecture facts from ``spec``, the rest from ``meta``.
-
-    Known columns (``COLUMNS``) are typed; other metadata keys are kept as JSON in ``extra``.
-    NaN metrics are stored as NULL.
-    """
-    row: dict[str, Any] = {c: None for c in COLUMNS}
-    extra = {}
-    for k, v in meta.items():
-        v = _jsonable(v)
-        if isinstance(v, float) and math.isnan(v):
-            v = None
-        if k in COLUMNS:
-            row[k] = v
-        elif k != "spec_json":
-            extra[k] = v
-    row.update(
-        model_id=str(model_id), path=str(path or row["path"] or ""),
-        arch_id=spec.arch_id, arch_name=row["arch_name"] or spec.name, arch_family=row["arch_family"] or spec.family,
-        input_shape=json.dumps(list(spec.input_shape)), num_inputs=spec.num_inputs, num_outputs=spec.num_outputs,
-        num_params=spec.num_params(),
-    )
-    if row["activation"] is None:
-        acts = {layer.activation for layer in spec.layers[:-1]}
-        row["activation"] = acts.pop() if len(acts) == 1 else ("mixed" if acts else "identity")
-    for c in NUMERIC_COLUMNS:
-        if row[c] is not None and not isinstance(row[c], (int, float)):
-            raise ValueError(f"model {model_id}: metadata {c}={row[c]!r} is not a number")
-    row["extra"] = json.dumps(extra, sort_keys=True)
-    row["spec_json"] = spec.to_json()
-    return row
 
 
 def _as_record(item: Any, i: int) -> ModelRecord:
@@ -339,107 +288,58 @@ def embed_records(records: Sequence[ModelRecord], embedder: EmbedFn
 
 
 # =========================================================================== the index
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS models (
-    fid INTEGER PRIMARY KEY, model_id TEXT NOT NULL UNIQUE, path TEXT,
-    {", ".join(f"{c} TEXT" for c in TEXT_COLUMNS)},
-    {", ".join(f"{c} REAL" for c in NUMERIC_COLUMNS)},
-    extra TEXT);
-CREATE TABLE IF NOT EXISTS archs (arch_id TEXT PRIMARY KEY, spec_json TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS models_arch ON models(arch_id);
-CREATE INDEX IF NOT EXISTS models_shape ON models(input_shape, num_outputs);
-CREATE INDEX IF NOT EXISTS models_dataset ON models(dataset);
-CREATE INDEX IF NOT EXISTS models_task ON models(task);
-"""
-
-
 class ModelIndex:
-    """FAISS vectors + SQLite metadata of indexed models (see the module docstring).
+    """A FAISS vector index (``vector_index.VectorIndex``) composed with an SQLite catalogue
+    (``catalogue.Catalogue``) of the indexed models: a vector's id is the ``fid`` of its row.
 
     Args:
         dim: embedding size.
-        index_type: ``auto | flat | hnsw | ivf``.
-        hnsw_m: HNSW graph degree M.
-        ef_construction: HNSW build-time beam width. 80, not FAISS's 40: on clustered data (200k
-            64-d vectors in 200 low-rank clusters) 40 needed efSearch 64 for recall@10 0.955, 80 gives
-            0.986 at efSearch 32 for 1.4x the build time.
-        ef_search: HNSW query beam width (retuned by :meth:`tune` when the HNSW index is built).
-        nlist: IVF cells (default ``4*sqrt(n)`` at training time); nprobe starts at 16.
-        auto_threshold: with ``auto``, the vector count at which the exact index moves to HNSW.
-        target_recall: recall@10 that :meth:`tune` aims for.
+        index_type: ``auto | flat | hnsw | ivf`` (see ``vector_index``).
         embedder: embeds models for ``build/add/query`` of files and state dicts.
+        **index_kwargs: ``hnsw_m, ef_construction, ef_search, nlist, auto_threshold, target_recall``
+            of :class:`vector_index.VectorIndex`.
     """
 
-    def __init__(self, dim: int, index_type: str = "auto", hnsw_m: int = 32, ef_construction: int = 80,
-                 ef_search: int = 64, nlist: int | None = None, auto_threshold: int = 100_000,
-                 target_recall: float = 0.95, embedder: EmbedFn | None = None):
-        if index_type not in INDEX_TYPES:
-            raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
-        self.dim = int(dim)
-        self.index_type = index_type
-        self.params = dict(hnsw_m=int(hnsw_m), ef_construction=int(ef_construction), ef_search=int(ef_search),
-                           nlist=nlist, nprobe=16, auto_threshold=int(auto_threshold),
-                           target_recall=float(target_recall), tune_margin=0.02, retune_growth=1.25)
-        self.kind = "flat"  # the concrete index now held (an approximate kind starts exact)
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-        self._db = sqlite3.connect(":memory:")
-        self._db.executescript(_SCHEMA)
+    def __init__(self, dim: int, index_type: str = "auto", embedder: EmbedFn | None = None, **index_kwargs: Any):
+        self.vectors = VectorIndex(dim, index_type=index_type, **index_kwargs)
+        self.catalogue = Catalogue()
         self.embedder = embedder
         self.embedder_info: dict | None = _embedder_info(embedder) if embedder is not None else None
         self.errors: list[SkippedModel] = []  # models reported and skipped by build/add
-        self.tuning: dict = {}
         self.created = time.strftime("%Y-%m-%dT%H:%M:%S")
+
+    # the vector index's settings, read through
+    dim = property(lambda self: self.vectors.dim)
+    index_type = property(lambda self: self.vectors.index_type)
+    kind = property(lambda self: self.vectors.kind, doc="the concrete FAISS index held (flat | hnsw | ivf)")
+    params = property(lambda self: self.vectors.params)
+    tuning = property(lambda self: self.vectors.tuning)
 
     # ------------------------------------------------------------------ size / lookups
     def __len__(self) -> int:
-        return int(self._index.ntotal)
+        return len(self.vectors)
 
     def __contains__(self, model_id: str) -> bool:
-        return self._db.execute("SELECT 1 FROM models WHERE model_id=?", (model_id,)).fetchone() is not None
+        return model_id in self.catalogue
 
     def model_ids(self) -> list[str]:
         """Indexed model ids in insertion order."""
-        return [r[0] for r in self._db.execute("SELECT model_id FROM models ORDER BY fid")]
+        return self.catalogue.model_ids()
 
     def get(self, model_id: str) -> dict:
         """The metadata row of an indexed model (KeyError if absent)."""
-        rows = self._rows_where("model_id=?", (model_id,))
+        rows = self.catalogue.rows_where("model_id=?", (model_id,))
         if not rows:
             raise KeyError(f"model {model_id!r} is not in the index")
         return rows[0]
 
     def spec(self, arch_id: str) -> ArchitectureSpec:
         """The architecture spec stored for ``arch_id``."""
-        r = self._db.execute("SELECT spec_json FROM archs WHERE arch_id=?", (arch_id,)).fetchone()
-        if r is None:
-            raise KeyError(f"architecture {arch_id!r} is not in the index")
-        return ArchitectureSpec.from_json(r[0])
+        return self.catalogue.spec(arch_id)
 
     def embedding(self, model_id: str) -> np.ndarray:
         """The stored (L2-normalised) embedding of an indexed model, (d,)."""
-        return self._index.reconstruct(int(self._fid(model_id)))
-
-    def _fid(self, model_id: str) -> int:
-        r = self._db.execute("SELECT fid FROM models WHERE model_id=?", (model_id,)).fetchone()
-        if r is None:
-            raise KeyError(f"model {model_id!r} is not in the index")
-        return int(r[0])
-
-    def _rows_where(self, where: str, params: Sequence[Any]) -> list[dict]:
-        cur = self._db.execute(f"SELECT fid, {', '.join(COLUMNS)}, extra FROM models WHERE {where}", params)
-        names = [d[0] for d in cur.description]
-        out = []
-        for values in cur.fetchall():
-            row = dict(zip(names, values))
-            extra = json.loads(row.pop("extra") or "{}")
-            row["input_shape"] = tuple(json.loads(row["input_shape"])) if row["input_shape"] else None
-            for c in ("num_inputs", "num_outputs", "num_params", "epoch"):
-                if row[c] is not None:
-                    row[c] = int(row[c])
-            out.append({**extra, **row})
-        return out
+        return self.vectors.reconstruct(self.catalogue.fid(model_id))
 
     # ------------------------------------------------------------------ adding
     @classmethod
@@ -465,7 +365,7 @@ class ModelIndex:
             raise ValueError(f"build: nothing to index in {source!r}"
                              + (f" ({len(pending_errors)} bad: {pending_errors[0]} ...)" if pending_errors else ""))
         index._report(pending_errors)
-        index._retune_if_grown()
+        index.vectors.retune_if_grown()
         return index
 
     def add(self, source: Any, embedder: EmbedFn | None = None, chunk_size: int = 256,
@@ -487,7 +387,7 @@ class ModelIndex:
                 self.add_embeddings(emb, [metadata_row(r.model_id, r.spec, r.meta, r.path) for r in ok])
                 added += [r.model_id for r in ok]
         self._report(errors)
-        self._retune_if_grown()
+        self.vectors.retune_if_grown()
         return added
 
     def _embedder_for_add(self, embedder: EmbedFn | None) -> EmbedFn:
@@ -504,10 +404,6 @@ class ModelIndex:
             self.embedder_info = self.embedder_info or info
         return embedder
 
-    def _retune_if_grown(self) -> None:
-        if self.kind != "flat" and self.params.get("tuned_at") != len(self):
-            self.tune()
-
     def _report(self, errors: list[SkippedModel]) -> None:
         for e in errors:
             log.warning("skipped %s", e)
@@ -516,153 +412,32 @@ class ModelIndex:
     def add_embeddings(self, embeddings: np.ndarray, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """Add precomputed embeddings (n, d) with their metadata rows (see :func:`metadata_row`).
 
-        Returns the new FAISS ids. SQLite rows and vectors are added together: if FAISS fails
-        the rows are rolled back.
+        Returns the new vector ids (fids). SQLite rows and vectors are added together: if FAISS
+        fails the rows are rolled back.
         """
-        x = np.ascontiguousarray(embeddings, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"embeddings must be (n, {self.dim}), got {x.shape}")
-        if x.shape[0] != len(rows):
-            raise ValueError(f"{x.shape[0]} embeddings but {len(rows)} metadata rows")
-        if not np.isfinite(x).all():
-            bad = [rows[i]["model_id"] for i in np.where(~np.isfinite(x).all(1))[0][:5]]
-            raise ValueError(f"non-finite embeddings for models {bad}")
-        norms = np.linalg.norm(x, axis=1)
-        if (norms == 0).any():
-            raise ValueError(f"zero embedding for models {[rows[i]['model_id'] for i in np.where(norms == 0)[0][:5]]}")
-        x = x / norms[:, None]  # cosine similarity = inner product of unit vectors
-        start = int(self._db.execute("SELECT COALESCE(MAX(fid), -1) + 1 FROM models").fetchone()[0])
+        if len(embeddings) != len(rows):
+            raise ValueError(f"{len(embeddings)} embeddings but {len(rows)} metadata rows")
+        x = unit_rows(embeddings, self.dim, lambda pos: [rows[i]["model_id"] for i in pos])
+        start = self.catalogue.next_fid()
         ids = np.arange(start, start + len(rows), dtype=np.int64)
-        cols = ("fid", *COLUMNS, "extra")
         try:
-            with self._db:  # one transaction: rolled back if anything below raises
-                self._db.executemany(
-                    f"INSERT INTO models ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                    [(int(i), *(r.get(c) for c in COLUMNS), r.get("extra", "{}")) for i, r in zip(ids, rows)])
-                self._db.executemany("INSERT OR IGNORE INTO archs VALUES (?, ?)",
-                                     {(r["arch_id"], r["spec_json"]) for r in rows if r.get("spec_json")})
-                self._add_vectors(x, ids)
+            with self.catalogue.con:  # one transaction: rolled back if anything below raises
+                self.catalogue.insert(ids, rows)
+                self.vectors.add(x, ids)
         except sqlite3.IntegrityError as e:
             dup = [r["model_id"] for r in rows if r["model_id"] in self]
             raise ValueError(f"cannot add: duplicate model ids ({e}); already indexed: {dup[:5]}") from e
-        if self.kind != "flat" and len(self) >= self.params["retune_growth"] * self.params.get("tuned_at", 0):
-            self.tune()  # the index grew since the last tuning: recall at the same setting drops
+        self.vectors.retune_after_growth()
         return ids
 
-    # ------------------------------------------------------------------ index kinds
-    def _target_kind(self, n: int) -> str:
-        """The index kind for ``n`` vectors (approximate kinds start exact; see the class docstring)."""
-        if self.index_type == "hnsw" or (self.index_type == "auto" and n >= self.params["auto_threshold"]):
-            return "hnsw"
-        if self.index_type == "ivf" and n >= self._ivf_min_train():
-            return "ivf"
-        return "flat"
-
-    def _nlist(self, n: int) -> int:
-        return int(self.params["nlist"] or max(1, int(4 * math.sqrt(n))))
-
-    def _ivf_min_train(self) -> int:
-        # FAISS wants ~39 training points per centroid; with the default nlist=4*sqrt(n) this holds
-        # from n ~ 25k, so smaller IVF indexes stay exact (and exact is fast there).
-        nlist = self.params["nlist"]
-        return 39 * nlist if nlist else 25_000
-
-    def _add_vectors(self, x: np.ndarray, ids: np.ndarray) -> None:
-        """Add unit rows; when the size calls for another kind, move to it once (ids kept)."""
-        target = self._target_kind(len(self) + len(x))
-        if target != self.kind:
-            if len(self):
-                old_ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
-                old_x = self._index.index.reconstruct_n(0, len(self))  # (n_old, d)
-                x, ids = np.concatenate([old_x, x]), np.concatenate([old_ids, ids])
-            self._index = self._new_index(target, x)  # IVF trains on every vector seen so far
-            self.kind = target
-        self._index.add_with_ids(x, ids)
-
-    def _new_index(self, kind: str, train: np.ndarray) -> faiss.IndexIDMap2:
-        if kind == "flat":
-            inner = faiss.IndexFlatIP(self.dim)
-        elif kind == "hnsw":
-            inner = faiss.IndexHNSWFlat(self.dim, self.params["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
-            inner.hnsw.efConstruction = self.params["ef_construction"]
-            inner.hnsw.efSearch = self.params["ef_search"]
-        else:
-            nlist = self._nlist(len(train))
-            self.params["nlist_used"] = nlist
-            inner = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            inner.train(train)
-            inner.set_direct_map_type(faiss.DirectMap.Array)  # reconstruct for query-by-model-id (IDMap2 maps ids to positions)
-            inner.nprobe = self.params["nprobe"]
-        return faiss.IndexIDMap2(inner)
-
-    def _inner(self) -> Any:
-        return faiss.downcast_index(self._index.index)
-
     def tune(self, k: int = 10, n_queries: int = 200, seed: int = 0) -> dict:
-        """Raise HNSW efSearch / IVF nprobe until recall@k vs exact search reaches the target.
-
-        Leave-one-out: the queries are indexed vectors and each query's own id is dropped from
-        both result lists, so recall is measured on its k true neighbours (a new point relates
-        to the data as an indexed point relates to the others). Measured here this overstates
-        the recall of fresh queries by up to ~0.03 at small efSearch, so the target is
-        ``target_recall + tune_margin``. Returns (and stores in ``.tuning``) every setting tried.
-        """
-        self.params["tuned_at"] = len(self)
-        if self.kind == "flat" or len(self) <= k + 1:
-            self.tuning = {"kind": self.kind, "exact": self.kind == "flat", "n": len(self)}
-            return self.tuning
-        rng = np.random.default_rng(seed)
-        ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
-        qi = rng.choice(len(ids), size=min(n_queries, len(ids)), replace=False)
-        q = self._index.reconstruct_batch(ids[qi])  # (q, d) unit rows
-        if self.kind == "hnsw":  # HNSW keeps its vectors in an IndexFlat: search it exactly, no copy
-            exact = faiss.downcast_index(self._inner().storage)
-        else:
-            exact = faiss.IndexFlatIP(self.dim)
-            exact.add(self._index.index.reconstruct_n(0, len(self)))
-        _, gt = exact.search(q, k + 1)
-        own = ids[qi]
-        truth = [set([j for j in row if j != o][:k]) for row, o in zip(ids[gt], own)]
-        goal = min(1.0, self.params["target_recall"] + self.params.get("tune_margin", 0.02))
-        steps = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
-        if self.kind == "ivf":
-            steps = [s for s in [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048] if s <= self.params["nlist_used"]]
-        trials = {}
-        chosen = steps[-1]
-        for s in steps:
-            self._set_search_param(s)
-            _, got = self._index.search(q, k + 1)
-            rec = float(np.mean([len(set([j for j in row if j != o and j >= 0][:k]) & t) / k
-                                 for row, o, t in zip(got, own, truth)]))
-            trials[s] = rec
-            if rec >= goal:
-                chosen = s
-                break
-        self._set_search_param(chosen)
-        name = "ef_search" if self.kind == "hnsw" else "nprobe"
-        self.params[name] = chosen
-        self.tuning = {"kind": self.kind, "param": name, "value": chosen, "recall_at_k": trials[chosen],
-                       "k": k, "trials": {str(a): b for a, b in trials.items()}, "n_queries": len(qi), "n": len(self)}
-        if trials[chosen] < goal:
-            log.warning("tune: leave-one-out recall@%d %.3f below %.2f at the largest %s=%d", k, trials[chosen],
-                        goal, name, chosen)
-        return self.tuning
-
-    def _set_search_param(self, value: int) -> None:
-        inner = self._inner()
-        if self.kind == "hnsw":
-            inner.hnsw.efSearch = int(value)
-        elif self.kind == "ivf":
-            inner.nprobe = int(value)
+        """Tune the approximate index's search parameter to the target recall (``VectorIndex.tune``)."""
+        return self.vectors.tune(k, n_queries, seed)
 
     # ------------------------------------------------------------------ querying
     def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Raw FAISS search of (n, d) embeddings (normalised here) -> (similarities, fids), each (n, k)."""
-        q = np.ascontiguousarray(np.atleast_2d(embeddings), dtype=np.float32)
-        if q.shape[1] != self.dim:
-            raise ValueError(f"query embeddings have dim {q.shape[1]}, the index has {self.dim}")
-        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        return self._index.search(q, k)
+        return self.vectors.search(embeddings, k)
 
     def neighbours(self, k: int, exclude_self: bool = True, batch: int = 4096) -> tuple[list[str], np.ndarray]:
         """k nearest indexed models of every indexed model, by the index (batched searches).
@@ -671,13 +446,13 @@ class ModelIndex:
         -1 where fewer than k exist). Compare with exact search via e.g. precision@k of labels.
         """
         ids = self.model_ids()
-        fids = np.array([r[0] for r in self._db.execute("SELECT fid FROM models ORDER BY fid")], dtype=np.int64)
+        fids = self.catalogue.fids()
         pos = {int(f): i for i, f in enumerate(fids)}
         out = np.full((len(ids), k), -1, dtype=np.int64)
         extra = 1 if exclude_self else 0
         for s in range(0, len(fids), batch):
-            q = self._index.reconstruct_batch(fids[s:s + batch])
-            _, got = self._index.search(q, min(k + extra, len(fids)))
+            q = self.vectors.reconstruct_batch(fids[s:s + batch])
+            _, got = self.vectors.search(q, min(k + extra, len(fids)))
             for j, row in enumerate(got):
                 own = fids[s + j]
                 nb = [pos[int(f)] for f in row if f >= 0 and not (exclude_self and f == own)][:k]
@@ -706,10 +481,10 @@ class ModelIndex:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         vec, spec, self_fid = self._resolve(q)
-        where, params = self._where(filters or {}, spec)
+        where, params = self.catalogue.where(filters or {}, spec)
         extra = 1 if (exclude_self and self_fid is not None) else 0
         if where is None:
-            sims, fids = self.search(vec, min(k + extra, len(self)))
+            sims, fids = self.vectors.search(vec, min(k + extra, len(self)))
             hits = [(float(s), int(f)) for s, f in zip(sims[0], fids[0]) if f >= 0]
         else:
             hits = self._filtered_search(vec, k + extra, where, params)
@@ -718,8 +493,7 @@ class ModelIndex:
         hits = hits[:k]
         if not hits:
             return []
-        rows = {r["fid"]: r for r in self._rows_where("fid IN (SELECT value FROM json_each(?))",
-                                                       (json.dumps([f for _, f in hits]),))}
+        rows = self.catalogue.rows_by_fid(f for _, f in hits)
         return [{"rank": i + 1, "similarity": s, **rows[f]} for i, (s, f) in enumerate(hits)]
 
     def _resolve(self, q: Any) -> tuple[np.ndarray, ArchitectureSpec | None, int | None]:
@@ -764,59 +538,25 @@ class ModelIndex:
         self.embedder = Embedder.from_file(path)
         return self.embedder
 
-    def _where(self, filters: Mapping[str, Any], spec: ArchitectureSpec | None) -> tuple[str | None, list]:
-        clauses, params = [], []
-        for key, val in filters.items():
-            if val is None or val is False:
-                continue
-            if key in _EQ_FILTERS:
-                vals = list(val) if isinstance(val, (list, tuple, set)) else [val]
-                clauses.append(f"{key} IN ({', '.join('?' * len(vals))})")
-                params += vals
-            elif key == "input_shape":
-                clauses.append("input_shape = ?")
-                params.append(json.dumps([int(s) for s in val]))
-            elif key in ("same_arch", "compatible"):
-                ref = val if isinstance(val, ArchitectureSpec) else spec
-                if ref is None:
-                    raise ValueError(f"filter {key}=True needs a query with a known architecture "
-                                     "(a checkpoint, model id or (spec, state_dict)), or pass a spec")
-                if key == "same_arch":
-                    clauses.append("arch_id = ?")
-                    params.append(ref.arch_id)
-                else:
-                    clauses.append("input_shape = ? AND num_outputs = ?")
-                    params += [json.dumps(list(ref.input_shape)), ref.num_outputs]
-            elif key.startswith(("min_", "max_")) and key[4:] in NUMERIC_COLUMNS:
-                clauses.append(f"{key[4:]} {'>=' if key.startswith('min_') else '<='} ?")
-                params.append(float(val))
-            else:
-                raise ValueError(f"unknown filter {key!r}; known: {sorted(_EQ_FILTERS)} + input_shape, same_arch, "
-                                 f"compatible, min_/max_ of {list(NUMERIC_COLUMNS)}")
-        return (" AND ".join(clauses) if clauses else None), params
-
     def _filtered_search(self, vec: np.ndarray, k: int, where: str, params: list,
                          exact_limit: int = 5000) -> list[tuple[float, int]]:
         """Top-k among rows matching ``where``: exact over the matches when they are few; else
         over-fetch from the index (sized by the filter's selectivity) and keep the matches,
         growing the fetch until k pass or every vector was seen."""
-        n_match = self._db.execute(f"SELECT COUNT(*) FROM models WHERE {where}", params).fetchone()[0]
+        n_match = self.catalogue.count_where(where, params)
         if n_match == 0:
             return []
         q = vec / max(float(np.linalg.norm(vec)), 1e-12)
         if n_match <= exact_limit:
-            fids = np.array([r[0] for r in self._db.execute(f"SELECT fid FROM models WHERE {where}", params)],
-                            dtype=np.int64)
-            sims = self._index.reconstruct_batch(fids) @ q  # (n_match,)
+            fids = self.catalogue.fids_where(where, params)
+            sims = self.vectors.reconstruct_batch(fids) @ q  # (n_match,)
             top = np.argsort(-sims, kind="stable")[:k]
             return [(float(sims[i]), int(fids[i])) for i in top]
         kk = min(len(self), int(2 * k * len(self) / n_match) + k)
         while True:
-            sims, fids = self.search(q, kk)
+            sims, fids = self.vectors.search(q, kk)
             cand = [(float(s), int(f)) for s, f in zip(sims[0], fids[0]) if f >= 0]
-            ok = {r[0] for r in self._db.execute(
-                f"SELECT fid FROM models WHERE fid IN (SELECT value FROM json_each(?)) AND {where}",
-                [json.dumps([f for _, f in cand]), *params])}
+            ok = self.catalogue.matching((f for _, f in cand), where, params)
             hits = [h for h in cand if h[1] in ok]
             if len(hits) >= k or kk >= len(self):
                 return hits[:k]
@@ -825,14 +565,11 @@ class ModelIndex:
     # ------------------------------------------------------------------ persistence
     def info(self) -> dict:
         """Size, index kind and parameters, embedder, and counts per architecture / dataset."""
-        def counts(col: str) -> dict:
-            return {str(a): n for a, n in self._db.execute(
-                f"SELECT {col}, COUNT(*) FROM models GROUP BY {col} ORDER BY COUNT(*) DESC")}
-
+        c = self.catalogue
         return {"num_models": len(self), "dim": self.dim, "index_type": self.index_type, "kind": self.kind,
                 "params": dict(self.params), "tuning": self.tuning, "embedder": self.embedder_info,
-                "created": self.created, "architectures": counts("arch_name"), "datasets": counts("dataset"),
-                "tasks": counts("task")}
+                "created": self.created, "architectures": c.counts("arch_name"), "datasets": c.counts("dataset"),
+                "tasks": c.counts("task")}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically: a new version folder, then swap the ``CURRENT`` pointer (os.replace).
@@ -847,14 +584,11 @@ class ModelIndex:
         name = f"v{time.time_ns()}-{uuid.uuid4().hex[:8]}"
         tmp = root / f"{name}.tmp"
         tmp.mkdir()
-        faiss.write_index(self._index, str(tmp / "index.faiss"))
-        dst = sqlite3.connect(tmp / "meta.sqlite")
-        with dst:
-            self._db.backup(dst)
-        dst.close()
-        manifest = {"format": FORMAT_VERSION, "dim": self.dim, "index_type": self.index_type, "kind": self.kind,
-                    "params": self.params, "num_models": len(self), "embedder": self.embedder_info,
-                    "tuning": self.tuning, "created": self.created, "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.vectors.write(str(tmp / "index.faiss"))
+        self.catalogue.write(tmp / "meta.sqlite")
+        manifest = {"format": FORMAT_VERSION, **self.vectors.state(), "num_models": len(self),
+                    "embedder": self.embedder_info, "created": self.created,
+                    "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         for f in tmp.iterdir():
             _fsync(f)
@@ -887,24 +621,15 @@ class ModelIndex:
             raise ValueError(f"{vdir}/manifest.json: unreadable ({e})") from e
         if manifest.get("format") != FORMAT_VERSION:
             raise ValueError(f"{vdir}: index format {manifest.get('format')}, this code reads {FORMAT_VERSION}")
-        self = cls(manifest["dim"], index_type=manifest["index_type"])
-        self.params.update(manifest["params"])
-        self.kind, self.tuning, self.created = manifest["kind"], manifest["tuning"], manifest["created"]
-        self.embedder_info = manifest["embedder"]
-        self._index = faiss.read_index(str(vdir / "index.faiss"))
-        if not isinstance(self._index, faiss.IndexIDMap2):
-            raise ValueError(f"{vdir}/index.faiss: expected an IndexIDMap2, got {type(self._index).__name__}")
-        src = sqlite3.connect(f"file:{vdir / 'meta.sqlite'}?mode=ro", uri=True)
-        self._db = sqlite3.connect(":memory:")
-        src.backup(self._db)
-        src.close()
-        ids = np.sort(faiss.vector_to_array(self._index.id_map))
-        fids = np.fromiter((r[0] for r in self._db.execute("SELECT fid FROM models ORDER BY fid")), dtype=np.int64)
+        self = cls.__new__(cls)
+        self.vectors = VectorIndex.read(str(vdir / "index.faiss"), manifest)
+        self.catalogue = Catalogue.read(vdir / "meta.sqlite")
+        self.created, self.embedder_info = manifest["created"], manifest["embedder"]
+        self.embedder, self.errors = embedder, []
+        ids, fids = np.sort(self.vectors.ids()), self.catalogue.fids()
         if not np.array_equal(ids, fids):
             raise ValueError(f"{vdir}: FAISS holds {len(ids)} ids and SQLite {len(fids)} rows and they differ; "
                              "the index is corrupt")
-        self._set_search_param(self.params["ef_search"] if self.kind == "hnsw" else self.params["nprobe"])
-        self.embedder = embedder
         return self
 
 
@@ -971,7 +696,7 @@ def index_folder(folder: str | os.PathLike, embedder: EmbedFn, db: str | os.Path
             raise ValueError(f"{folder}: no checkpoint could be indexed ({len(errors)} bad files"
                              + (f", first: {errors[0]})" if errors else ")"))
         index._report(errors)
-        index._retune_if_grown()
+        index.vectors.retune_if_grown()
         index.save(db)
         return index
     finally:

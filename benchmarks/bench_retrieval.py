@@ -130,7 +130,7 @@ def scale_benchmark(args: argparse.Namespace) -> dict:
         exact.search(q[i:i + 1], k)
         exact_single.append(time.perf_counter() - t)
 
-    inner = faiss.downcast_index(index._index.index)
+    inner = faiss.downcast_index(index.vectors.faiss_index.index)
     sweep = {}
     tuned = index.params.get("ef_search")
     for ef in sorted({16, 24, 32, 48, 64, 96, 128, tuned}):

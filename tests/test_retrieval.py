@@ -134,10 +134,10 @@ def test_gnn_embedder_finds_the_permuted_trained_model(trained_models):
 def test_add_then_query_without_rebuild(records):
     first, second = records[:20], records[20:]
     index = R.ModelIndex.build(first, stat_embed, index_type="flat")
-    faiss_obj = index._index
+    faiss_obj = index.vectors.faiss_index
     added = index.add(second)
     assert added == [r.model_id for r in second] and len(index) == len(records)
-    assert index._index is faiss_obj  # appended, not rebuilt
+    assert index.vectors.faiss_index is faiss_obj  # appended, not rebuilt
     for r in second:
         assert index.query((r.spec, r.state_dict), k=1)[0]["model_id"] == r.model_id
     assert index.model_ids() == [r.model_id for r in records]
@@ -156,6 +156,34 @@ def test_add_embeddings_validates():
     with pytest.raises(ValueError, match="zero embedding"):
         index.add_embeddings(np.zeros((1, 8), np.float32), plain_rows(1))
     assert len(index) == 0
+
+
+def test_vector_index_and_catalogue_stand_alone(tmp_path):
+    """The two halves ModelIndex composes work on their own: vectors by id, rows by fid and filters."""
+    import catalogue as C
+    import vector_index as V
+
+    x = clustered(50, 8)
+    vec = V.VectorIndex(8, index_type="flat")
+    vec.add(V.unit_rows(x, 8), np.arange(100, 150))
+    sims, ids = vec.search(x[7], 3)
+    assert ids[0, 0] == 107 and sims[0, 0] == pytest.approx(1.0, abs=1e-6)
+    vec.write(str(tmp_path / "v.faiss"))
+    back = V.VectorIndex.read(str(tmp_path / "v.faiss"), vec.state())
+    np.testing.assert_array_equal(back.ids(), np.arange(100, 150))
+    np.testing.assert_allclose(back.reconstruct(120), x[20] / np.linalg.norm(x[20]), atol=1e-6)
+    with pytest.raises(ValueError, match="non-finite embeddings"):
+        V.unit_rows(np.full((1, 8), np.inf), 8)
+
+    cat = C.Catalogue()
+    with cat.con:
+        cat.insert([100, 101, 102], plain_rows(3))
+    where, params = cat.where({"dataset": ["ds0", "ds2"]}, None)
+    assert sorted(cat.fids_where(where, params).tolist()) == [100, 102] and cat.matching([101, 102], where, params) == {102}
+    cat.write(tmp_path / "c.sqlite")
+    again = C.Catalogue.read(tmp_path / "c.sqlite")
+    assert again.model_ids() == ["v0", "v1", "v2"] and again.rows_by_fid([101])[101]["dataset"] == "ds1"
+    assert again.next_fid() == 103 and again.spec(SPECS[0].arch_id) == SPECS[0]
 
 
 # ---------------------------------------------------------------------------- filters
@@ -212,7 +240,7 @@ def test_approximate_index_recall_and_filtered_overfetch(kind, tmp_path):
     assert recall >= 0.9, (recall, index.tuning)
     assert index.query("v123", k=1)[0]["model_id"] == "v123"
     # a filter matching many rows takes the over-fetch path; the result equals exact filtered search
-    where, params = index._where({"dataset": "ds1"}, None)
+    where, params = index.catalogue.where({"dataset": "ds1"}, None)
     hits = index._filtered_search(x[5], 10, where, params, exact_limit=100)
     allowed = np.array([i % 4 == 1 for i in range(n)])
     sims = np.where(allowed, xn @ xn[5], -np.inf)
@@ -280,6 +308,7 @@ KILL_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import numpy as np
     import retrieval as R
+    import vector_index as V
 
     stage = sys.argv[2]
     index = R.ModelIndex.load(sys.argv[1])
@@ -292,13 +321,13 @@ KILL_SCRIPT = textwrap.dedent("""
         time.sleep(60)
 
     if stage == "data":  # killed while the FAISS file is half written
-        real = R.faiss.write_index
+        real = V.faiss.write_index
         def write_index(idx, path):
             real(idx, path)
             with open(path, "r+b") as f:
                 f.truncate(os.path.getsize(path) // 2)
             pause()
-        R.faiss.write_index = write_index
+        V.faiss.write_index = write_index
     else:  # killed after the new version folder is complete, before the CURRENT swap
         real_replace = os.replace
         def replace(src, dst):
