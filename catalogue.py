@@ -1,10 +1,15 @@
 """The metadata half of the model database: one SQLite row per indexed model, and filters over them.
 
 A row's ``fid`` (INTEGER PRIMARY KEY) is the id of its vector in ``vector_index.VectorIndex``;
-``retrieval.ModelIndex`` keeps the two in step. Columns: the model id, its file, the typed
-metadata columns below (architecture facts from the spec, the rest from the model's metadata) and
-``extra`` (every other metadata key, as JSON). Architecture specs are stored once per
-``arch_id`` in ``archs``.
+``retrieval.ModelIndex`` keeps the two in step. Columns: the model id, its file (``path`` as text,
+``path_bytes`` the exact name), ``sha256`` (a file's content identity, unique), the typed metadata
+columns below (architecture facts from the spec, the rest from the model's metadata) and ``extra``
+(every other metadata key, as JSON). Architecture specs are stored once per ``arch_id`` in ``archs``.
+
+Metadata comes from users' sidecar files, so :func:`metadata_row` checks every value against its
+column's type before a row exists: text columns take strings, numeric columns finite numbers,
+integer columns integers within +-2**53 (exact in SQLite's REAL); ``extra`` values must be finite
+too. NaN means "not measured" and is stored as NULL. A bad value is a ValueError naming the key.
 
 The catalogue lives in memory (``sqlite3`` ``:memory:``) and is copied to / from a file with the
 SQLite backup API (:meth:`Catalogue.write`, :meth:`Catalogue.read`).
@@ -28,6 +33,7 @@ NUMERIC_COLUMNS = ("num_inputs", "num_outputs", "num_params", "epoch", "train_ac
                    "train_loss", "test_loss", "gen_gap")
 INTEGER_COLUMNS = ("num_inputs", "num_outputs", "num_params", "epoch")  # read back as int
 COLUMNS = ("model_id", "path", *TEXT_COLUMNS, *NUMERIC_COLUMNS)
+INTEGER_LIMIT = 2**53  # integers above this lose digits in a REAL column (and overflow SQLite's int64 far later)
 # Filter keys matched by equality (a value or a list of values).
 EQ_FILTERS = ("arch_id", "arch_name", "arch_family", "dataset", "task", "task_family", "activation",
               "num_inputs", "num_outputs", "model_id")
@@ -37,12 +43,13 @@ CREATE TABLE IF NOT EXISTS models (
     fid INTEGER PRIMARY KEY, model_id TEXT NOT NULL UNIQUE, path TEXT,
     {", ".join(f"{c} TEXT" for c in TEXT_COLUMNS)},
     {", ".join(f"{c} REAL" for c in NUMERIC_COLUMNS)},
-    extra TEXT);
+    extra TEXT, sha256 TEXT UNIQUE, path_bytes BLOB);
 CREATE TABLE IF NOT EXISTS archs (arch_id TEXT PRIMARY KEY, spec_json TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS models_arch ON models(arch_id);
 CREATE INDEX IF NOT EXISTS models_shape ON models(input_shape, num_outputs);
 CREATE INDEX IF NOT EXISTS models_dataset ON models(dataset);
 CREATE INDEX IF NOT EXISTS models_task ON models(task);
+CREATE INDEX IF NOT EXISTS models_path ON models(path_bytes);
 """
 
 
@@ -58,11 +65,48 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
-def metadata_row(model_id: str, spec: ArchitectureSpec, meta: Mapping[str, Any], path: str = "") -> dict:
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _text(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"metadata {key}={_short(v)} is a {type(v).__name__}, not a string")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate, e.g. from a JSON "\\ud800" escape
+        raise ValueError(f"metadata {key}={_short(v)} is not valid Unicode text ({e.reason})") from e
+    return v
+
+
+def _number(key: str, v: Any) -> int | float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"metadata {key}={_short(v)} is a {type(v).__name__}, not a number")
+    if isinstance(v, float) and math.isnan(v):
+        return None  # not measured
+    if key in INTEGER_COLUMNS:
+        if isinstance(v, float) and not (math.isfinite(v) and v.is_integer()):
+            raise ValueError(f"metadata {key}={_short(v)} is not an integer")
+        if abs(v) > INTEGER_LIMIT:
+            raise ValueError(f"metadata {key}={_short(v)} is out of range (|{key}| <= 2**53)")
+        return int(v)
+    try:
+        f = float(v)
+    except OverflowError as e:
+        raise ValueError(f"metadata {key}={_short(v)} is out of range of a float") from e
+    if not math.isfinite(f):
+        raise ValueError(f"metadata {key}={_short(v)} is not finite")
+    return f
+
+
+def metadata_row(model_id: str, spec: ArchitectureSpec, meta: Mapping[str, Any], path: str = "",
+                 sha256: str | None = None, path_bytes: bytes | None = None) -> dict:
     """The SQLite row of a model: architecture facts from ``spec``, the rest from ``meta``.
 
-    Known columns (``COLUMNS``) are typed; other metadata keys are kept as JSON in ``extra``.
-    NaN metrics are stored as NULL.
+    Known columns (``COLUMNS``) are typed and checked (see the module docstring); other metadata keys
+    are kept as JSON in ``extra``. ``sha256``/``path_bytes``: a file's content identity and exact name.
+    Raises ValueError naming the first bad value.
     """
     row: dict[str, Any] = {c: None for c in COLUMNS}
     extra = {}
@@ -73,9 +117,13 @@ def metadata_row(model_id: str, spec: ArchitectureSpec, meta: Mapping[str, Any],
         if k in COLUMNS:
             row[k] = v
         elif k != "spec_json":
+            try:
+                json.dumps(v, allow_nan=False)
+            except ValueError as e:
+                raise ValueError(f"metadata {k}={_short(v)} holds a number that is not finite") from e
             extra[k] = v
     row.update(
-        model_id=str(model_id), path=str(path or row["path"] or ""),
+        model_id=_text("model_id", str(model_id)), path=_text("path", str(path or row["path"] or "")),
         arch_id=spec.arch_id, arch_name=row["arch_name"] or spec.name, arch_family=row["arch_family"] or spec.family,
         input_shape=json.dumps(list(spec.input_shape)), num_inputs=spec.num_inputs, num_outputs=spec.num_outputs,
         num_params=spec.num_params(),
@@ -83,11 +131,15 @@ def metadata_row(model_id: str, spec: ArchitectureSpec, meta: Mapping[str, Any],
     if row["activation"] is None:
         acts = {layer.activation for layer in spec.layers[:-1]}
         row["activation"] = acts.pop() if len(acts) == 1 else ("mixed" if acts else "identity")
+    for c in TEXT_COLUMNS:
+        if row[c] is not None:
+            row[c] = _text(c, row[c])
     for c in NUMERIC_COLUMNS:
-        if row[c] is not None and not isinstance(row[c], (int, float)):
-            raise ValueError(f"model {model_id}: metadata {c}={row[c]!r} is not a number")
+        if row[c] is not None:
+            row[c] = _number(c, row[c])
     row["extra"] = json.dumps(extra, sort_keys=True)
     row["spec_json"] = spec.to_json()
+    row["sha256"], row["path_bytes"] = sha256, path_bytes
     return row
 
 
@@ -113,6 +165,19 @@ class Catalogue:
         """Every fid in ascending order, (n,) int64."""
         return np.fromiter((r[0] for r in self.con.execute("SELECT fid FROM models ORDER BY fid")), dtype=np.int64)
 
+    def shas(self) -> set[str]:
+        """Content hashes (hex SHA-256) of the indexed files."""
+        return {r[0] for r in self.con.execute("SELECT sha256 FROM models WHERE sha256 IS NOT NULL")}
+
+    def fid_of_sha(self, sha256: str) -> int | None:
+        """The fid of the indexed file of this content, or None."""
+        r = self.con.execute("SELECT fid FROM models WHERE sha256=?", (sha256,)).fetchone()
+        return None if r is None else int(r[0])
+
+    def fids_of_file(self, path_bytes: bytes) -> list[int]:
+        """fids of the rows indexed from this exact file name."""
+        return [r[0] for r in self.con.execute("SELECT fid FROM models WHERE path_bytes=?", (path_bytes,))]
+
     def fid(self, model_id: str) -> int:
         """The fid of an indexed model (KeyError if absent)."""
         r = self.con.execute("SELECT fid FROM models WHERE model_id=?", (model_id,)).fetchone()
@@ -126,7 +191,7 @@ class Catalogue:
 
     def rows_where(self, where: str, params: Sequence[Any]) -> list[dict]:
         """Rows matching an SQL condition, as dicts (extra keys merged in, input_shape a tuple)."""
-        cur = self.con.execute(f"SELECT fid, {', '.join(COLUMNS)}, extra FROM models WHERE {where}", params)
+        cur = self.con.execute(f"SELECT fid, {', '.join(COLUMNS)}, sha256, extra FROM models WHERE {where}", params)
         names = [d[0] for d in cur.description]
         out = []
         for values in cur.fetchall():
@@ -161,12 +226,17 @@ class Catalogue:
     # ------------------------------------------------------------------ writing
     def insert(self, fids: Sequence[int], rows: Sequence[Mapping[str, Any]]) -> None:
         """Insert rows under ``fids`` (run inside ``with catalogue.con:`` to make it one transaction)."""
-        cols = ("fid", *COLUMNS, "extra")
+        cols = ("fid", *COLUMNS, "extra", "sha256", "path_bytes")
         self.con.executemany(
             f"INSERT INTO models ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-            [(int(i), *(r.get(c) for c in COLUMNS), r.get("extra", "{}")) for i, r in zip(fids, rows)])
+            [(int(i), *(r.get(c) for c in COLUMNS), r.get("extra", "{}"), r.get("sha256"), r.get("path_bytes"))
+             for i, r in zip(fids, rows)])
         self.con.executemany("INSERT OR IGNORE INTO archs VALUES (?, ?)",
                              {(r["arch_id"], r["spec_json"]) for r in rows if r.get("spec_json")})
+
+    def delete(self, fids: Sequence[int]) -> None:
+        """Delete the rows of ``fids`` (run inside ``with catalogue.con:``)."""
+        self.con.executemany("DELETE FROM models WHERE fid=?", [(int(f),) for f in fids])
 
     # ------------------------------------------------------------------ filters
     def where(self, filters: Mapping[str, Any], spec: ArchitectureSpec | None) -> tuple[str | None, list]:

@@ -11,9 +11,13 @@ other:
 
 The id of a vector is the ``fid`` primary key of its row, so the two always agree (checked on load).
 
-* ``save`` is atomic: a new version folder is written beside the old one, then a one-line
-  ``CURRENT`` pointer file is swapped with ``os.replace``. A process killed at any point
-  leaves the previous version loadable.
+* A folder of checkpoints is read by ``checkpoint_folder``: a model is known by its content (the
+  SHA-256 of the file and its sidecar), so re-indexing finds what is new, a rewritten file replaces
+  its old version, and a bad file is skipped with one line naming it and the cause.
+* ``save`` is atomic (``index_store``): a new version folder is written beside the old one, then a
+  one-line ``CURRENT`` pointer file is swapped with ``os.replace``. A process killed at any point
+  leaves the previous version loadable; :func:`index_folder` commits every chunk of files, so a
+  killed run loses at most one chunk and the same command continues where it stopped.
 * Embeddings come from any callable ``list[(spec, state_dict)] -> (n, d) array``; the real
   one is :class:`Embedder` (neuron graphs of ``weight_to_graph`` -> a trained encoder of
   ``gnn_encoder``). Folders are read in chunks (memory bounded) and sharded across torchrun
@@ -28,18 +32,15 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import logging
 import math
 import os
-import shutil
 import sqlite3
 import sys
 import time
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -48,40 +49,19 @@ import torch
 
 from architecture import ArchitectureSpec
 from catalogue import COLUMNS, NUMERIC_COLUMNS, TEXT_COLUMNS, Catalogue, metadata_row  # noqa: F401 (re-exported)
+from checkpoint_folder import (ModelRecord, SkippedModel, content_sha256, display_path, file_sha256,  # noqa: F401
+                               iter_folder_chunks, load_checkpoint, sidecar_of)
+from index_store import check_index_folder, current_version, write_version
 from vector_index import INDEX_TYPES, VectorIndex, unit_rows
 
 log = logging.getLogger("retrieval")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content identity (sha256, path_bytes), the index folder marker
 
 EmbedFn = Callable[[Sequence[tuple[ArchitectureSpec, Mapping[str, torch.Tensor]]]], np.ndarray]
 
 
 # =========================================================================== records
-@dataclass
-class ModelRecord:
-    """One model to index: its id, architecture, weights and (optional) metadata."""
-
-    model_id: str
-    spec: ArchitectureSpec
-    state_dict: Mapping[str, torch.Tensor]
-    meta: Mapping[str, Any]
-    path: str = ""
-
-
-@dataclass(frozen=True)
-class SkippedModel:
-    """A model that was not indexed: the file (or model id) and the cause."""
-
-    source: str
-    cause: str
-
-    def __str__(self) -> str:
-        return f"{self.source}: {self.cause}"
-
-
-
-
 def _as_record(item: Any, i: int) -> ModelRecord:
     """A ZooModel-like object, a dict or a tuple -> ModelRecord."""
     if isinstance(item, ModelRecord):
@@ -100,60 +80,7 @@ def _as_record(item: Any, i: int) -> ModelRecord:
     raise TypeError(f"model {i}: cannot index a {type(item).__name__} (need a ZooModel, dict or tuple)")
 
 
-# =========================================================================== checkpoints
-def list_checkpoint_files(folder: str | os.PathLike) -> list[Path]:
-    """Checkpoint files under ``folder`` (recursive, sorted so every rank sees the same order)."""
-    from checkpoint_import import CHECKPOINT_SUFFIXES
-
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a folder of checkpoints")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
-
-
-def load_checkpoint(path: str | os.PathLike, root: str | os.PathLike | None = None) -> ModelRecord:
-    """Read one checkpoint file with the zoo's loader (``checkpoint_import.read_checkpoint``: safetensors or
-    ``.pt`` with ``weights_only=True``, optional spec sidecar, architecture inference).
-
-    The model id is the path relative to ``root`` (the indexed folder), else the file name.
-    Raises ``checkpoint_import.CheckpointError`` (file and cause) for a bad file.
-    """
-    from checkpoint_import import read_checkpoint
-
-    p = Path(path)
-    spec, sd, warns, side_meta = read_checkpoint(p)
-    meta = dict(side_meta)
-    if warns:
-        meta["load_warning"] = "; ".join(warns)
-    mid = str(p.relative_to(root)) if root is not None else p.name
-    return ModelRecord(mid, spec, sd, meta, str(p.resolve()))
-
-
-def _load_files(paths: Sequence[Path], root: Path | None) -> tuple[list[ModelRecord], list[SkippedModel]]:
-    """Load a chunk of files; bad ones become SkippedModel (file and cause) instead of records."""
-    from checkpoint_import import CheckpointError
-
-    recs, bad = [], []
-    for p in paths:
-        try:
-            recs.append(load_checkpoint(p, root))
-        except CheckpointError as e:
-            bad.append(SkippedModel(e.file, e.cause))
-        except Exception as e:  # noqa: BLE001 - an unreadable user file must not abort the folder; it is reported
-            bad.append(SkippedModel(str(p), f"the checkpoint loader failed: {type(e).__name__}: {e}"))
-    return recs, bad
-
-
 # =========================================================================== embedder
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file (identifies the encoder an index was built with)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class Embedder:
     """Weights -> embedding: canonical neuron graphs (``WeightToGraph``) through a trained encoder.
 
@@ -229,25 +156,27 @@ def _embedder_info(embedder: Any) -> dict:
 
 
 # =========================================================================== streaming sources
+Chunk = tuple[list[ModelRecord], list[SkippedModel], int]  # (records to index, skipped, unchanged count)
+
+
 def iter_record_chunks(source: Any, chunk_size: int = 256, rank: int = 0, world_size: int = 1,
-                       skip_ids: Iterable[str] = ()) -> Iterator[tuple[list[ModelRecord], list[SkippedModel]]]:
-    """Yield ``(records, errors)`` chunk by chunk from a zoo, a folder or a list of models.
+                       skip_ids: Iterable[str] = (), follow_symlinks: bool = False) -> Iterator[Chunk]:
+    """Yield ``(records, skipped, unchanged)`` chunk by chunk from a zoo, a folder or a list of models.
 
     Rank ``r`` of ``world_size`` gets items ``r::world_size``. Every rank yields the same number
     of chunks (possibly empty ones), so collective calls per chunk stay in step. Models whose id
-    is in ``skip_ids`` are left out (already indexed).
+    (for a folder: whose content hash) is in ``skip_ids`` are counted as unchanged, not yielded.
+    A folder is read with ``checkpoint_folder.iter_folder_chunks`` (bad files become ``skipped``).
     """
     skip = set(skip_ids)
     if isinstance(source, (str, os.PathLike)):
-        root = Path(source)
-        files = list_checkpoint_files(root)
-        mine = files[rank::world_size]
-        n_chunks = math.ceil(math.ceil(len(files) / world_size) / chunk_size) if files else 0
-        for c in range(n_chunks):
-            paths = [p for p in mine[c * chunk_size:(c + 1) * chunk_size] if str(p.relative_to(root)) not in skip]
-            recs, errs = _load_files(paths, root) if paths else ([], [])
-            yield recs, errs
+        yield from iter_folder_chunks(source, chunk_size, rank, world_size, skip, follow_symlinks)
         return
+
+    def split(recs: list[ModelRecord]) -> Chunk:
+        keep = [r for r in recs if r.model_id not in skip]
+        return keep, [], len(recs) - len(keep)
+
     if not hasattr(source, "__len__"):  # a generator of models: streamed as it comes
         if world_size != 1:
             raise ValueError("sharding across ranks needs a sized source (a zoo, a folder or a list)")
@@ -255,20 +184,29 @@ def iter_record_chunks(source: Any, chunk_size: int = 256, rank: int = 0, world_
         while chunk := list(itertools.islice(it, chunk_size)):
             recs = [_as_record(item, start + j) for j, item in enumerate(chunk)]
             start += len(chunk)
-            yield [r for r in recs if r.model_id not in skip], []
+            yield split(recs)
         return
     n = len(source)
     get = source.__getitem__  # a ModelZooDataset (zoo[i] -> ZooModel) or a list of models
     idx = list(range(n))[rank::world_size]
     n_chunks = math.ceil(math.ceil(n / world_size) / chunk_size) if n else 0
     for c in range(n_chunks):
-        recs = [_as_record(get(i), i) for i in idx[c * chunk_size:(c + 1) * chunk_size]]
-        yield [r for r in recs if r.model_id not in skip], []
+        yield split([_as_record(get(i), i) for i in idx[c * chunk_size:(c + 1) * chunk_size]])
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def embed_records(records: Sequence[ModelRecord], embedder: EmbedFn
                   ) -> tuple[np.ndarray, list[ModelRecord], list[SkippedModel]]:
-    """Embed a chunk; models the embedder cannot take (``embedder.check`` raises) are reported, not embedded."""
+    """Embed a chunk -> (embeddings (n, d), the records embedded, the ones skipped with their cause).
+
+    A model the embedder cannot take (``embedder.check`` raises), whose embedding fails or is not
+    finite/nonzero, is skipped; if the batch fails, each model is embedded alone so that only the
+    failing ones are skipped.
+    """
     ok, bad = [], []
     check = getattr(embedder, "check", None)
     for r in records:
@@ -279,12 +217,47 @@ def embed_records(records: Sequence[ModelRecord], embedder: EmbedFn
                 bad.append(SkippedModel(r.path or r.model_id, f"cannot embed: {e}"))
                 continue
         ok.append(r)
+
+    def run(recs: Sequence[ModelRecord]) -> np.ndarray:
+        emb = np.asarray(embedder([(r.spec, r.state_dict) for r in recs]), dtype=np.float32)
+        if emb.ndim != 2 or emb.shape[0] != len(recs):
+            raise ValueError(f"embedder returned shape {emb.shape} for {len(recs)} models (expected (n, d))")
+        return emb
+
     if not ok:
         return np.zeros((0, 0), np.float32), [], bad
-    emb = np.asarray(embedder([(r.spec, r.state_dict) for r in ok]), dtype=np.float32)
-    if emb.ndim != 2 or emb.shape[0] != len(ok):
-        raise ValueError(f"embedder returned shape {emb.shape} for {len(ok)} models (expected (n, d))")
-    return emb, ok, bad
+    try:
+        emb = run(ok)
+    except (ValueError, RuntimeError, MemoryError) as e:  # find the model(s) that fail, keep the rest
+        log.info("embedding a chunk of %d models failed (%s); embedding them one by one", len(ok), _first_line(e))
+        rows, kept = [], []
+        for r in ok:
+            try:
+                rows.append(run([r]))
+                kept.append(r)
+            except (ValueError, RuntimeError, MemoryError) as e1:
+                bad.append(SkippedModel(r.path or r.model_id, f"the encoder failed on it: {_first_line(e1)}"))
+        if not kept:
+            return np.zeros((0, 0), np.float32), [], bad
+        emb, ok = np.concatenate(rows), kept
+    good = np.isfinite(emb).all(1) & (np.abs(emb).sum(1) > 0)
+    for i in np.where(~good)[0]:
+        bad.append(SkippedModel(ok[i].path or ok[i].model_id, "the encoder gave a non-finite or zero embedding"))
+    return emb[good], [r for r, g in zip(ok, good) if g], bad
+
+
+def prepare_chunk(records: Sequence[ModelRecord], embedder: EmbedFn
+                  ) -> tuple[np.ndarray, list[dict], list[SkippedModel]]:
+    """Records -> (embeddings, their metadata rows, skipped): metadata checked first, then embedded."""
+    valid, rows_of, bad = [], {}, []
+    for r in records:
+        try:
+            rows_of[id(r)] = metadata_row(r.model_id, r.spec, r.meta, r.path, r.sha256, r.path_bytes)
+            valid.append(r)
+        except ValueError as e:
+            bad.append(SkippedModel(r.path or r.model_id, str(e)))
+    emb, ok, bad_emb = embed_records(valid, embedder)
+    return emb, [rows_of[id(r)] for r in ok], bad + bad_emb
 
 
 # =========================================================================== the index
@@ -344,51 +317,89 @@ class ModelIndex:
     # ------------------------------------------------------------------ adding
     @classmethod
     def build(cls, source: Any, embedder: EmbedFn, index_type: str = "auto", chunk_size: int = 256,
-              **index_kwargs: Any) -> "ModelIndex":
+              follow_symlinks: bool = False, **index_kwargs: Any) -> "ModelIndex":
         """Index a ``ModelZooDataset``, a folder of checkpoints or a list of models.
 
-        Embeds chunk by chunk (memory bounded) and adds each chunk; the dimension comes from the
-        first embedded chunk. Bad checkpoints are logged and kept in ``.errors`` (file, cause).
+        Embeds chunk by chunk (memory bounded) and adds each chunk (:meth:`upsert`); the dimension
+        comes from the first embedded chunk. Bad checkpoints are logged and kept in ``.errors``
+        (file, cause). ``follow_symlinks``: see ``checkpoint_folder.scan_checkpoints``.
         """
         index: ModelIndex | None = None
-        pending_errors: list[SkippedModel] = []
-        for recs, errs in iter_record_chunks(source, chunk_size):
-            pending_errors += errs
-            emb, ok, bad = embed_records(recs, embedder)
-            pending_errors += bad
-            if not ok:
+        skipped: list[SkippedModel] = []
+        for recs, bad, _ in iter_record_chunks(source, chunk_size, follow_symlinks=follow_symlinks):
+            emb, rows, bad_rows = prepare_chunk(recs, embedder)
+            skipped += bad + bad_rows
+            if not rows:
                 continue
             if index is None:
                 index = cls(emb.shape[1], index_type=index_type, embedder=embedder, **index_kwargs)
-            index.add_embeddings(emb, [metadata_row(r.model_id, r.spec, r.meta, r.path) for r in ok])
+            index.upsert(emb, rows)
         if index is None:
             raise ValueError(f"build: nothing to index in {source!r}"
-                             + (f" ({len(pending_errors)} bad: {pending_errors[0]} ...)" if pending_errors else ""))
-        index._report(pending_errors)
+                             + (f" ({len(skipped)} bad: {skipped[0]} ...)" if skipped else ""))
+        index._report(skipped)
         index.vectors.retune_if_grown()
         return index
 
     def add(self, source: Any, embedder: EmbedFn | None = None, chunk_size: int = 256,
-            skip_existing: bool = False) -> list[str]:
-        """Embed and add models incrementally (no rebuild); returns the added model ids.
+            skip_existing: bool = False, follow_symlinks: bool = False) -> list[str]:
+        """Embed and add models incrementally (no rebuild); returns the added (or updated) model ids.
 
-        ``source`` as in :meth:`build`. With ``skip_existing`` models already indexed (same id)
-        are left out; otherwise a duplicate id is an error.
+        ``source`` as in :meth:`build`. Files are known by their content: a file whose content is
+        indexed is left out, one rewritten since it was indexed replaces its old version. For zoos
+        and lists, ``skip_existing`` leaves out models already indexed (same id); otherwise a
+        duplicate id is an error.
         """
         embedder = self._embedder_for_add(embedder)
-        skip = set(self.model_ids()) if skip_existing else set()
-        added: list[str] = []
-        errors: list[SkippedModel] = []
-        for recs, errs in iter_record_chunks(source, chunk_size, skip_ids=skip):
-            errors += errs
-            emb, ok, bad = embed_records(recs, embedder)
-            errors += bad
-            if ok:
-                self.add_embeddings(emb, [metadata_row(r.model_id, r.spec, r.meta, r.path) for r in ok])
-                added += [r.model_id for r in ok]
-        self._report(errors)
+        folder = isinstance(source, (str, os.PathLike))
+        skip = self.catalogue.shas() if folder else (set(self.model_ids()) if skip_existing else set())
+        changed: list[str] = []
+        skipped: list[SkippedModel] = []
+        for recs, bad, _ in iter_record_chunks(source, chunk_size, skip_ids=skip, follow_symlinks=follow_symlinks):
+            emb, rows, bad_rows = prepare_chunk(recs, embedder)
+            skipped += bad + bad_rows
+            if rows:
+                added, updated, _ = self.upsert(emb, rows)
+                changed += added + updated
+        self._report(skipped)
         self.vectors.retune_if_grown()
-        return added
+        return changed
+
+    def upsert(self, embeddings: np.ndarray, rows: Sequence[Mapping[str, Any]]
+               ) -> tuple[list[str], list[str], list[str]]:
+        """Add models by content identity -> (added, updated, unchanged) model ids.
+
+        A row whose ``sha256`` is indexed (or repeats an earlier row) is unchanged; a row of a file
+        (``path_bytes``) indexed with other content replaces that version (updated); other rows are
+        added. Rows without ``sha256`` (zoos, lists) are always added: a duplicate model id is an error.
+        """
+        keep, added, updated, unchanged, old = [], [], [], [], []
+        seen: set[str] = set()
+        for i, r in enumerate(rows):
+            sha = r.get("sha256")
+            if sha is not None and (sha in seen or self.catalogue.fid_of_sha(sha) is not None):
+                unchanged.append(r["model_id"])
+                continue
+            if sha is not None:
+                seen.add(sha)
+            prev = self.catalogue.fids_of_file(r["path_bytes"]) if r.get("path_bytes") else []
+            (updated if prev else added).append(r["model_id"])
+            old += prev
+            keep.append(i)
+        if old:
+            self._remove_fids(old)
+        if keep:
+            self.add_embeddings(np.asarray(embeddings)[keep], [rows[i] for i in keep])
+        return added, updated, unchanged
+
+    def remove(self, model_ids: Iterable[str]) -> None:
+        """Drop indexed models (KeyError for an unknown id)."""
+        self._remove_fids([self.catalogue.fid(m) for m in model_ids])
+
+    def _remove_fids(self, fids: Sequence[int]) -> None:
+        with self.catalogue.con:  # rows come back if the vectors cannot be removed
+            self.catalogue.delete(fids)
+            self.vectors.remove(np.asarray(fids, dtype=np.int64))
 
     def _embedder_for_add(self, embedder: EmbedFn | None) -> EmbedFn:
         if embedder is None:
@@ -504,14 +515,18 @@ class ModelIndex:
         if isinstance(q, tuple) and len(q) == 2 and isinstance(q[0], ArchitectureSpec):
             return self._embed_one(q[0], q[1]), q[0], None
         if isinstance(q, (str, os.PathLike)):
+            p = Path(q)
+            if p.is_file():  # a file wins over a model id of the same name: it may hold another model
+                fid = self.catalogue.fid_of_sha(content_sha256(p, sidecar_of(p)))
+                if fid is not None:  # this very content is indexed: its stored vector
+                    row = self.catalogue.rows_by_fid([fid])[fid]
+                    return self.vectors.reconstruct(fid), self.spec(row["arch_id"]), fid
+                rec = load_checkpoint(p)
+                return self._embed_one(rec.spec, rec.state_dict), rec.spec, None
             if isinstance(q, str) and q in self:
                 row = self.get(q)
                 return self.embedding(q), self.spec(row["arch_id"]), int(row["fid"])
-            p = Path(q)
-            if p.is_file():
-                rec = load_checkpoint(p)
-                return self._embed_one(rec.spec, rec.state_dict), rec.spec, None
-            raise KeyError(f"{q!r} is neither an indexed model id nor a checkpoint file")
+            raise KeyError(f"{display_path(q)!r} is neither an indexed model id nor a checkpoint file")
         raise TypeError(f"cannot query with a {type(q).__name__}")
 
     def _embed_one(self, spec: ArchitectureSpec, sd: Mapping[str, torch.Tensor]) -> np.ndarray:
@@ -572,37 +587,21 @@ class ModelIndex:
                 "tasks": c.counts("task")}
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically: a new version folder, then swap the ``CURRENT`` pointer (os.replace).
+        """Write atomically as a new version of the index folder ``path`` (``index_store.write_version``).
 
-        Readers and a crash at any moment see either the old or the new complete version.
-        Older versions are deleted only after the swap. Returns the version folder.
+        Readers and a crash at any moment see either the old or the new complete version. ``path``
+        must be absent, empty or an index made here (``index_store.check_index_folder``). Returns the
+        version folder.
         """
-        root = Path(path)
-        root.mkdir(parents=True, exist_ok=True)
-        if any(root.iterdir()) and not (root / "CURRENT").exists() and not _is_index_dir(root):
-            raise FileExistsError(f"{root}: exists and is not a model index (no CURRENT file); refusing to write")
-        name = f"v{time.time_ns()}-{uuid.uuid4().hex[:8]}"
-        tmp = root / f"{name}.tmp"
-        tmp.mkdir()
-        self.vectors.write(str(tmp / "index.faiss"))
-        self.catalogue.write(tmp / "meta.sqlite")
-        manifest = {"format": FORMAT_VERSION, **self.vectors.state(), "num_models": len(self),
-                    "embedder": self.embedder_info, "created": self.created,
-                    "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        for f in tmp.iterdir():
-            _fsync(f)
-        os.replace(tmp, root / name)
-        _fsync(root)
-        pointer = root / f"CURRENT.{uuid.uuid4().hex[:8]}.tmp"
-        pointer.write_text(name + "\n")
-        _fsync(pointer)
-        os.replace(pointer, root / "CURRENT")  # the commit point
-        _fsync(root)
-        for old in root.iterdir():  # previous versions and leftovers of killed saves
-            if old.name != name and old.name != "CURRENT" and old.name.startswith(("v", "CURRENT.")):
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
-        return root / name
+        def write_files(folder: Path) -> None:
+            self.vectors.write(str(folder / "index.faiss"))
+            self.catalogue.write(folder / "meta.sqlite")
+            manifest = {"format": FORMAT_VERSION, **self.vectors.state(), "num_models": len(self),
+                        "embedder": self.embedder_info, "created": self.created,
+                        "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+        return write_version(path, write_files)
 
     @classmethod
     def load(cls, path: str | os.PathLike, embedder: EmbedFn | None = None) -> "ModelIndex":
@@ -610,17 +609,14 @@ class ModelIndex:
 
         Without ``embedder``, file queries load the encoder recorded at build time (hash checked).
         """
-        root = Path(path)
-        pointer = root / "CURRENT"
-        if not pointer.is_file():
-            raise FileNotFoundError(f"{root}: not a model index (no CURRENT file)")
-        vdir = root / pointer.read_text().strip()
+        vdir = current_version(path)
         try:
             manifest = json.loads((vdir / "manifest.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{vdir}/manifest.json: unreadable ({e})") from e
+            raise ValueError(f"{display_path(vdir)}/manifest.json: unreadable ({e})") from e
         if manifest.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{vdir}: index format {manifest.get('format')}, this code reads {FORMAT_VERSION}")
+            raise ValueError(f"{display_path(vdir)}: index format {manifest.get('format')}, this code reads "
+                             f"{FORMAT_VERSION}; index the checkpoints again into a new folder")
         self = cls.__new__(cls)
         self.vectors = VectorIndex.read(str(vdir / "index.faiss"), manifest)
         self.catalogue = Catalogue.read(vdir / "meta.sqlite")
@@ -628,77 +624,114 @@ class ModelIndex:
         self.embedder, self.errors = embedder, []
         ids, fids = np.sort(self.vectors.ids()), self.catalogue.fids()
         if not np.array_equal(ids, fids):
-            raise ValueError(f"{vdir}: FAISS holds {len(ids)} ids and SQLite {len(fids)} rows and they differ; "
-                             "the index is corrupt")
+            raise ValueError(f"{display_path(vdir)}: FAISS holds {len(ids)} ids and SQLite {len(fids)} rows and "
+                             "they differ; the index is corrupt")
         return self
 
 
-def _is_index_dir(root: Path) -> bool:
-    return all(p.name.startswith(("v", "CURRENT")) for p in root.iterdir())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # =========================================================================== distributed folder indexing
-def index_folder(folder: str | os.PathLike, embedder: EmbedFn, db: str | os.PathLike, index_type: str = "auto",
-                 chunk_size: int = 256, **index_kwargs: Any) -> ModelIndex | None:
-    """Index (or extend) the database ``db`` with the checkpoints of ``folder``; saves it.
+@dataclass
+class FolderRun:
+    """What one :func:`index_folder` run did (rank 0): counts of files, the skipped ones, the index."""
 
-    Under torchrun, rank r embeds files ``r::world_size`` chunk by chunk; after each chunk the
-    ranks ``all_gather_object`` their (embeddings, metadata, errors) and rank 0 adds them and
-    finally saves. Memory per rank is bounded by ``chunk_size`` x world size. Files already
-    indexed (same path relative to ``folder``) are skipped. Returns the index on rank 0, None
-    on the others.
+    index: ModelIndex | None
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    skipped: list[SkippedModel] = field(default_factory=list)
+    commits: int = 0
+
+    def summary(self) -> str:
+        return (f"added {self.added}, updated {self.updated}, unchanged {self.unchanged}, "
+                f"skipped {len(self.skipped)}")
+
+
+def _open_for_update(db: str | os.PathLike, embedder: EmbedFn) -> ModelIndex | None:
+    """The index at ``db`` to extend (its encoder must be ``embedder``'s), or None for a new one."""
+    root = check_index_folder(db)
+    if not (root / "CURRENT").is_file():
+        return None
+    index = ModelIndex.load(root)
+    index._embedder_for_add(embedder)
+    return index
+
+
+def index_folder(folder: str | os.PathLike, embedder: EmbedFn, db: str | os.PathLike, index_type: str = "auto",
+                 chunk_size: int = 256, commit_every: int | None = None, follow_symlinks: bool = False,
+                 **index_kwargs: Any) -> FolderRun | None:
+    """Index (or extend) the database ``db`` with the checkpoints of ``folder``, committing as it goes.
+
+    Files are known by content (``checkpoint_folder``): a file whose content is indexed is counted
+    unchanged and not read again, a file rewritten since replaces its old version, a bad file is
+    skipped with one logged line (file and cause) and the run goes on. Every ``commit_every``
+    files (default: ``chunk_size``) the index is saved as a new atomic version, so a killed run
+    loses at most that many files' work and the same command continues where it stopped.
+
+    Under torchrun, rank r reads and embeds files ``r::world_size`` chunk by chunk; after each chunk
+    the ranks ``all_gather_object`` their (embeddings, rows, skipped, unchanged) and rank 0 adds and
+    commits. Memory per rank is bounded by ``chunk_size`` x world size. Returns the :class:`FolderRun`
+    on rank 0, None on the others.
     """
     import torch.distributed as dist
 
     from runtime import cleanup_distributed, setup_distributed
 
+    commit_every = chunk_size if commit_every is None else int(commit_every)
+    if chunk_size < 1 or commit_every < 1:
+        raise ValueError(f"chunk_size and commit_every must be >= 1, got {chunk_size}, {commit_every}")
     env = setup_distributed("cpu")  # joins torchrun's process group (gloo) when RANK/WORLD_SIZE are set
     rank, world = env.rank, env.world_size
     try:
-        index = None
-        skip: list = [[]]
+        run, shared = None, [frozenset(), None]  # (known content hashes, error on rank 0)
         if rank == 0:
-            if (Path(db) / "CURRENT").is_file():
-                index = ModelIndex.load(db)
-                index._embedder_for_add(embedder)
-                skip = [index.model_ids()]
+            try:
+                run = FolderRun(_open_for_update(db, embedder))
+                shared[0] = frozenset(run.index.catalogue.shas()) if run.index is not None else frozenset()
+            except (FileExistsError, ValueError) as e:
+                shared[1] = e
         if world > 1:
-            dist.broadcast_object_list(skip, src=0)
-        errors: list[SkippedModel] = []
-        for recs, errs in iter_record_chunks(folder, chunk_size, rank, world, skip_ids=skip[0]):
-            emb, ok, bad = embed_records(recs, embedder)
-            part = (emb, [metadata_row(r.model_id, r.spec, r.meta, r.path) for r in ok], errs + bad)
-            parts = [None] * world
+            dist.broadcast_object_list(shared, src=0)
+        if shared[1] is not None:
+            raise shared[1]
+        pending, dirty = 0, False
+        for recs, bad, unchanged in iter_folder_chunks(folder, chunk_size, rank, world, shared[0], follow_symlinks):
+            emb, rows, bad_rows = prepare_chunk(recs, embedder)
+            part = (emb, rows, bad + bad_rows, unchanged)
+            parts = [part]
             if world > 1:
+                parts = [None] * world
                 dist.all_gather_object(parts, part)
-            else:
-                parts = [part]
             if rank != 0:
                 continue
-            for p_emb, p_rows, p_err in parts:
-                errors += p_err
+            for p_emb, p_rows, p_bad, p_unchanged in parts:
+                for b in p_bad:
+                    log.warning("skipped %s", b)
+                run.skipped += p_bad
+                run.unchanged += p_unchanged
+                pending += len(p_rows) + len(p_bad) + p_unchanged
                 if not p_rows:
                     continue
-                if index is None:
-                    index = ModelIndex(p_emb.shape[1], index_type=index_type, embedder=embedder, **index_kwargs)
-                index.add_embeddings(p_emb, p_rows)
+                if run.index is None:
+                    run.index = ModelIndex(p_emb.shape[1], index_type=index_type, embedder=embedder, **index_kwargs)
+                added, updated, same = run.index.upsert(p_emb, p_rows)
+                run.added, run.updated, run.unchanged = run.added + len(added), run.updated + len(updated), \
+                    run.unchanged + len(same)
+                dirty = dirty or bool(added or updated)
+            if dirty and pending >= commit_every:
+                run.index.vectors.retune_if_grown()
+                run.index.save(db)
+                run.commits, pending, dirty = run.commits + 1, 0, False
         if rank != 0:
             return None
-        if index is None:
-            raise ValueError(f"{folder}: no checkpoint could be indexed ({len(errors)} bad files"
-                             + (f", first: {errors[0]})" if errors else ")"))
-        index._report(errors)
-        index.vectors.retune_if_grown()
-        index.save(db)
-        return index
+        if run.index is None:
+            raise ValueError(f"{display_path(folder)}: no checkpoint could be indexed ({len(run.skipped)} skipped"
+                             + (f", first: {run.skipped[0]})" if run.skipped else ")"))
+        run.index.errors += run.skipped
+        if dirty:
+            run.index.vectors.retune_if_grown()
+            run.index.save(db)
+            run.commits += 1
+        return run
     finally:
         if env.owns_group:
             cleanup_distributed()
@@ -717,17 +750,24 @@ def format_table(results: Sequence[Mapping[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="on an error, show the traceback, not one line")
     p = argparse.ArgumentParser(prog="retrieval.py", description="Index checkpoints by their weights; find similar models.")
     sub = p.add_subparsers(dest="command", required=True)
-    pi = sub.add_parser("index", help="index (or extend an index with) a folder of checkpoints")
+    pi = sub.add_parser("index", parents=[common], help="index (or extend an index with) a folder of checkpoints")
     pi.add_argument("folder")
     pi.add_argument("--encoder", required=True, help="trained encoder file (gnn_encoder.save_encoder)")
-    pi.add_argument("--db", required=True, help="index folder (created or extended)")
+    pi.add_argument("--db", required=True, help="index folder (created, or extended if made by this tool)")
     pi.add_argument("--index-type", default="auto", choices=INDEX_TYPES)
     pi.add_argument("--chunk-size", type=int, default=256, help="files read and embedded at once (per rank)")
+    pi.add_argument("--commit-every", type=int, default=None,
+                    help="save a new index version after this many files (default: --chunk-size); a killed run "
+                         "loses at most that many files' work and the same command continues")
+    pi.add_argument("--follow-symlinks", action="store_true",
+                    help="follow symbolic links whose target lies inside the folder (never outside it)")
     pi.add_argument("--batch-size", type=int, default=64, help="graphs per encoder forward pass")
     pi.add_argument("--device", default="cpu", help="device of the encoder (cpu, cuda, cuda:1, ...)")
-    pq = sub.add_parser("query", help="models most similar to a checkpoint (or an indexed model id)")
+    pq = sub.add_parser("query", parents=[common], help="models most similar to a checkpoint (or an indexed model id)")
     pq.add_argument("file", help="checkpoint file, or the id of an indexed model")
     pq.add_argument("-k", type=int, default=10)
     pq.add_argument("--db", required=True)
@@ -736,25 +776,22 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--dataset", default=None)
     pq.add_argument("--task", default=None)
     pq.add_argument("--min-test-acc", type=float, default=None)
-    pq.add_argument("--exclude-self", action="store_true", help="drop the query model itself (model-id queries)")
+    pq.add_argument("--exclude-self", action="store_true", help="drop the query model itself (if it is indexed)")
     pq.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    pn = sub.add_parser("info", help="what an index holds")
+    pn = sub.add_parser("info", parents=[common], help="what an index holds")
     pn.add_argument("--db", required=True)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point (see the module docstring)."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+def _run(args: argparse.Namespace) -> int:
     if args.command == "index":
         embedder = Embedder.from_file(args.encoder, device=args.device, batch_size=args.batch_size)
         t0 = time.perf_counter()
-        index = index_folder(args.folder, embedder, args.db, index_type=args.index_type, chunk_size=args.chunk_size)
-        if index is not None:
-            # each skipped file was already logged (stderr) with its cause
-            print(f"indexed {len(index)} models ({len(index.errors)} skipped) into {args.db} "
-                  f"[{index.kind}] in {time.perf_counter() - t0:.1f}s")
+        run = index_folder(args.folder, embedder, args.db, index_type=args.index_type, chunk_size=args.chunk_size,
+                           commit_every=args.commit_every, follow_symlinks=args.follow_symlinks)
+        if run is not None:  # rank 0; each skipped file was already logged (stderr) with its cause
+            print(f"{display_path(args.folder)}: {run.summary()}; {display_path(args.db)} holds {len(run.index)} "
+                  f"models [{run.index.kind}] (commits {run.commits}, {time.perf_counter() - t0:.1f}s)")
         return 0
     index = ModelIndex.load(args.db)
     if args.command == "info":
@@ -765,6 +802,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = index.query(args.file, k=args.k, filters=filters, exclude_self=args.exclude_self)
     print(json.dumps(results, indent=2, default=str) if args.json else format_table(results))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point (see the module docstring). An error is one line on stderr and exit status 1."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return _run(args)
+    except Exception as e:  # noqa: BLE001 -- the CLI boundary: every error is reported, as one line (--debug: traceback)
+        if args.debug:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
+        print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ product of unit vectors).
   below ``auto_threshold`` vectors, then moved once to HNSW). An approximate kind starts exact and
   is built when enough vectors are there (HNSW at once, IVF once it has enough training vectors),
   so :meth:`add` never needs a rebuild by the caller.
+* :meth:`remove` drops ids: in place for the exact index; HNSW and IVF cannot remove ids in FAISS
+  (IVF under an ``IndexIDMap2`` would misnumber), so they are rebuilt from the remaining vectors.
 * :meth:`state` / :meth:`from_state` + :meth:`write` / :meth:`read` persist it (the composition in
   ``retrieval.ModelIndex`` writes them into its atomic version folders).
 """
@@ -114,6 +116,26 @@ class VectorIndex:
         """Tune again once the index grew by ``retune_growth`` since the last tuning (recall at a fixed setting drops)."""
         if self.kind != "flat" and len(self) >= self.params["retune_growth"] * self.params.get("tuned_at", 0):
             self.tune()
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Drop ``ids`` (unknown ids are an error). The exact index removes in place; HNSW/IVF are rebuilt."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(ids):
+            return
+        held = self.ids()
+        missing = np.setdiff1d(ids, held)
+        if len(missing):
+            raise KeyError(f"vector ids {missing[:5].tolist()} are not in the index")
+        if self.kind == "flat":
+            self.faiss_index.remove_ids(ids)
+            return
+        keep = ~np.isin(held, ids)
+        x, kept = self._all_vectors()[keep], held[keep]
+        log.info("rebuilding the %s index without %d removed vectors (%d remain)", self.kind, len(ids), len(kept))
+        self.kind = self._target_kind(len(kept))
+        self.faiss_index = self._new_index(self.kind, x)
+        self.faiss_index.add_with_ids(np.ascontiguousarray(x), kept)
+        self.tune()
 
     # ------------------------------------------------------------------ index kinds
     def _target_kind(self, n: int) -> str:
