@@ -86,8 +86,10 @@ class Embedder:
 
     Args:
         encoder: an encoder of ``gnn_encoder`` (``forward(Batch) -> (B, d)``).
-        converter: a ``weight_to_graph.WeightToGraph``; default ``WeightToGraph(K, canonicalize=True)``
-            with K from the encoder's ``edge_dim`` (K*K).
+        converter: a ``weight_to_graph.WeightToGraph``; default ``WeightToGraph(K, canonicalize=True,
+            flatten_summary=...)`` with K from the encoder's ``edge_dim`` (K*K) and flatten heads over maps
+            wider than K summarized unless the encoder was loaded from a file saved before that existed
+            (``gnn_encoder.load_encoder`` sets ``encoder.flatten_summary``).
         device: where the encoder runs.
         batch_size: graphs per forward pass.
         source: the encoder file (recorded in the index so queries embed with the same encoder).
@@ -103,7 +105,8 @@ class Embedder:
             k = int(round(math.sqrt(encoder.edge_dim)))
             if k * k != encoder.edge_dim:
                 raise ValueError(f"encoder edge_dim {encoder.edge_dim} is not K*K for an integer K")
-            converter = WeightToGraph(max_kernel=k, canonicalize=True)
+            converter = WeightToGraph(max_kernel=k, canonicalize=True,
+                                      flatten_summary=getattr(encoder, "flatten_summary", True))
         self.device = torch.device(device)
         self.encoder = encoder.to(self.device).eval()
         self.converter = converter
@@ -123,7 +126,8 @@ class Embedder:
         """What identifies this embedder in a saved index (file and hash of the encoder)."""
         return {"kind": "encoder", "encoder_path": self.source, "encoder_sha256": self._sha,
                 "encoder_name": getattr(self.encoder, "name", type(self.encoder).__name__),
-                "max_kernel": self.converter.max_kernel, "canonicalize": self.converter.canonicalize}
+                "max_kernel": self.converter.max_kernel, "canonicalize": self.converter.canonicalize,
+                "flatten_summary": self.converter.flatten_summary}
 
     def check(self, spec: ArchitectureSpec, sd: Mapping[str, torch.Tensor]) -> None:
         """Raise ValueError if this model cannot be embedded (unsupported layers, bad weights)."""

@@ -220,3 +220,76 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, encode
     np.testing.assert_array_equal(a.catalogue.fids(), b.catalogue.fids())
     np.testing.assert_allclose(np.stack([a.embedding(m) for m in ids]), np.stack([b.embedding(m) for m in ids]),
                                rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- flatten heads over any map
+def mnist_cnn(seed: int) -> torch.nn.Sequential:
+    """The classic MNIST CNN: 28x28, two conv+pool blocks, a flatten head over a 7x7 map (3136 -> 128 -> 10)."""
+    torch.manual_seed(seed)
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(3136, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+MNIST_SIDECAR = {"input_shape": [1, 28, 28], "pool": "max2", "activation": "relu", "task": "mnist"}
+
+
+def test_mnist_cnn_with_a_7x7_flatten_head_is_indexed_and_its_permuted_copy_finds_it(tmp_path):
+    from checkpoint_import import read_checkpoint
+    from symmetry import permute_hidden
+    from weight_to_graph import WeightToGraph, area_resample
+
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    net = mnist_cnn(0).eval()
+    torch.save(net.state_dict(), folder / "mnist.pt")
+    (folder / "mnist.pt.spec.json").write_text(json.dumps(MNIST_SIDECAR))
+    spec, sd, _, _ = read_checkpoint(folder / "mnist.pt")  # read exactly through the importer
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(A.forward(spec, sd, x), net(x), rtol=1e-4, atol=1e-5)
+    assert spec.edge_window(2) == (7, 7) and spec.layers[2].flatten
+    perm = permute_hidden(spec, sd, torch.Generator().manual_seed(1))  # conv channels and hidden neurons
+    assert not torch.equal(perm["layers.0.weight"], sd["layers.0.weight"])
+    keys = dict(zip(spec.param_shapes(), net.state_dict()))  # layers.i.* -> 0.weight, 3.weight, 7.weight, 9.weight
+    torch.save({keys[k]: v for k, v in perm.items()}, folder / "mnist_permuted.pt")
+    (folder / "mnist_permuted.pt.spec.json").write_text(json.dumps(MNIST_SIDECAR))
+    torch.save(mnist_cnn(1).state_dict(), folder / "mnist_other.pt")
+    (folder / "mnist_other.pt.spec.json").write_text(json.dumps(MNIST_SIDECAR))
+    save_model(folder / "mlp.safetensors", 5)
+
+    # each channel's 7x7 block of fc1 is summarized to 5x5 by area: a fixed linear map per edge
+    g = WeightToGraph(max_kernel=5, canonicalize=False, flatten_summary=True).to_graph(spec, sd)
+    e0 = 1 * 32 + 32 * 64
+    block = g.edge_attr[e0:e0 + 128 * 64].view(128, 64, 5, 5)
+    M = area_resample(7, 5)
+    torch.testing.assert_close(block, torch.einsum("ph,ochw,qw->ocpq", M, sd["layers.2.weight"].view(128, 64, 7, 7), M))
+    torch.testing.assert_close(block.sum((2, 3)), sd["layers.2.weight"].view(128, 64, 49).sum(2), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="summarized to 5x5; its weights cannot be recovered"):
+        WeightToGraph(max_kernel=5, flatten_summary=True).to_state_dict(g)
+
+    torch.manual_seed(0)
+    enc = G.build_encoder("gnn", hidden_dim=16, global_dim=32, projection_dim=8, message_passing_steps=2)
+    emb = R.Embedder(enc, batch_size=2)
+    index = R.ModelIndex.build(folder, emb)
+    assert len(index) == 4 and index.errors == []
+    z = emb([(spec, sd), (spec, perm)])
+    np.testing.assert_allclose(z[0], z[1], rtol=1e-4, atol=1e-5)  # exactly invariant (up to float error)
+    res = index.query(folder / "mnist_permuted.pt", k=3, exclude_self=True)
+    assert res[0]["model_id"].startswith("mnist.pt@") and res[0]["similarity"] > 1 - 1e-5
+    assert res[1]["model_id"].startswith("mnist_other.pt@") and res[1]["similarity"] < res[0]["similarity"] - 1e-4
+
+    # an encoder saved before flatten-head summaries loads, and refuses these models in one clear line
+    G.save_encoder(str(tmp_path / "enc.pt"), enc)
+    old = torch.load(tmp_path / "enc.pt", weights_only=True)
+    del old["graph"]
+    torch.save(old, tmp_path / "old_enc.pt")
+    old_emb = R.Embedder.from_file(tmp_path / "old_enc.pt")
+    with pytest.raises(ValueError, match=r"flatten head over a 7x7 map, larger than the 5x5 edge features, and this "
+                                         r"converter does not summarize flatten heads \(an encoder saved before"):
+        old_emb.check(spec, sd)
+    old_index = R.ModelIndex.build(folder, old_emb)
+    assert len(old_index) == 1 and len(old_index.errors) == 3
+    assert all("cannot embed" in e.cause and "\n" not in e.cause for e in old_index.errors)
+    assert R.Embedder.from_file(tmp_path / "enc.pt").info["flatten_summary"] is True

@@ -203,12 +203,14 @@ def test_flatten_head_edges_are_channel_blocks(wild):
     assert torch.count_nonzero(block) == torch.count_nonzero(w)
     o, c = 5, 7
     assert d.edge_index[0, e0 + o * 12 + c] == 1 + 8 + c and d.edge_index[1, e0 + o * 12 + c] == 1 + 8 + 12 + o
-    # a map larger than the edge feature is refused, naming the layer and the fix
+    # a map larger than the edge feature is refused without flatten summaries, naming the layer and the fix
     big = A.ArchitectureSpec((1, 8, 8), (A.LayerSpec("conv2d", 1, 4, "relu", 3),
                                          A.LayerSpec("linear", 4 * 64, 10, "identity", flatten=True)))
-    with pytest.raises(ValueError, match=r"layer 1 .*flatten head over a 8x8 map .*max_kernel=9"):
+    with pytest.raises(ValueError, match=r"layer 1 .*flatten head over a 8x8 map, larger than the 5x5 edge "
+                                         r"features, and this converter does not summarize flatten heads"):
         WeightToGraph(max_kernel=5).structure(big)
     assert WeightToGraph(max_kernel=9).structure(big).num_edges == 4 + 40
+    assert WeightToGraph(max_kernel=5, flatten_summary=True).structure(big).num_edges == 4 + 40
 
 
 def test_residual_edges_are_identity_kernels(wild):
