@@ -28,6 +28,8 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from architecture import ArchitectureSpec
+from checkpoint_import import (CHECKPOINT_SUFFIXES, DEFAULT_LIMITS, CheckpointError, ReadLimits,  # noqa: F401
+                               display_path, read_checkpoint, sidecar_path)
 
 
 @dataclass
@@ -57,11 +59,6 @@ class SkippedModel:
         return f"{self.source}: {self.cause}"
 
 
-def display_path(path: str | os.PathLike) -> str:
-    """``path`` as valid UTF-8 text: bytes that are not UTF-8 are written ``\\xNN``."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
 def _skip(path: Path, cause: str) -> SkippedModel:
     return SkippedModel(display_path(path), cause)
 
@@ -87,8 +84,6 @@ def scan_checkpoints(folder: str | os.PathLike, follow_symlinks: bool = False
     A link or non-regular entry is reported when its name is a checkpoint's or it leads to a folder;
     other files (notes, sidecars) are passed over in silence.
     """
-    from data_prep import CHECKPOINT_SUFFIXES  # the suffixes the zoo's loader reads
-
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"{display_path(root)}: not a folder of checkpoints")
@@ -146,15 +141,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def sidecar_of(path: Path) -> Path | None:
-    """The sidecar JSON ``checkpoint_import.read_sidecar`` reads for ``path`` (``<file>.spec.json``, else
-    ``spec.json`` beside it), or None. A symbolic link is returned as the link."""
-    for side in (path.with_name(path.name + ".spec.json"), path.parent / "spec.json"):
-        if side.is_symlink() or side.exists():
-            return side
-    return None
-
-
 def content_sha256(path: Path, sidecar: Path | None) -> str:
     """Hex SHA-256 of a checkpoint and its sidecar: the identity of the model they describe."""
     h = hashlib.sha256()
@@ -167,17 +153,15 @@ def content_sha256(path: Path, sidecar: Path | None) -> str:
 
 # ----------------------------------------------------------------------------- reading
 def load_checkpoint(path: str | os.PathLike, root: str | os.PathLike | None = None,
-                    sha256: str | None = None) -> ModelRecord:
+                    sha256: str | None = None, limits: ReadLimits = DEFAULT_LIMITS) -> ModelRecord:
     """Read one checkpoint file (``checkpoint_import.read_checkpoint``: safetensors or ``.pt`` with
-    ``weights_only=True``, optional spec sidecar, architecture inference).
+    ``weights_only=True``, sizes checked against ``limits`` first, optional spec sidecar, architecture inference).
 
     The model id is the path relative to ``root`` (the indexed folder; else the file name) and, when
     ``sha256`` is given, ``@`` and its first 12 hex digits. Raises ``CheckpointError`` (file and cause).
     """
-    from checkpoint_import import read_checkpoint
-
     p = Path(path)
-    spec, sd, warns, side_meta = read_checkpoint(p)
+    spec, sd, warns, side_meta = read_checkpoint(p, limits)
     meta = dict(side_meta)
     if warns:
         meta["load_warning"] = "; ".join(warns)
@@ -188,31 +172,36 @@ def load_checkpoint(path: str | os.PathLike, root: str | os.PathLike | None = No
 
 
 def load_file(path: Path, root: Path, known: set[str] | frozenset[str] = frozenset(),
-              follow_symlinks: bool = False) -> ModelRecord | SkippedModel | None:
+              follow_symlinks: bool = False, limits: ReadLimits = DEFAULT_LIMITS) -> ModelRecord | SkippedModel | None:
     """One file of a folder scan -> its record, None if its content is in ``known`` (hex SHA-256), or a
-    SkippedModel naming the file and the cause. Never raises for a bad file (a bug still raises)."""
-    from checkpoint_import import CheckpointError
-
-    side = sidecar_of(path)
+    SkippedModel naming the file and the cause (one line). Never raises for a bad file."""
+    side = sidecar_path(path)
     if side is not None and side.is_symlink():
         target, why = _link_target(side, root.resolve(), follow_symlinks)
         if target is None:
             return _skip(path, f"sidecar {display_path(side.name)}: {why}")
     try:
+        size = path.stat().st_size
+        if size > limits.max_file_bytes:  # before hashing it: a huge file is not even read
+            return _skip(path, f"file of {size / 2**20:.1f} MiB is over the cap of {limits.max_file_bytes / 2**20:.1f} "
+                               f"MiB (ReadLimits.max_model_elements; not read)")
         sha = content_sha256(path, side)
     except OSError as e:
         return _skip(path, f"not readable ({e.strerror or e})")
     if sha in known:
         return None
     try:
-        return load_checkpoint(path, root, sha)
+        return load_checkpoint(path, root, sha, limits)
     except CheckpointError as e:
         return _skip(path, e.cause)
+    except Exception as e:  # noqa: BLE001 -- one bad file must not end the run: any reader failure skips it, reported
+        text = " ".join(str(e).split())
+        return _skip(path, f"the checkpoint reader failed: {type(e).__name__}: {text[:300]}")
 
 
 def iter_folder_chunks(folder: str | os.PathLike, chunk_size: int, rank: int = 0, world_size: int = 1,
-                       known: set[str] | frozenset[str] = frozenset(), follow_symlinks: bool = False
-                       ) -> Iterator[tuple[list[ModelRecord], list[SkippedModel], int]]:
+                       known: set[str] | frozenset[str] = frozenset(), follow_symlinks: bool = False,
+                       limits: ReadLimits = DEFAULT_LIMITS) -> Iterator[tuple[list[ModelRecord], list[SkippedModel], int]]:
     """Yield ``(records, skipped, unchanged)`` chunk by chunk: rank ``r`` reads files ``r::world_size``.
 
     Files whose content is in ``known`` are counted as unchanged, not read. Every rank yields the same
@@ -226,7 +215,7 @@ def iter_folder_chunks(folder: str | os.PathLike, chunk_size: int, rank: int = 0
         recs, skipped = [], list(problems) if (rank == 0 and c == 0) else []
         unchanged = 0
         for p in mine[c * chunk_size:(c + 1) * chunk_size]:
-            out = load_file(p, root, known, follow_symlinks)
+            out = load_file(p, root, known, follow_symlinks, limits)
             if out is None:
                 unchanged += 1
             elif isinstance(out, SkippedModel):

@@ -49,8 +49,8 @@ import torch
 
 from architecture import ArchitectureSpec
 from catalogue import COLUMNS, NUMERIC_COLUMNS, TEXT_COLUMNS, Catalogue, metadata_row  # noqa: F401 (re-exported)
-from checkpoint_folder import (ModelRecord, SkippedModel, content_sha256, display_path, file_sha256,  # noqa: F401
-                               iter_folder_chunks, load_checkpoint, sidecar_of)
+from checkpoint_folder import (DEFAULT_LIMITS, ModelRecord, ReadLimits, SkippedModel, content_sha256,  # noqa: F401
+                               display_path, file_sha256, iter_folder_chunks, load_checkpoint, sidecar_path)
 from index_store import check_index_folder, current_version, write_version
 from vector_index import INDEX_TYPES, VectorIndex, unit_rows
 
@@ -164,17 +164,19 @@ Chunk = tuple[list[ModelRecord], list[SkippedModel], int]  # (records to index, 
 
 
 def iter_record_chunks(source: Any, chunk_size: int = 256, rank: int = 0, world_size: int = 1,
-                       skip_ids: Iterable[str] = (), follow_symlinks: bool = False) -> Iterator[Chunk]:
+                       skip_ids: Iterable[str] = (), follow_symlinks: bool = False,
+                       limits: ReadLimits = DEFAULT_LIMITS) -> Iterator[Chunk]:
     """Yield ``(records, skipped, unchanged)`` chunk by chunk from a zoo, a folder or a list of models.
 
     Rank ``r`` of ``world_size`` gets items ``r::world_size``. Every rank yields the same number
     of chunks (possibly empty ones), so collective calls per chunk stay in step. Models whose id
     (for a folder: whose content hash) is in ``skip_ids`` are counted as unchanged, not yielded.
-    A folder is read with ``checkpoint_folder.iter_folder_chunks`` (bad files become ``skipped``).
+    A folder is read with ``checkpoint_folder.iter_folder_chunks`` (bad files become ``skipped``; sizes are
+    checked against ``limits`` before anything is allocated).
     """
     skip = set(skip_ids)
     if isinstance(source, (str, os.PathLike)):
-        yield from iter_folder_chunks(source, chunk_size, rank, world_size, skip, follow_symlinks)
+        yield from iter_folder_chunks(source, chunk_size, rank, world_size, skip, follow_symlinks, limits)
         return
 
     def split(recs: list[ModelRecord]) -> Chunk:
@@ -321,16 +323,17 @@ class ModelIndex:
     # ------------------------------------------------------------------ adding
     @classmethod
     def build(cls, source: Any, embedder: EmbedFn, index_type: str = "auto", chunk_size: int = 256,
-              follow_symlinks: bool = False, **index_kwargs: Any) -> "ModelIndex":
+              follow_symlinks: bool = False, limits: ReadLimits = DEFAULT_LIMITS, **index_kwargs: Any) -> "ModelIndex":
         """Index a ``ModelZooDataset``, a folder of checkpoints or a list of models.
 
         Embeds chunk by chunk (memory bounded) and adds each chunk (:meth:`upsert`); the dimension
         comes from the first embedded chunk. Bad checkpoints are logged and kept in ``.errors``
-        (file, cause). ``follow_symlinks``: see ``checkpoint_folder.scan_checkpoints``.
+        (file, cause). ``follow_symlinks``: see ``checkpoint_folder.scan_checkpoints``; ``limits``: the size
+        caps of ``checkpoint_import.ReadLimits``.
         """
         index: ModelIndex | None = None
         skipped: list[SkippedModel] = []
-        for recs, bad, _ in iter_record_chunks(source, chunk_size, follow_symlinks=follow_symlinks):
+        for recs, bad, _ in iter_record_chunks(source, chunk_size, follow_symlinks=follow_symlinks, limits=limits):
             emb, rows, bad_rows = prepare_chunk(recs, embedder)
             skipped += bad + bad_rows
             if not rows:
@@ -346,7 +349,8 @@ class ModelIndex:
         return index
 
     def add(self, source: Any, embedder: EmbedFn | None = None, chunk_size: int = 256,
-            skip_existing: bool = False, follow_symlinks: bool = False) -> list[str]:
+            skip_existing: bool = False, follow_symlinks: bool = False, limits: ReadLimits = DEFAULT_LIMITS
+            ) -> list[str]:
         """Embed and add models incrementally (no rebuild); returns the added (or updated) model ids.
 
         ``source`` as in :meth:`build`. Files are known by their content: a file whose content is
@@ -359,7 +363,8 @@ class ModelIndex:
         skip = self.catalogue.shas() if folder else (set(self.model_ids()) if skip_existing else set())
         changed: list[str] = []
         skipped: list[SkippedModel] = []
-        for recs, bad, _ in iter_record_chunks(source, chunk_size, skip_ids=skip, follow_symlinks=follow_symlinks):
+        for recs, bad, _ in iter_record_chunks(source, chunk_size, skip_ids=skip, follow_symlinks=follow_symlinks,
+                                               limits=limits):
             emb, rows, bad_rows = prepare_chunk(recs, embedder)
             skipped += bad + bad_rows
             if rows:
@@ -521,7 +526,7 @@ class ModelIndex:
         if isinstance(q, (str, os.PathLike)):
             p = Path(q)
             if p.is_file():  # a file wins over a model id of the same name: it may hold another model
-                fid = self.catalogue.fid_of_sha(content_sha256(p, sidecar_of(p)))
+                fid = self.catalogue.fid_of_sha(content_sha256(p, sidecar_path(p)))
                 if fid is not None:  # this very content is indexed: its stored vector
                     row = self.catalogue.rows_by_fid([fid])[fid]
                     return self.vectors.reconstruct(fid), self.spec(row["arch_id"]), fid
@@ -662,7 +667,7 @@ def _open_for_update(db: str | os.PathLike, embedder: EmbedFn) -> ModelIndex | N
 
 def index_folder(folder: str | os.PathLike, embedder: EmbedFn, db: str | os.PathLike, index_type: str = "auto",
                  chunk_size: int = 256, commit_every: int | None = None, follow_symlinks: bool = False,
-                 **index_kwargs: Any) -> FolderRun | None:
+                 limits: ReadLimits = DEFAULT_LIMITS, **index_kwargs: Any) -> FolderRun | None:
     """Index (or extend) the database ``db`` with the checkpoints of ``folder``, committing as it goes.
 
     Files are known by content (``checkpoint_folder``): a file whose content is indexed is counted
@@ -673,7 +678,8 @@ def index_folder(folder: str | os.PathLike, embedder: EmbedFn, db: str | os.Path
 
     Under torchrun, rank r reads and embeds files ``r::world_size`` chunk by chunk; after each chunk
     the ranks ``all_gather_object`` their (embeddings, rows, skipped, unchanged) and rank 0 adds and
-    commits. Memory per rank is bounded by ``chunk_size`` x world size. Returns the :class:`FolderRun`
+    commits. Memory per rank is bounded by ``chunk_size`` x world size, and per file by ``limits``
+    (``checkpoint_import.ReadLimits``, checked before tensors are allocated). Returns the :class:`FolderRun`
     on rank 0, None on the others.
     """
     import torch.distributed as dist
@@ -698,7 +704,8 @@ def index_folder(folder: str | os.PathLike, embedder: EmbedFn, db: str | os.Path
         if shared[1] is not None:
             raise shared[1]
         pending, dirty = 0, False
-        for recs, bad, unchanged in iter_folder_chunks(folder, chunk_size, rank, world, shared[0], follow_symlinks):
+        for recs, bad, unchanged in iter_folder_chunks(folder, chunk_size, rank, world, shared[0], follow_symlinks,
+                                                       limits):
             emb, rows, bad_rows = prepare_chunk(recs, embedder)
             part = (emb, rows, bad + bad_rows, unchanged)
             parts = [part]
@@ -769,6 +776,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "loses at most that many files' work and the same command continues")
     pi.add_argument("--follow-symlinks", action="store_true",
                     help="follow symbolic links whose target lies inside the folder (never outside it)")
+    pi.add_argument("--max-tensor-elements", type=int, default=DEFAULT_LIMITS.max_tensor_elements,
+                    help="skip files with a larger tensor (checked before reading it)")
+    pi.add_argument("--max-model-elements", type=int, default=DEFAULT_LIMITS.max_model_elements,
+                    help="skip files whose tensors hold more elements in all (checked before reading them)")
     pi.add_argument("--batch-size", type=int, default=64, help="graphs per encoder forward pass")
     pi.add_argument("--device", default="cpu", help="device of the encoder (cpu, cuda, cuda:1, ...)")
     pq = sub.add_parser("query", parents=[common], help="models most similar to a checkpoint (or an indexed model id)")
@@ -792,7 +803,8 @@ def _run(args: argparse.Namespace) -> int:
         embedder = Embedder.from_file(args.encoder, device=args.device, batch_size=args.batch_size)
         t0 = time.perf_counter()
         run = index_folder(args.folder, embedder, args.db, index_type=args.index_type, chunk_size=args.chunk_size,
-                           commit_every=args.commit_every, follow_symlinks=args.follow_symlinks)
+                           commit_every=args.commit_every, follow_symlinks=args.follow_symlinks,
+                           limits=ReadLimits(args.max_tensor_elements, args.max_model_elements))
         if run is not None:  # rank 0; each skipped file was already logged (stderr) with its cause
             print(f"{display_path(args.folder)}: {run.summary()}; {display_path(args.db)} holds {len(run.index)} "
                   f"models [{run.index.kind}] (commits {run.commits}, {time.perf_counter() - t0:.1f}s)")

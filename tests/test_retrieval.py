@@ -407,14 +407,14 @@ def write_folder(folder: Path, records: list[R.ModelRecord]) -> dict[str, str]:
     nan_sd["layers.0.weight"][0, 0] = float("nan")
     save_file(nan_sd, str(bad / "nan.safetensors"))
     save_file({"0.weight": torch.randn(4, 3, 5)}, str(bad / "conv1d.safetensors"))
-    return {"truncated.safetensors": "truncated", "empty.pt": "empty", "garbage.pt": "not a readable",
+    return {"truncated.safetensors": "truncated", "empty.pt": "empty", "garbage.pt": "not a zip archive",
             "nan.safetensors": "NaN", "conv1d.safetensors": "unsupported"}
 
 
 def file_id(root: Path, rel: str) -> str:
     """The model id of the checkpoint ``root/rel``: its relative path @ 12 hex digits of its content hash."""
     f = root / rel
-    return f"{rel}@{R.content_sha256(f, R.sidecar_of(f))[:12]}"
+    return f"{rel}@{R.content_sha256(f, R.sidecar_path(f))[:12]}"
 
 
 def test_folder_build_reports_bad_files_and_indexes_the_rest(tmp_path, caplog):
