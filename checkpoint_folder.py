@@ -95,7 +95,8 @@ def scan_checkpoints(folder: str | os.PathLike, follow_symlinks: bool = False
     while stack:  # depth first, entries sorted by name bytes; a stack, not recursion (deep trees)
         d = stack.pop()
         try:
-            entries = sorted(os.scandir(d), key=lambda e: os.fsencode(e.name))
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: os.fsencode(e.name))
         except OSError as e:
             problems.append(_skip(d, f"folder not readable ({e.strerror})"))
             continue
