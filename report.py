@@ -415,7 +415,9 @@ def hyperreps_rows(r: Mapping) -> dict[str, dict]:
     methods = r.get("methods", {})
     hyper = list((_get(r, "hyperreps", "methods") or {}).values())
     encoders = [m for m in methods if "[" in m and m not in hyper]
-    order = hyper + sorted(encoders, key=lambda m: "untrained" not in m) + list(HYPERREPS_REFERENCES)
+    # the ablation's untrained twin first, then the other untrained encoders, then the trained ones
+    order = hyper + sorted(encoders, key=lambda m: ("hyperreps" not in m, "untrained" not in m)) + list(
+        HYPERREPS_REFERENCES)
     rows = {}
     for m in (m for m in order if m in methods):
         props = methods[m].get("properties", {})
@@ -431,7 +433,7 @@ def hyperreps_lines(r: Mapping) -> list[str]:
         return []
     v = h["views"]
     L = ["## Hyper-representations (seed 004): contrast + weight reconstruction", "",
-         f"`{h['model']}` trained {h['epochs']} epochs per beta with L = (1 - beta) L_con + beta L_rec (beta 0: "
+         f"`{h['model']}` trained {h['epochs']} epoch(s) per beta (the last kept) with L = (1 - beta) L_con + beta L_rec (beta 0: "
          f"contrastive only, 1: reconstruction only), same initialisation, data and views for every beta. Views "
          f"(positives: two views of one model): multiplicative Gaussian weight noise std {v['noise_std']}, erasing of "
          f"a contiguous span of {v['erase_fraction']} of the weights, neuron permutation {'on' if v['permute'] else 'off'} "
