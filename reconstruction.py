@@ -78,6 +78,9 @@ def weight_layout(spec_json: str, max_kernel: int) -> tuple[Tensor, Tensor]:
     mask = torch.zeros(s.num_edges, K, K, dtype=torch.bool)
     for i in range(len(spec.layers)):
         kh, kw = spec.edge_window(i)
+        if max(kh, kw) > K:
+            raise ValueError(f"{spec.name or spec.arch_id}: layer {i}'s {kh}x{kw} flatten blocks do not fit the "
+                             f"{K}x{K} edge features (a summarized flatten head is not invertible: no reconstruction)")
         lh, lw = (K - kh) // 2, (K - kw) // 2
         mask[s.edge_offsets[i]:s.edge_offsets[i + 1], lh:lh + kh, lw:lw + kw] = True
     residual = torch.zeros(s.num_edges, dtype=torch.bool)

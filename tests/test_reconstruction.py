@@ -134,6 +134,12 @@ def test_decoder_output_rebuilds_a_network_that_computes_what_it_says(all_models
     assert q["mean_acc_drop"] == pytest.approx(np.mean(q["acc_original"]) - np.mean(q["acc_reconstructed"]))
 
 
+def test_summarized_flatten_heads_are_refused():
+    spec = cnn_bn_spec((1, 28, 28), (4, 8), 16, 10)  # 7x7 blocks: summarized under K = 5, not invertible
+    with pytest.raises(ValueError, match="7x7 flatten blocks"):
+        R.weight_layout(spec.to_json(), 5)
+
+
 @pytest.mark.parametrize("encoder,invariant", [("weightnet", True), ("weightnet_row_codes", True), ("gnn", True),
                                                ("nonequivariant_gnn", False)])
 def test_permutation_is_a_no_op_for_equivariant_encoders_only(trained_models, encoder, invariant):
