@@ -21,6 +21,7 @@ import baselines as B
 import dataloader as D
 import evaluation as E
 import merging as M
+import subzoos as SZ
 from config import ExperimentConfig
 from contrastive_learning import Checkpointing, compare_view_recipes, embed, fit_contrastive
 from data_prep import ModelZooDataset
@@ -488,13 +489,13 @@ def same_architecture(cfg: ExperimentConfig, zoo, graphs, split: D.Split, recipe
     meta = zoo.metadata
     fit_idx, query_idx = _eval_indices(split)
     plain = _plain_rows(zoo)  # NFN's HNP layers take plain MLP/GAP-CNN weight spaces only
-    subzoos = E.select_same_architecture_subzoos(meta, fit_idx[plain[fit_idx]], query_idx[plain[query_idx]],
+    subzoos = SZ.select_same_architecture_subzoos(meta, fit_idx[plain[fit_idx]], query_idx[plain[query_idx]],
                                                  e.same_arch_subzoos, e.same_arch_min_tasks, e.same_arch_min_models)
     if not subzoos:
         raise StageFailed(f"no architecture has >= {e.same_arch_min_models} models spanning >= "
                           f"{e.same_arch_min_tasks} tasks with train and query models")
     archs = [s["arch_id"] for s in subzoos]
-    rows = {a: E.subzoo_rows(meta, a) for a in archs}
+    rows = {a: SZ.subzoo_rows(meta, a) for a in archs}
     fit_rows = {a: r[np.isin(r, fit_idx)] for a, r in rows.items()}
     recipe = recipes.self_supervised
     trained_name = f"nfn [{recipe}]"
@@ -508,23 +509,23 @@ def same_architecture(cfg: ExperimentConfig, zoo, graphs, split: D.Split, recipe
             missing.append(f"seed {seed}: no embeddings of the run's methods (their stages did not finish)")
         for method, emb in (runs[seed].embeddings if seed in runs else {}).items():
             per_seed.setdefault(method, []).append(
-                E.same_architecture_retrieval(emb, meta, archs, fit_idx, query_idx, e.k_values))
+                SZ.same_architecture_retrieval(emb, meta, archs, fit_idx, query_idx, e.k_values))
         t1 = time.perf_counter()
         # training-free NFN: one random-init encoder per architecture, input scales and standardization fit on
         # the sub-zoo's train models only
         nfn = {a: B.NFNBaseline(e.nfn_hidden_channels, e.nfn_layers, min_models=1, seed=seed).fit_embed(
             zoo.subset(rows[a]), np.isin(rows[a], fit_idx)) for a in archs}
         per_seed.setdefault("nfn (random init)", []).append(
-            E.same_architecture_retrieval(nfn, meta, archs, fit_idx, query_idx, e.k_values))
+            SZ.same_architecture_retrieval(nfn, meta, archs, fit_idx, query_idx, e.k_values))
         t2 = time.perf_counter()
         if train_nfn:
             embs = {a: train_nfn_subzoo(cfg, zoo, graphs, rows[a], fit_rows[a], recipe, seed, dist.device,
                                         split.heldout_tasks)[0] for a in archs}
             per_seed.setdefault(trained_name, []).append(
-                E.same_architecture_retrieval(embs, meta, archs, fit_idx, query_idx, e.k_values))
+                SZ.same_architecture_retrieval(embs, meta, archs, fit_idx, query_idx, e.k_values))
         t3 = time.perf_counter()
         rng = np.random.default_rng(seed)  # the chance anchor, measured with the same code
-        per_seed.setdefault("random (chance)", []).append(E.same_architecture_retrieval(
+        per_seed.setdefault("random (chance)", []).append(SZ.same_architecture_retrieval(
             rng.standard_normal((len(meta), 16)).astype(np.float32), meta, archs, fit_idx, query_idx, e.k_values))
         for k, v in zip(seconds, (t1 - t0, t2 - t1, t3 - t2)):
             seconds[k].append(round(v, 3))
@@ -535,7 +536,7 @@ def same_architecture(cfg: ExperimentConfig, zoo, graphs, split: D.Split, recipe
         if len(runs) < n_seeds:
             missing.append(f"{method}: {len(runs)} of {n_seeds} seeds")
     out = {
-        "ran": True, "note": E.SAME_ARCHITECTURE_NOTE, "subzoos": subzoos,
+        "ran": True, "note": SZ.SAME_ARCHITECTURE_NOTE, "subzoos": subzoos,
         "criteria": {"k": e.same_arch_subzoos, "min_tasks": e.same_arch_min_tasks,
                      "min_models": e.same_arch_min_models},
         "nfn": {"hidden_channels": e.nfn_hidden_channels, "layers": e.nfn_layers,
