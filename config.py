@@ -35,7 +35,8 @@ class ZooConfig:
     num_models: int = _f(3000, "approximate number of model checkpoints in the zoo")
     zoo_epochs: int = _f(50, "training epochs of each zoo model")
     checkpoints_per_run: int = _f(3, "checkpoints saved per training run (early to final epoch)")
-    card_task_fraction: float = _f(0.5, "fraction of model cards that name the task")
+    card_task_fraction: float = _f(0.0, "fraction of model cards that name the task (> 0 makes the metadata "
+                                        "baselines partial label oracles, reported as such)")
     zoo_seed: int = _f(0, "seed of zoo generation (independent of the experiment seed)")
     cnn_fraction: float = _f(0.1, "fraction of zoo runs that are CNNs (on the 8x8 image tasks)")
     cnn_bn_fraction: float = _f(0.02, "fraction of zoo runs that are Conv-BN-ReLU-MaxPool CNNs with a flatten head "
@@ -116,9 +117,17 @@ class EvalConfig:
     """Evaluation protocols (evaluation.py, baselines.py)."""
 
     methods: list = _f(["pca", "statnn", "shape_only", "input_profile", "metadata_tfidf"],
-                       "baselines evaluated beside the trained encoder")
-    eval_seeds: int = _f(3, "repetitions (seeds) for every reported number")
-    heldout_task_fraction: float = _f(0.25, "fraction of tasks held out of encoder training (unseen tasks)")
+                       "baselines evaluated beside the trained encoder (shape_only, a constant and a random "
+                       "embedding are always evaluated: every table's references)")
+    eval_seeds: int = _f(3, "repetitions (seeds) for every reported number; each seed draws its own split")
+    heldout_task_fraction: float = _f(0.25, "fraction of each shape group's tasks held out as test-unseen tasks "
+                                            "(reported, never read by any choice); redrawn per seed")
+    val_unseen_task_fraction: float = _f(0.2, "fraction of each shape group's tasks held out as val-unseen tasks "
+                                              "(model selection on unseen tasks); redrawn per seed")
+    unseen_kind: str = _f("auto", "task kind held out of training whole (unseen_kinds protocol): auto = drawn per "
+                                  "seed among the eligible kinds, '' = none, else a kind name")
+    unseen_kind_max_fraction: float = _f(0.34, "auto draws among kinds with >= 2 tasks and at most this fraction of "
+                                               "the zoo's tasks")
     k_values: list = _f([1, 5, 10], "k for precision/recall/F1@k")
     property_targets: list = _f(["test_acc", "gen_gap", "epoch", "log_lr"],
                                 "metadata columns predicted by the probes (log_<col> = log10 of col)")

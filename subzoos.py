@@ -14,9 +14,9 @@ from evaluation import RetrievalEvaluator
 
 SAME_ARCHITECTURE_NOTE = (
     "relevant = same task; each of the K largest architectures spanning several tasks is a sub-zoo of its "
-    "own: queries = its test-split and held-out-task models, database = all its models (train + query, as in "
-    "the main protocols), other checkpoints of the query's run removed. Shapes are equal, so shape_only is "
-    "the chance anchor; per-architecture methods (NFN) are fit on the sub-zoo's train models only.")
+    "own: queries = its test queries (seen-task test runs, test-unseen and unseen-kind models), database = "
+    "its train, val and query models, other checkpoints of the query's run removed. Shapes are equal, so "
+    "shape_only is the chance anchor; per-architecture methods (NFN) are fit on the sub-zoo's train models only.")
 
 SUBZOO_METRICS = ("P@1", "P@5", "P@10", "mAP", "MRR", "chance_P")
 
