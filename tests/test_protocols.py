@@ -233,6 +233,35 @@ def test_the_experiment_stages_hand_selection_only_the_selection_subset(toy_spli
         assert len(sp.test) == len(sp.test_unseen) == len(sp.unseen_kind) == 0
 
 
+def test_readme_states_the_tasks_and_sources_the_default_zoo_trains():
+    """The README's zoo sentence matches the default plan (and the --small one); a new default updates it."""
+    import math
+    import re
+    from pathlib import Path
+
+    from config import SMALL_PRESET, ZooConfig
+    from zoo_plan import checkpoint_schedule, plan_zoo
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    said = re.search(r"the default zoo trains (\d+) tasks from (\d+) sources \(([^;)]*)[;)].*?`--small` (\d+) tasks "
+                     r"from (\d+) sources", readme, re.S)
+    assert said, "the README no longer says which tasks the default zoo trains"
+
+    def trained(z: ZooConfig) -> tuple[int, int, list[str]]:
+        runs = math.ceil(z.num_models / len(checkpoint_schedule(z.zoo_epochs, z.checkpoints_per_run)))
+        plans = plan_zoo(runs, z.zoo_seed, z.zoo_group_size, z.cnn_fraction, z.card_task_fraction,
+                         cnn_bn_fraction=z.cnn_bn_fraction, resnet_fraction=z.resnet_fraction)
+        tasks = {r.task for p in plans for r in p.runs}
+        return len(tasks), len({TASKS[t].dataset for t in tasks}), sorted({TASKS[t].dataset for t in tasks})
+
+    n, n_src, sources = trained(ZooConfig())
+    assert (int(said[1]), int(said[2])) == (n, n_src)
+    assert sorted(s.strip() for s in said[3].split(",")) == sources
+    small = dataclasses.replace(ZooConfig(), **SMALL_PRESET["zoo"])
+    assert (int(said[4]), int(said[5])) == trained(small)[:2]
+    assert ZooConfig().card_task_fraction == 0.0  # the metadata baselines are no label oracle by default
+
+
 def test_metadata_baselines_reading_task_names_are_labelled_oracles_and_kept_out_of_the_headline():
     import baselines as B
     import report
