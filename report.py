@@ -233,11 +233,11 @@ def strongest_fingerprint(results: Mapping, protocol: str) -> str | None:
     return max(fps, key=fps.get) if fps else None
 
 
-def trivial_notes(results: Mapping, section: str) -> list[str]:
+def trivial_notes(results: Mapping, section: str, where: str = "here") -> list[str]:
     """Notes for a table whose protocol a constant or shape-only embedding passes (evaluation.trivial_passes)."""
     tp = results.get("trivial_passes") or {}
     hits = (tp.get("sections") or {}).get(section, [])
-    return [f"> **Note:** `{h['method']}` (reads no function) reaches {h['metric']} {h['max']:.3f} here (>= "
+    return [f"> **Note:** `{h['method']}` (reads no function) reaches {h['metric']} {h['max']:.3f} {where} (>= "
             f"{tp['threshold']} in {h['seeds']} of {h['n']} seeds): this number is passed without reading what the "
             f"networks compute." for h in hits]
 
@@ -552,7 +552,10 @@ def same_architecture_lines(r: Mapping) -> list[str]:
          f"embeddings; `shape_only` ties every model of a sub-zoo, so it is a chance anchor too.", ""]
     if sa.get("missing"):
         L += ["Missing: " + "; ".join(sa["missing"]), ""]
-    return L + [md_table(same_architecture_table(sa)), ""]
+    names = {z["arch_id"]: f"on sub-zoo {z['arch_name']}" for z in sa["subzoos"]}
+    notes = [line for zoo in sa.get("trivial_passes", {}).get("sections", {})
+             for line in trivial_notes(sa, zoo, names.get(zoo, "on the sub-zoo mean"))]
+    return L + [md_table(same_architecture_table(sa))] + notes + [""]
 
 
 def analysis_lines(r: Mapping) -> list[str]:

@@ -607,6 +607,7 @@ def same_architecture(cfg: ExperimentConfig, zoo, graphs, splits: dict[int, D.Sp
                             if train_nfn else NFN_NOT_TRAINED if e.nfn_epochs == 0
                             else "not run under torchrun (single-process loop): training-free NFN only")},
         "methods": {m: E.aggregate_seeds(done) for m, done in per_seed.items()},
+        "trivial_passes": {"threshold": E.TRIVIAL_THRESHOLD, "sections": E.trivial_passes(per_seed)},  # by sub-zoo
         "seconds_per_seed": seconds,
     }
     if missing:

@@ -99,9 +99,12 @@ def test_report_states_the_zoo_the_splits_the_choices_and_the_references(small_r
         assert any(n.endswith("[untrained]") for n in names) and not any("oracle" in n for n in names)
     assert "validation" in tables and "val_P@10" in tables["validation"][0]
     # every constant/shape-only pass recorded in the JSON is noted in the report
-    for section, hits in res["trivial_passes"]["sections"].items():
-        for h in hits:
-            assert f"`{h['method']}` (reads no function) reaches {h['metric']} {h['max']:.3f}" in md, section
+    sa = res["same_architecture"]
+    for passes in (res["trivial_passes"], sa["trivial_passes"]):
+        assert passes["threshold"] == 0.85
+        for section, hits in passes["sections"].items():
+            for h in hits:
+                assert f"`{h['method']}` (reads no function) reaches {h['metric']} {h['max']:.3f}" in md, section
 
 
 def test_same_architecture_table_equals_json(small_run):
