@@ -802,7 +802,7 @@ def aggregate_seeds(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Combine per-seed metric dicts (possibly nested) into {metric: {"mean", "std", "values", "n"}}.
 
     ``std`` is the sample standard deviation (ddof=1), 0.0 for a single seed (``n`` says how many).
-    String leaves (notes) are kept when identical across seeds.
+    String leaves (notes) are kept, once when identical across seeds, else each seed's in order.
     NaN values (undefined metrics) are kept in ``values`` and ignored by mean/std; if all are NaN
     the mean is NaN. Every dict must have the same keys (a missing metric is an error, not a gap).
     """
@@ -817,10 +817,8 @@ def aggregate_seeds(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if all(isinstance(v, Mapping) for v in vals):
             out[k] = aggregate_seeds(vals)
             continue
-        if all(isinstance(v, str) for v in vals):  # notes (e.g. why a protocol was skipped)
-            if len(set(vals)) != 1:
-                raise ValueError(f"aggregate_seeds: note {k!r} differs between seeds: {vals}")
-            out[k] = vals[0]
+        if all(isinstance(v, str) for v in vals):  # notes (e.g. why a protocol was skipped); each seed has its split
+            out[k] = vals[0] if len(set(vals)) == 1 else " | ".join(f"seed {i + 1}: {v}" for i, v in enumerate(vals))
             continue
         arr = np.asarray(vals, dtype=np.float64)
         assert arr.ndim == 1, f"aggregate_seeds: metric {k!r} is not a scalar"

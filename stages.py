@@ -334,8 +334,11 @@ def aggregate(per_seed: dict[str, list], rec: RunRecorder) -> dict:
         ok = [r for r in runs if r is not None]
         if len(ok) < len(runs):
             rec.results.setdefault("failed_methods", {})[method] = f"{len(runs) - len(ok)} of {len(runs)} seeds failed"
-        if ok:
-            out[method] = E.aggregate_seeds(ok)
+        try:  # a protocol measured under one seed's split and not another's cannot be averaged: said, per method
+            if ok:
+                out[method] = E.aggregate_seeds(ok)
+        except ValueError as e:
+            rec.results.setdefault("failed_methods", {})[method] = f"not aggregated over seeds: {e}"
     rec.results["methods"] = out
     rec.results["protocol_notes"] = {**E.PROTOCOL_NOTES, "validation": E.VALIDATION_NOTE}
     rec.results["headline_protocols"] = list(E.HEADLINE_PROTOCOLS)

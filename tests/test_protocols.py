@@ -279,3 +279,21 @@ def test_metadata_baselines_reading_task_names_are_labelled_oracles_and_kept_out
     assert list(report.retrieval_table(res, "unseen_tasks")) == ["gnn [noise]", "shape_only"]
     md = "\n".join(report.retrieval_lines(res))
     assert "### Metadata oracles (not a baseline)" in md and md.index(label) > md.index("Metadata oracles")
+
+
+def test_a_zoo_made_with_task_naming_cards_is_not_reused_for_card_task_fraction_0(tmp_path, monkeypatch):
+    import data_prep
+
+    kw = dict(num_models=8, epochs=1, checkpoints_per_run=1, seed=0, tasks=["iris", "iris_perm"], min_groups=1)
+    data_prep.ModelZooDataset.create_synthetic_model_zoo(tmp_path, card_task_fraction=0.5, **kw)
+
+    class Retrained(Exception):
+        pass
+
+    def refuse(*a, **k):
+        raise Retrained
+
+    monkeypatch.setattr(data_prep, "train_groups", refuse)
+    assert len(data_prep.ModelZooDataset.create_synthetic_model_zoo(tmp_path, card_task_fraction=0.5, **kw)) == 8
+    with pytest.raises(Retrained):  # other generation args: the zoo on disk is not reused
+        data_prep.ModelZooDataset.create_synthetic_model_zoo(tmp_path, card_task_fraction=0.0, **kw)
