@@ -32,9 +32,14 @@ class ZooConfig:
     """The trained model zoo (data_prep.py)."""
 
     zoo_dir: str = _f("zoo/default", "directory of the generated zoo (reused when it exists and matches)")
-    num_models: int = _f(3000, "approximate number of model checkpoints in the zoo")
-    zoo_epochs: int = _f(50, "training epochs of each zoo model")
-    checkpoints_per_run: int = _f(3, "checkpoints saved per training run (early to final epoch)")
+    runs_per_task: int = _f(6, "training runs of every task (with 2 checkpoints per run, 6 runs give each model "
+                               "10 same-task models of other runs: P@10 can reach 1)")
+    zoo_scale: int = _f(1, "multiplies runs_per_task: 9 makes ~33k checkpoints (shard it: data_prep.py --shard)")
+    zoo_tasks: int = _f(0, "train the zoo on this many tasks spread over every shape group (0 = every task)")
+    num_models: int = _f(0, "instead of runs per task: about this many checkpoints, spread evenly over the tasks "
+                            "(0 = runs_per_task x zoo_scale runs of every task)")
+    zoo_epochs: int = _f(30, "training epochs of each zoo model")
+    checkpoints_per_run: int = _f(2, "checkpoints saved per training run (early and final epoch)")
     card_task_fraction: float = _f(0.5, "fraction of model cards that name the task")
     zoo_seed: int = _f(0, "seed of zoo generation (independent of the experiment seed)")
     cnn_fraction: float = _f(0.1, "fraction of zoo runs that are CNNs (on the 8x8 image tasks)")
@@ -170,7 +175,7 @@ class ExperimentConfig:
 # Values applied by --small before the config file and explicit flags.
 SMALL_PRESET: dict[str, Any] = {
     "experiment_name": "small",  # a quick run never overwrites results/default (--experiment_name still wins)
-    "zoo": {"zoo_dir": "zoo/small", "num_models": 500, "zoo_epochs": 30},
+    "zoo": {"zoo_dir": "zoo/small", "zoo_tasks": 48},  # 3-4 tasks of each shape group, 6 runs each
     "encoder": {"hidden_dim": 32, "global_dim": 64, "message_passing_steps": 2},
     "train": {"epochs": 2, "batch_size": 64, "compare_epochs": 0},
     "eval": {"eval_seeds": 1, "transfer_tasks": 1, "transfer_steps": 60, "transfer_k": 3, "merge_pairs": 2,

@@ -29,7 +29,7 @@ from gnn_encoder import build_encoder, encoder_kwargs, save_encoder, tune_cpu_al
 from report import RunRecorder, StageFailed, render_figures, render_markdown
 from retrieval import Embedder
 from symmetry import SymmetryAugmenter
-from tasks import inputs_for_spec, load_task_data
+from tasks import inputs_for_spec, load_task_data, task_subset
 from weight_to_graph import WeightToGraph
 
 log = logging.getLogger("weightzoo")
@@ -68,9 +68,10 @@ def _barrier(dist: DistInfo) -> None:
 def make_zoo(cfg: ExperimentConfig, dist: DistInfo, rec: RunRecorder) -> ModelZooDataset:
     """Train the zoo (or reuse the one on disk made with the same arguments); rank 0 trains."""
     z = cfg.zoo
-    kwargs = dict(num_models=z.num_models, epochs=z.zoo_epochs, checkpoints_per_run=z.checkpoints_per_run,
-                  card_task_fraction=z.card_task_fraction, seed=z.zoo_seed, cnn_fraction=z.cnn_fraction,
-                  cnn_bn_fraction=z.cnn_bn_fraction, resnet_fraction=z.resnet_fraction,
+    kwargs = dict(num_models=z.num_models or None, runs_per_task=None if z.num_models else z.runs_per_task * z.zoo_scale,
+                  tasks=task_subset(z.zoo_tasks) if z.zoo_tasks else None, epochs=z.zoo_epochs,
+                  checkpoints_per_run=z.checkpoints_per_run, card_task_fraction=z.card_task_fraction, seed=z.zoo_seed,
+                  cnn_fraction=z.cnn_fraction, cnn_bn_fraction=z.cnn_bn_fraction, resnet_fraction=z.resnet_fraction,
                   group_size=z.zoo_group_size, reuse=True)
     if dist.is_master:
         zoo = ModelZooDataset.create_synthetic_model_zoo(z.zoo_dir, workers=z.zoo_workers, progress=True, **kwargs)
