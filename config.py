@@ -157,7 +157,10 @@ class ExperimentConfig:
     device: str = _f("auto", "auto|cpu|cuda", choices=["auto", "cpu", "cuda"])
     small: bool = _f(False, "quick run (~1 minute): small zoo, few epochs")
     skip_training: bool = _f(False, "evaluate randomly initialised encoders (clearly labelled)")
-    resume: str = _f("", "checkpoint to resume encoder training from")
+    resume: bool = _f(False, "resume every encoder training of this run from its own checkpoint "
+                             "(<results_dir>/<experiment_name>/checkpoints/<model>_<recipe>_seed<seed>/last.pt); "
+                             "a finished training is loaded, not redone; a checkpoint of other settings "
+                             "(--epochs included) is refused")
     zoo: ZooConfig = field(default_factory=ZooConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -15,28 +15,31 @@ Objective (``ContrastiveLearner.forward`` returns it, byol-style)::
     L_task = weak supervision from a small head on the embedding: MSE on test accuracy
              and/or cross-entropy on the training-task label.
 
-Distribution follows nanoGPT: ``setup_distributed()`` reads torchrun's ``RANK``/``WORLD_SIZE``,
-initialises the process group (nccl on GPUs, gloo on CPU) and picks the device; rank 0 alone
-logs, shows progress bars and writes checkpoints/history; :func:`embed` gathers every rank's
-rows in dataset order. bf16 autocast on GPU only (``nullcontext`` on CPU).
+Distribution (runtime.py): under torchrun the learner is wrapped in DDP, rank 0 alone logs and
+writes checkpoints/history, and :func:`embed` gathers every rank's rows in dataset order. bf16
+autocast on GPU only (``nullcontext`` on CPU).
+
+:func:`fit_contrastive` is the one training setup every caller uses (the experiment's encoders,
+the view-recipe comparison, the per-sub-zoo NFN): loaders, objective, optimizer, schedule,
+validation metric and checkpoints from the same few settings.
 
 Exact resume: data order and views depend only on (seed, epoch) (see dataloader.py), the
 global RNGs are reseeded from (seed, epoch, rank) at each epoch start, and every epoch ends
-with one atomic checkpoint (model, optimizer, scheduler, RNG states, epoch, best metric and
-model, history, config) read back with ``weights_only=True``.
+with one atomic checkpoint, nanoGPT-style (``model``, ``optimizer``, ``scheduler``,
+``model_args`` (the encoder's name and kwargs: enough to rebuild it alone), ``epoch``,
+``best_metric``, ``best_model``, ``history``, ``config``, ``rng``), read back with
+``weights_only=True``.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
-import os
-import random
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -44,117 +47,18 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm.auto import tqdm
+
+from config import TrainConfig
+from dataloader import SELF_SUPERVISED_RECIPES, Split, ViewFn, build_loaders, check_recipe
+from runtime import (DistInfo, all_gather, atomic_torch_save, atomic_write_json, autocast_context, progress,
+                     seed_everything, set_rng_state, rng_state, single_process, world)
 
 log = logging.getLogger("weightzoo")
 
 WEAK_TARGETS = ("acc", "task", "acc+task")
 CHECKPOINT_NAME = "last.pt"
 HISTORY_NAME = "history.json"
-
-
-# =========================================================================== distribution
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process stands: rank, world size, local rank, master flag and its device."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    is_master: bool
-    device: torch.device
-
-    @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """"auto" | "cpu" | "cuda" -> a torch.device. The one place that names the GPU backend."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto|cpu|cuda, got {name!r}")
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but torch.cuda.is_available() is False "
-                           f"(torch {torch.__version__}); use --device cpu")
-    return torch.device("cuda", local_rank)
-
-
-def setup_distributed(device: str = "auto") -> DistInfo:
-    """Initialise DDP when torchrun set ``RANK``/``WORLD_SIZE``; otherwise a single process.
-
-    Backend: nccl when the device is a GPU, gloo on CPU.
-    """
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistInfo(0, 1, 0, True, resolve_device(device))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    dev = resolve_device(device, local_rank)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if not tdist.is_initialized():
-        tdist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return DistInfo(rank, world, local_rank, rank == 0, dev)
-
-
-def cleanup_distributed() -> None:
-    """Destroy the process group if one was initialised.
-
-    Call it once the DDP-wrapped model is released (e.g. in a ``finally`` around the function
-    that trained): a DDP reducer destroyed after its process group can hang the exit under gloo.
-    """
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.barrier()
-        tdist.destroy_process_group()
-
-
-def _world() -> tuple[int, int]:
-    if tdist.is_available() and tdist.is_initialized():
-        return tdist.get_rank(), tdist.get_world_size()
-    return 0, 1
-
-
-def autocast_context(device: torch.device) -> ContextManager:
-    """bf16 autocast on GPU; nothing on CPU (fp32 keeps CPU runs exact and reproducible)."""
-    if device.type == "cuda":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward hands each rank the summed gradient of its own rows.
-
-    Every rank computes the same global loss from the gathered tensor, so the gradient of a
-    rank's rows is the sum over ranks; DDP then averages parameter gradients over ranks,
-    which gives exactly the single-process gradient of the global-batch loss.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:  # (b, d) -> (world * b, d)
-        rank, world = _world()
-        out = [torch.empty_like(x) for _ in range(world)]
-        tdist.all_gather(out, x.contiguous())
-        ctx.rank, ctx.b = rank, x.size(0)
-        return torch.cat(out, 0)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        grad = grad.contiguous().clone()
-        tdist.all_reduce(grad)
-        return grad[ctx.rank * ctx.b:(ctx.rank + 1) * ctx.b]
-
-
-def gather_batch(x: Tensor, with_grad: bool) -> Tensor:
-    """Concatenate ``x`` (b, ...) from all ranks in rank order (identity in one process)."""
-    rank, world = _world()
-    if world == 1:
-        return x
-    if with_grad:
-        return _GatherWithGrad.apply(x)
-    out = [torch.empty_like(x) for _ in range(world)]
-    tdist.all_gather(out, x.contiguous())
-    return torch.cat(out, 0)
+VAL_K = 10  # the validation metric: P@VAL_K of task retrieval among validation models (seen tasks)
 
 
 # =========================================================================== loss
@@ -316,12 +220,12 @@ class ContrastiveLearner(nn.Module):
         if self.supervised_positives or self.loss_fn.hard_negative_beta > 0:
             self._check_labels(meta["task"])
         if self.supervised_positives:
-            labels = gather_batch(meta["task"].to(z1.device), with_grad=False)
+            labels = all_gather(meta["task"].to(z1.device), with_grad=False)
         if self.loss_fn.hard_negative_beta > 0 and "family" in meta:
-            families = gather_batch(meta["family"].to(z1.device), with_grad=False)
+            families = all_gather(meta["family"].to(z1.device), with_grad=False)
         g = self.gather_negatives
         with torch.autocast(device_type=z1.device.type, enabled=False):  # the loss in fp32, also under bf16
-            con = self.loss_fn(gather_batch(z1.float(), g), gather_batch(z2.float(), g), labels, families)
+            con = self.loss_fn(all_gather(z1.float(), g), all_gather(z2.float(), g), labels, families)
         out = {"con": con}
         if self.head is not None:
             if "task" in self.head.targets:
@@ -363,12 +267,12 @@ def embed(model: nn.Module, loader: Iterable, device: torch.device) -> np.ndarra
     dim = rows[0].size(1) if rows else 0
     emb = torch.cat(rows) if rows else torch.zeros(0, dim, device=device)
     pos = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long, device=device)
-    rank, world = _world()
-    if world > 1:
+    _, n_ranks = world()
+    if n_ranks > 1:
         # shards may differ in size by one: pad to the largest, gather, trim
-        sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+        sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(n_ranks)]
         tdist.all_gather(sizes, torch.tensor([emb.size(0)], device=device))
-        dims = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+        dims = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(n_ranks)]
         tdist.all_gather(dims, torch.tensor([dim], device=device))
         dim = int(max(d.item() for d in dims))
         m = int(max(s.item() for s in sizes))
@@ -376,8 +280,8 @@ def embed(model: nn.Module, loader: Iterable, device: torch.device) -> np.ndarra
         emb_p[: emb.size(0)] = emb
         pos_p = torch.full((m,), -1, dtype=torch.long, device=device)
         pos_p[: pos.numel()] = pos
-        embs = [torch.empty_like(emb_p) for _ in range(world)]
-        poss = [torch.empty_like(pos_p) for _ in range(world)]
+        embs = [torch.empty_like(emb_p) for _ in range(n_ranks)]
+        poss = [torch.empty_like(pos_p) for _ in range(n_ranks)]
         tdist.all_gather(embs, emb_p)
         tdist.all_gather(poss, pos_p)
         emb = torch.cat([e[: int(s.item())] for e, s in zip(embs, sizes)])
@@ -414,55 +318,13 @@ def make_retrieval_val_fn(loader: Iterable, task_labels: Sequence, run_ids: Sequ
 
 
 # =========================================================================== checkpoints
-def rng_state() -> dict[str, Any]:
-    """RNG states of torch, numpy and python ``random`` as tensors/lists (weights_only-loadable)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    out: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": [int(version), [int(v) for v in internal], gauss],
-    }
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "model_args", "epoch", "best_metric", "best_model", "history",
+                   "config", "seed", "rng")
 
 
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Inverse of :func:`rng_state`."""
-    torch.set_rng_state(state["torch"].cpu())
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch global RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file, then os.replace (a crash never leaves a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(obj: Any, path: str | Path) -> None:
-    """JSON to a temporary file, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+def encoder_state(learner_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The encoder's state_dict inside a learner state_dict (checkpoint ``model`` / ``best_model``)."""
+    return {k[len("encoder."):]: v for k, v in learner_state.items() if k.startswith("encoder.")}
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -473,7 +335,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"resume checkpoint {path} does not exist")
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    missing = {"learner", "optimizer", "epoch", "rng", "history", "best_state"} - set(ckpt)
+    missing = set(CHECKPOINT_KEYS) - set(ckpt) if isinstance(ckpt, dict) else set(CHECKPOINT_KEYS)
     if missing:
         raise ValueError(f"{path}: not a training checkpoint (missing {sorted(missing)})")
     return ckpt
@@ -498,8 +360,9 @@ class ContrastiveLearningFramework:
             see :class:`ContrastiveLearner`.
         grad_clip: max gradient norm (0 disables).
         seed: reseeds the global RNGs at every epoch start from (seed, epoch, rank).
+        model_args: ``{"name", "kwargs"}`` that rebuild the encoder (stored in checkpoints).
         config: JSON-able dict stored in checkpoints; a resume with a different config is refused.
-        show_progress: tqdm bars (rank 0 only).
+        show_progress: a tqdm bar per epoch (rank 0, on a terminal only).
         find_unused_parameters: passed to DDP (keep False; True costs a graph traversal per step).
 
     Build the optimizer over :meth:`parameters` (encoder + weak-supervision head).
@@ -508,9 +371,10 @@ class ContrastiveLearningFramework:
     def __init__(self, model: nn.Module, loss: NTXentLoss | None = None, device: torch.device | None = None,
                  dist: DistInfo | None = None, supervised_positives: bool = False, weak_supervision: float = 0.0,
                  weak_targets: str = "acc+task", num_tasks: int = 0, embedding_dim: int | None = None,
-                 grad_clip: float = 1.0, seed: int = 0, config: Mapping[str, Any] | None = None,
-                 show_progress: bool = True, find_unused_parameters: bool = False):
-        self.dist = dist or DistInfo(0, 1, 0, True, device or torch.device("cpu"))
+                 grad_clip: float = 1.0, seed: int = 0, model_args: Mapping[str, Any] | None = None,
+                 config: Mapping[str, Any] | None = None, show_progress: bool = True,
+                 find_unused_parameters: bool = False):
+        self.dist = dist or single_process(device or "cpu")
         self.device = device or self.dist.device
         self.learner = ContrastiveLearner(model, loss or NTXentLoss(), supervised_positives, weak_supervision,
                                           weak_targets, num_tasks, embedding_dim).to(self.device)
@@ -519,7 +383,8 @@ class ContrastiveLearningFramework:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DDP(self.learner, device_ids=ids, find_unused_parameters=find_unused_parameters)
         self.grad_clip, self.seed = float(grad_clip), int(seed)
-        self.config = json.loads(json.dumps(dict(config or {})))  # JSON-able copy
+        self.model_args = json.loads(json.dumps(dict(model_args or {})))  # JSON-able copies
+        self.config = json.loads(json.dumps(dict(config or {})))
         self.show_progress = show_progress and self.dist.is_master
 
     @property
@@ -548,7 +413,7 @@ class ContrastiveLearningFramework:
         net.train()
         sums = torch.zeros(3, dtype=torch.float64)
         steps = 0
-        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not self.show_progress)
+        bar = progress(loader, self.show_progress, desc=f"epoch {epoch}", leave=False)
         for v1, v2, meta in bar:
             v1, v2 = _to_device(v1, self.device), _to_device(v2, self.device)
             with autocast_context(self.device):
@@ -563,8 +428,7 @@ class ContrastiveLearningFramework:
             optimizer.step()
             sums += torch.tensor([loss.item(), out["con"].item(), out["task"].item()], dtype=torch.float64)
             steps += 1
-            if self.show_progress:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if steps == 0:
             raise ValueError("the training loader yielded no batch (fewer models than one global batch?)")
         means = self._mean_over_ranks(sums / steps)
@@ -595,40 +459,36 @@ class ContrastiveLearningFramework:
 
     # --------------------------------------------------------------- checkpoint
     def _checkpoint(self, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int, best_state: dict,
-                    history: dict, train_loader: Any) -> dict[str, Any]:
-        sampler = getattr(train_loader, "sampler", None)
-        gen = getattr(train_loader, "generator", None)
+                    history: dict) -> dict[str, Any]:
         return {
-            "learner": self.learner.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "epoch": epoch, "best_state": best_state, "history": history, "config": self.config,
-            "rng": rng_state(), "seed": self.seed,
-            "loader": {"sampler_seed": getattr(sampler, "seed", None),
-                       "generator": gen.get_state() if isinstance(gen, torch.Generator) else None},
+            "model": self.learner.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None, "model_args": self.model_args,
+            "epoch": epoch, "best_metric": history["best_metric"], "best_model": best_state, "history": history,
+            "config": self.config, "seed": self.seed, "rng": rng_state(),
         }
 
     def _check_resume_config(self, ckpt: Mapping[str, Any], path: Any) -> None:
-        old = ckpt.get("config") or {}
-        if not self.config or not old:
-            return
-        ignore = {"epochs", "resume"}
+        """Refuse a checkpoint of another seed, encoder or config (the number of epochs included: the
+        learning-rate schedule spans it)."""
+        if ckpt["seed"] != self.seed:
+            raise ValueError(f"cannot resume from {path}: seed {ckpt['seed']} != {self.seed}")
+        if ckpt["model_args"] != self.model_args:
+            raise ValueError(f"cannot resume from {path}: its encoder {ckpt['model_args']} differs from {self.model_args}")
 
         def flat(d: Mapping, pre: str = "") -> dict:
             out = {}
             for k, v in d.items():
                 if isinstance(v, Mapping):
                     out.update(flat(v, f"{pre}{k}."))
-                elif k not in ignore:
+                else:
                     out[f"{pre}{k}"] = v
             return out
 
-        a, b = flat(old), flat(self.config)
+        a, b = flat(ckpt["config"]), flat(self.config)
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         if diff:
             raise ValueError(f"cannot resume from {path}: its config differs in {diff[:10]} "
                              f"(checkpoint {[a.get(k) for k in diff[:10]]}, now {[b.get(k) for k in diff[:10]]})")
-        if ckpt.get("seed", self.seed) != self.seed:
-            raise ValueError(f"cannot resume from {path}: seed {ckpt.get('seed')} != {self.seed}")
 
     # --------------------------------------------------------------- train
     def train(self, train_loader: Iterable, val_loader: Iterable | None, num_epochs: int,
@@ -661,17 +521,18 @@ class ContrastiveLearningFramework:
         if resume_from:
             ckpt = load_checkpoint(resume_from, map_location=self.device)
             self._check_resume_config(ckpt, resume_from)
-            self.learner.load_state_dict(ckpt["learner"])
+            self.learner.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             if scheduler is not None:
                 if ckpt["scheduler"] is None:
                     raise ValueError(f"{resume_from}: saved without a scheduler, but one was given")
                 scheduler.load_state_dict(ckpt["scheduler"])
-            history, best_state, start = ckpt["history"], ckpt["best_state"], int(ckpt["epoch"]) + 1
+            history, best_state, start = ckpt["history"], ckpt["best_model"], int(ckpt["epoch"]) + 1
             best_metric = history["best_metric"] if history["best_metric"] is not None else -float("inf")
             set_rng_state(ckpt["rng"])
             if self.dist.is_master:
-                log.info("resumed from %s at epoch %d (best %s=%s)", resume_from, start - 1, metric_name, best_metric)
+                log.info("%s from %s at epoch %d of %d (best %s=%s)", "resumed" if start <= num_epochs else
+                         "finished training loaded", resume_from, start - 1, num_epochs, metric_name, best_metric)
         elif val_fn is not None:
             history["initial_val_metric"] = float(val_fn(self.model))
 
@@ -707,17 +568,16 @@ class ContrastiveLearningFramework:
                          num_epochs, losses["loss"], losses["con"], losses["task"],
                          "-" if val_loss is None else f"{val_loss:.4f}", metric_name, metric, history["epoch_time_s"][-1])
                 if ckpt_dir is not None:
-                    atomic_torch_save(self._checkpoint(optimizer, scheduler, epoch, best_state, history, train_loader),
-                                      ckpt_dir / CHECKPOINT_NAME)
-                    atomic_write_json(history, ckpt_dir / HISTORY_NAME)
+                    atomic_torch_save(ckpt_dir / CHECKPOINT_NAME,
+                                      self._checkpoint(optimizer, scheduler, epoch, best_state, history))
+                    atomic_write_json(ckpt_dir / HISTORY_NAME, history)
             if self.dist.is_distributed:
                 tdist.barrier()
             if epoch_callback is not None:
                 epoch_callback(epoch, history)
 
         best_model = copy.deepcopy(self.model)
-        enc_state = {k[len("encoder."):]: v for k, v in best_state.items() if k.startswith("encoder.")}
-        best_model.load_state_dict(enc_state)
+        best_model.load_state_dict(encoder_state(best_state))
         return history, best_model
 
 
@@ -740,69 +600,125 @@ def build_optimizer(parameters: Iterable[nn.Parameter], learning_rate: float, we
     return opt, sched
 
 
+# =========================================================================== the one training setup
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where :func:`fit_contrastive` keeps ``last.pt``/``history.json``, and what they record.
+
+    Args:
+        directory: this training's own folder (one per method, recipe and seed).
+        model_args: ``{"name", "kwargs"}`` that rebuild the encoder alone (``stages.encoder_from_args``).
+        config: the settings that made the data and the encoder (JSON-able); fit_contrastive adds
+            the training settings, recipe, seed and split, and a resume under other ones is refused.
+        resume: continue from ``directory/last.pt`` when it exists (a finished training is loaded,
+            not redone); False starts afresh and overwrites it.
+    """
+
+    directory: Path
+    model_args: Mapping[str, Any]
+    config: Mapping[str, Any]
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What :func:`fit_contrastive` returns: the selected encoder, the training history, the data's sizes."""
+
+    encoder: nn.Module  # a copy with the best epoch's weights, on the training device
+    history: dict[str, Any]
+    data: dict[str, Any]  # dataloader.Loaders.info: split sizes, anchors without a partner, batch
+
+
+def split_digest(split: Split) -> str:
+    """A short hash of a split's train and val rows (a checkpoint records which data it trained on)."""
+    h = hashlib.sha1()
+    for rows in (split.train, split.val):
+        h.update(np.asarray(rows, dtype=np.int64).tobytes() + b"|")
+    return h.hexdigest()[:16]
+
+
+# the TrainConfig fields that change what fit_contrastive trains (DataLoader workers change nothing)
+FIT_FIELDS = ("batch_size", "learning_rate", "weight_decay", "temperature", "weak_supervision", "weak_targets",
+              "hard_negative_beta", "grad_clip", "lr_schedule")
+
+
+def fit_contrastive(encoder: nn.Module, graphs: Sequence[Any], meta_df: Any, split: Split, recipe: str,
+                    train: TrainConfig, dist: DistInfo, *, seed: int, epochs: int | None = None,
+                    view_fn: ViewFn | None = None, transform: Callable[[Any], Any] | None = None,
+                    checkpoint: Checkpointing | None = None, show_progress: bool = False) -> Fit:
+    """Train ``encoder`` contrastively on ``split.train`` with one view recipe; every training calls this.
+
+    From ``train``: batch size, AdamW (learning rate, weight decay) and its ``lr_schedule``,
+    NT-Xent temperature and hard-negative beta, weak supervision, gradient clipping and
+    DataLoader workers; ``epochs`` overrides ``train.epochs``. Model selection: validation P@10
+    of task retrieval among ``split.val`` models (seen tasks only) when the split has any, else the
+    last epoch. ``view_fn`` (``dataloader.make_view_fn``) draws each view; ``transform`` turns a
+    graph into the encoder's input (flat-weight encoders). Collective under DDP (every rank
+    calls it with the same arguments).
+    """
+    check_recipe(recipe)
+    epochs = train.epochs if epochs is None else epochs
+    loaders = build_loaders(graphs, meta_df, split, recipe, train.batch_size, view_fn, seed, train.num_workers,
+                            dist.rank, dist.world_size, transform)
+    model_args = config = last = resume_from = None
+    if checkpoint is not None:
+        model_args, last = checkpoint.model_args, Path(checkpoint.directory) / CHECKPOINT_NAME
+        config = {**checkpoint.config, "recipe": recipe, "split": split_digest(split),
+                  "train": {**{k: v for k, v in asdict(train).items() if k in FIT_FIELDS}, "epochs": epochs}}
+        if last.exists() and checkpoint.resume:
+            resume_from = last
+        elif last.exists() and dist.is_master:
+            log.info("%s exists but --resume was not given: training afresh", last)
+    fw = ContrastiveLearningFramework(
+        encoder, NTXentLoss(train.temperature, train.hard_negative_beta), dist.device, dist,
+        supervised_positives=recipe == "supcon", weak_supervision=train.weak_supervision,
+        weak_targets=train.weak_targets, num_tasks=len(loaders.task_vocab), grad_clip=train.grad_clip, seed=seed,
+        model_args=model_args, config=config, show_progress=show_progress)
+    opt, sched = build_optimizer(fw.parameters(), train.learning_rate, train.weight_decay, train.lr_schedule, epochs)
+    val_fn = None
+    if loaders.val_embed is not None:
+        val_fn = make_retrieval_val_fn(loaders.val_embed, np.asarray(meta_df["task"])[split.val],
+                                       np.asarray(meta_df["run_id"])[split.val], dist.device, VAL_K)
+    history, best = fw.train(loaders.train, loaders.val, epochs, opt, sched, resume_from=resume_from, val_fn=val_fn,
+                             checkpoint_dir=None if last is None else last.parent)
+    return Fit(best, history, loaders.info)
+
+
 # =========================================================================== recipe comparison
-def compare_view_recipes(
-    make_encoder: Callable[[], nn.Module],
-    graphs: Sequence[Any],
-    meta_df: Any,
-    split: Any,
-    recipes: Sequence[str],
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    weight_decay: float,
-    temperature: float,
-    augmenter: Any | None,
-    canonical: bool = True,
-    seed: int = 0,
-    dist: DistInfo | None = None,
-    k: int = 10,
-    hard_negative_beta: float = 0.0,
-    transform: Callable[[Any], Any] | None = None,
-) -> dict[str, Any]:
-    """Train briefly with each view recipe; compare validation P@k (seen tasks only).
+def compare_view_recipes(make_encoder: Callable[[], nn.Module], graphs: Sequence[Any], meta_df: Any, split: Split,
+                         recipes: Sequence[str], train: TrainConfig, epochs: int,
+                         make_view_fn: Callable[[str], ViewFn | None], dist: DistInfo | None = None, seed: int = 0,
+                         transform: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """Train briefly with each view recipe (:func:`fit_contrastive`, ``epochs`` each); compare validation P@10.
 
     Each recipe starts from the same initialisation (``make_encoder()`` after seeding with
-    ``seed``) and trains ``epochs`` epochs; its score is the best validation P@k of task
-    retrieval (val split of ``split``: runs of training tasks not trained on; held-out tasks
-    never enter). Returns ``{"metric", "recipes": {name: {"val_metric", "initial_val_metric",
-    "kind", "history"}}, "chosen", "chosen_self_supervised"}``: "chosen" is the best overall,
-    "chosen_self_supervised" the best among label-free recipes (report both side by side).
-    ``canonical``: whether the graphs are in canonical form (see ``dataloader.make_view_fn``).
-    Collective under DDP (call on every rank with the same arguments).
+    ``seed``); its score is the best validation P@10 of task retrieval (val split of ``split``:
+    runs of training tasks not trained on; held-out tasks never enter). ``make_view_fn(recipe)``
+    gives the recipe's views. Returns ``{"metric", "epochs", "recipes": {name: {"val_metric",
+    "initial_val_metric", "kind", "anchors_without_partner", "history"}}, "chosen",
+    "chosen_self_supervised"}``: "chosen" is the best overall, "chosen_self_supervised" the best
+    among label-free recipes (report both side by side). Collective under DDP.
     """
-    from dataloader import SELF_SUPERVISED_RECIPES, build_loaders, check_recipe, embed_loader, make_view_fn
-
-    dist = dist or DistInfo(0, 1, 0, True, torch.device("cpu"))
+    dist = dist or single_process()
     if not recipes:
         raise ValueError("compare_view_recipes needs at least one recipe")
     for r in recipes:
         check_recipe(r)
     if len(split.val) == 0:
         raise ValueError("compare_view_recipes needs a validation split (val_fraction > 0)")
-    tasks = np.asarray(meta_df["task"])[split.val]
-    runs = np.asarray(meta_df["run_id"])[split.val]
     results: dict[str, Any] = {}
     for recipe in recipes:
-        loaders = build_loaders(graphs, meta_df, split, recipe, batch_size, make_view_fn(recipe, augmenter, canonical),
-                                seed, rank=dist.rank, world_size=dist.world_size, transform=transform)
         seed_everything(seed)
-        encoder = make_encoder()
-        fw = ContrastiveLearningFramework(
-            encoder, NTXentLoss(temperature, hard_negative_beta), dist.device, dist,
-            supervised_positives=recipe == "supcon", num_tasks=len(loaders.task_vocab), seed=seed, show_progress=False)
-        opt, _ = build_optimizer(fw.parameters(), learning_rate, weight_decay, "none", epochs)
-        vloader = embed_loader(graphs, split.val, max(1, batch_size // dist.world_size), dist.rank, dist.world_size, transform)
-        val_fn = make_retrieval_val_fn(vloader, tasks, runs, dist.device, k)
-        history, _ = fw.train(loaders.train, None, epochs, opt, val_fn=val_fn)
-        results[recipe] = {"val_metric": history["best_metric"], "initial_val_metric": history["initial_val_metric"],
+        fit = fit_contrastive(make_encoder(), graphs, meta_df, split, recipe, train, dist, seed=seed, epochs=epochs,
+                              view_fn=make_view_fn(recipe), transform=transform)
+        h = fit.history
+        results[recipe] = {"val_metric": h["best_metric"], "initial_val_metric": h["initial_val_metric"],
                            "kind": "self-supervised" if recipe in SELF_SUPERVISED_RECIPES else "weakly supervised",
-                           "anchors_without_partner": loaders.info["train_anchors_without_partner"],
-                           "history": history}
+                           "anchors_without_partner": fit.data["train_anchors_without_partner"], "history": h}
         if dist.is_master:
-            log.info("view recipe %-10s val P@%d %.4f (init %.4f)", recipe, k, history["best_metric"],
-                     history["initial_val_metric"])
+            log.info("view recipe %-10s val P@%d %.4f (init %.4f)", recipe, VAL_K, h["best_metric"],
+                     h["initial_val_metric"])
     chosen = max(results, key=lambda r: results[r]["val_metric"])
     ss = [r for r in results if results[r]["kind"] == "self-supervised"]
-    return {"metric": f"val_P@{k}", "epochs": epochs, "recipes": results, "chosen": chosen,
+    return {"metric": f"val_P@{VAL_K}", "epochs": epochs, "recipes": results, "chosen": chosen,
             "chosen_self_supervised": max(ss, key=lambda r: results[r]["val_metric"]) if ss else None}

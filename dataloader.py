@@ -83,18 +83,21 @@ def item_generators(seed: int, epoch: int, index: int) -> tuple[torch.Generator,
 
 # --------------------------------------------------------------------------- splits
 def select_heldout_tasks(meta_df: pd.DataFrame, fraction: float, seed: int) -> list[str]:
-    """Pick ``round(fraction * n_tasks)`` tasks (at least one if fraction > 0, never all) to hold out."""
-    _require_columns(meta_df, ["task"], "select_heldout_tasks")
+    """Hold out ``round(fraction * n)`` of the n tasks of every shape group (at least one, never
+    more than n - 2; groups with fewer than 3 tasks keep all theirs), so the unseen-task protocol
+    has queries in every shape group and the encoders still train on every group."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"heldout task fraction must be in [0, 1), got {fraction}")
-    tasks = sorted(meta_df["task"].unique())
-    n = int(round(fraction * len(tasks)))
-    if fraction > 0:
-        n = max(1, n)
-    if n >= len(tasks):
-        raise ValueError(f"holding out {n} of {len(tasks)} tasks leaves none to train on; lower the fraction")
+    _require_columns(meta_df, ["task", "shape_group"], "select_heldout_tasks")
     rng = np.random.default_rng(seed)
-    return sorted(rng.choice(tasks, size=n, replace=False).tolist()) if n else []
+    held: list[str] = []
+    for _, tasks in sorted(meta_df.groupby("shape_group")["task"].unique().items()):
+        tasks = sorted(tasks)
+        if len(tasks) < 3 or fraction == 0:
+            continue
+        n = min(len(tasks) - 2, max(1, int(round(fraction * len(tasks)))))
+        held += rng.choice(tasks, size=n, replace=False).tolist()
+    return sorted(held)
 
 
 @dataclass(frozen=True)

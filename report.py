@@ -7,11 +7,7 @@ the Markdown is formatted from the JSON, nothing is computed here.
 """
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import logging
-import os
 import platform
 import subprocess
 import sys
@@ -20,6 +16,8 @@ import traceback
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+import numpy as np
 
 log = logging.getLogger("weightzoo")
 
@@ -69,26 +67,6 @@ def setup_logging(log_path: Path | None, verbose: bool = True) -> None:
         root.addHandler(fh)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(o: Any) -> Any:
-    try:
-        import numpy as np
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except ImportError:  # numpy is a hard dependency; this keeps the helper importable alone
-        raise
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 class RunRecorder:
     """Holds results, times stages and persists results.json after each stage."""
 
@@ -98,11 +76,12 @@ class RunRecorder:
         self.write = write
         self.results.setdefault("stages", {})
         self.results.setdefault("timings", {})
-        self.artifacts: dict[str, Any] = {}  # live objects shared between stages (never saved)
 
     def save(self) -> None:
         if self.write:
-            write_json_atomic(self.run_dir / "results.json", self.results)
+            from runtime import atomic_write_json  # imports torch: kept out of module import, so --help is instant
+
+            atomic_write_json(self.run_dir / "results.json", self.results)
 
     def run(self, name: str, fn: Callable[..., Any], *args: Any, depends_on: tuple[str, ...] = (),
             **kwargs: Any) -> Any:

@@ -921,19 +921,6 @@ def _fsync(path: Path) -> None:
 
 
 # =========================================================================== distributed folder indexing
-def _dist_env() -> tuple[int, int, bool]:
-    """(rank, world_size, initialised_here): joins the torchrun process group when WORLD_SIZE > 1."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, False
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-        return dist.get_rank(), dist.get_world_size(), True
-    return dist.get_rank(), dist.get_world_size(), False
-
-
 def index_folder(folder: str | os.PathLike, embedder: EmbedFn, db: str | os.PathLike, index_type: str = "auto",
                  chunk_size: int = 256, **index_kwargs: Any) -> ModelIndex | None:
     """Index (or extend) the database ``db`` with the checkpoints of ``folder``; saves it.
@@ -946,7 +933,10 @@ def index_folder(folder: str | os.PathLike, embedder: EmbedFn, db: str | os.Path
     """
     import torch.distributed as dist
 
-    rank, world, own_group = _dist_env()
+    from runtime import cleanup_distributed, setup_distributed
+
+    env = setup_distributed("cpu")  # joins torchrun's process group (gloo) when RANK/WORLD_SIZE are set
+    rank, world = env.rank, env.world_size
     try:
         index = None
         skip: list = [[]]
@@ -985,8 +975,8 @@ def index_folder(folder: str | os.PathLike, embedder: EmbedFn, db: str | os.Path
         index.save(db)
         return index
     finally:
-        if own_group:
-            dist.destroy_process_group()
+        if env.owns_group:
+            cleanup_distributed()
 
 
 # =========================================================================== CLI

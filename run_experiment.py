@@ -2,11 +2,13 @@
 
     python run_experiment.py --seed 42 --epochs 50
     python run_experiment.py --small --epochs 1          # about a minute
+    python run_experiment.py --small --resume            # after a crash: each training from its own last.pt
     torchrun --standalone --nproc_per_node=2 run_experiment.py --small
 
 Every stage is recorded in results/<experiment>/results.json with its status and time;
 a stage that fails is reported as failed and the stages that need it as skipped.
-The stage functions live in stages.py; main() below is the whole pipeline.
+The stage functions live in stages.py; main() below is the whole pipeline: each stage's
+value is passed to the stages that use it, and ``depends_on`` names those producers.
 """
 from __future__ import annotations
 
@@ -43,27 +45,29 @@ def main(argv: list[str] | None = None) -> dict:
     split = rec.run("split", S.make_split, cfg, zoo, rec, depends_on=("zoo",))
     recipes = rec.run("recipe_comparison", S.compare_recipes, cfg, zoo, graphs, split, dist, rec,
                       depends_on=("graphs", "split"))
+    seeds = S.eval_seeds(cfg)
+    runs: dict[int, S.Methods] = {}  # seed -> every method that got that far
     per_seed: dict[str, list] = {}
-    for seed in S.eval_seeds(cfg):
-        emb = rec.run(f"train_embed_seed{seed}", S.train_and_embed, cfg, zoo, graphs, split, recipes, seed, dist, rec,
-                      depends_on=("graphs", "split"))
+    for seed in seeds:
+        trained = rec.run(f"train_embed_seed{seed}", S.train_and_embed, cfg, zoo, graphs, split, recipes, seed, dist,
+                          run_dir / "checkpoints", rec, depends_on=("graphs", "split", "recipe_comparison"))
         if not dist.is_master:
             continue
-        base = rec.run(f"baselines_seed{seed}", S.baseline_embeddings, cfg, zoo, split, seed, rec, depends_on=("split",))
-        embs = rec.artifacts.setdefault("embeddings_by_seed", {})[seed] = {**(emb or {}), **(base or {})}
-        if seed == S.eval_seeds(cfg)[0]:  # later protocols reuse these instead of re-embedding
-            rec.artifacts["embeddings"] = embs
-        for method, e in embs.items():
+        fitted = rec.run(f"baselines_seed{seed}", S.baseline_embeddings, cfg, zoo, split, seed, rec, depends_on=("split",))
+        runs[seed] = S.Methods.join(trained, fitted)
+        for method, emb in runs[seed].embeddings.items():
             per_seed.setdefault(method, []).append(
-                rec.run(f"evaluate[{method}]_seed{seed}", S.evaluate_method, cfg, zoo, split, e, seed))
+                rec.run(f"evaluate[{method}]_seed{seed}", S.evaluate_method, cfg, zoo, split, emb, seed))
     if dist.is_master:
+        # the protocols below reuse the first seed's encoders, baselines and embeddings
+        first, made_by = runs.get(seeds[0]), (f"train_embed_seed{seeds[0]}", f"baselines_seed{seeds[0]}")
         rec.run("aggregate", S.aggregate, per_seed, rec, depends_on=("split",))
-        rec.run("same_architecture", S.same_architecture, cfg, zoo, graphs, split, dist, rec,
-                depends_on=("graphs", "split"))
-        rec.run("symmetry_robustness", S.symmetry_robustness, cfg, zoo, split, rec, depends_on=("split",))
-        rec.run("merging", S.merging, cfg, zoo, rec, depends_on=("zoo",))
-        rec.run("transfer", S.transfer, cfg, zoo, split, rec, depends_on=("split",))
-        rec.run("embedding_map", S.embedding_map, cfg, zoo, split, rec, depends_on=("split",))
+        rec.run("same_architecture", S.same_architecture, cfg, zoo, graphs, split, recipes, runs, dist, rec,
+                depends_on=("graphs", "split", "recipe_comparison"))
+        rec.run("symmetry_robustness", S.symmetry_robustness, cfg, zoo, split, first, rec, depends_on=("split", *made_by))
+        rec.run("merging", S.merging, cfg, zoo, first, rec, depends_on=("zoo", made_by[0]))
+        rec.run("transfer", S.transfer, cfg, zoo, split, first, rec, depends_on=("split", *made_by))
+        rec.run("embedding_map", S.embedding_map, cfg, zoo, split, first, rec, depends_on=("split", *made_by))
         results["timings"]["total"] = round(time.perf_counter() - t0, 2)
         rec.run("report", S.write_report, run_dir, rec)
         log.info("results in %s (%.1f s)", run_dir, time.perf_counter() - t0)

@@ -1,15 +1,16 @@
 """The stages of run_experiment.py, one function each, with explicit arguments.
 
-Each stage returns its value and writes what it measured into ``rec.results`` (and the live
-objects later stages need, such as trained encoders and fitted baselines, into
-``rec.artifacts``). Stages are called through ``RunRecorder.run`` so a failure is recorded
-as failed, never filled in.
+Each stage returns a typed value (the small dataclasses below, a zoo, graphs, a split) that
+``main()`` passes on to the stages that need it, and writes what it measured into
+``rec.results``. Stages are called through ``RunRecorder.run`` so a failure is recorded as
+failed, never filled in, and the stages that depend on it as skipped.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,13 +22,12 @@ import dataloader as D
 import evaluation as E
 import merging as M
 from config import ExperimentConfig
-from contrastive_learning import (ContrastiveLearningFramework, DistInfo, NTXentLoss, build_optimizer, cleanup_distributed,
-                                  compare_view_recipes, embed, make_retrieval_val_fn, seed_everything,
-                                  setup_distributed)
+from contrastive_learning import Checkpointing, compare_view_recipes, embed, fit_contrastive
 from data_prep import ModelZooDataset
 from gnn_encoder import build_encoder, encoder_kwargs, save_encoder, tune_cpu_allocator
 from report import RunRecorder, StageFailed, render_figures, render_markdown
 from retrieval import Embedder
+from runtime import DistInfo, barrier, cleanup_distributed, seed_everything, set_threads, setup_distributed, single_process
 from symmetry import SymmetryAugmenter
 from tasks import inputs_for_spec, load_task_data, task_subset
 from weight_to_graph import WeightToGraph
@@ -38,12 +38,55 @@ GNN_MODELS = ("gnn", "nonequivariant_gnn", "weightnet")
 FLAT_MODELS = ("mlp", "pca_mlp")
 
 
+# ----------------------------------------------------------------------------- the values stages pass on
+@dataclass(frozen=True)
+class Encoder:
+    """A trainable encoder (trained or not) with what it takes to embed and to rebuild it."""
+
+    model: torch.nn.Module
+    transform: Callable | None  # graph -> encoder input (flat-weight encoders); None: the graph itself
+    args: dict  # {"name", "kwargs"}: encoder_from_args(args) rebuilds the module (weights aside)
+
+
+@dataclass(frozen=True)
+class Recipes:
+    """The view recipes the encoders train with (the comparison's choice, else the configured one)."""
+
+    to_train: tuple[str, ...]  # the best self-supervised recipe first (the main method), then supcon; () if none
+    self_supervised: str  # the self-supervised recipe (also the per-sub-zoo NFN's)
+
+
+@dataclass(frozen=True)
+class Methods:
+    """Every method of one seed: encoders, fitted baselines, and their embeddings of the whole zoo."""
+
+    encoders: dict[str, Encoder] = field(default_factory=dict)  # "<model> [untrained]" first, then each recipe
+    baselines: dict[str, B.Baseline] = field(default_factory=dict)
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (N, D)
+
+    @staticmethod
+    def join(*parts: "Methods | None") -> "Methods":
+        """One Methods from several stages' (a stage that did not finish, None, adds nothing)."""
+        out = Methods()
+        for p in parts:
+            if p is not None:
+                out.encoders.update(p.encoders)
+                out.baselines.update(p.baselines)
+                out.embeddings.update(p.embeddings)
+        return out
+
+    @property
+    def main(self) -> str | None:
+        """The trained encoder reported first (best self-supervised recipe), else the untrained one."""
+        trained = [m for m in self.encoders if not m.endswith("[untrained]")]
+        return (trained or list(self.encoders) or [None])[0]
+
+
 # ----------------------------------------------------------------------------- setup
 def setup(cfg: ExperimentConfig) -> DistInfo:
     seed_everything(cfg.seed)
     dist = setup_distributed(cfg.device)
-    # one process per core under torchrun; all cores for a single process
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
+    set_threads(dist.world_size)
     if dist.device.type == "cpu" and not tune_cpu_allocator():
         log.info("glibc mallopt unavailable: CPU allocator left untuned (training runs slower, results are the same)")
     return dist
@@ -59,11 +102,6 @@ def eval_seeds(cfg: ExperimentConfig) -> list[int]:
     return [cfg.seed + i for i in range(cfg.eval.eval_seeds)]
 
 
-def _barrier(dist: DistInfo) -> None:
-    if dist.is_distributed:
-        torch.distributed.barrier()
-
-
 # ----------------------------------------------------------------------------- data
 def make_zoo(cfg: ExperimentConfig, dist: DistInfo, rec: RunRecorder) -> ModelZooDataset:
     """Train the zoo (or reuse the one on disk made with the same arguments); rank 0 trains."""
@@ -75,7 +113,7 @@ def make_zoo(cfg: ExperimentConfig, dist: DistInfo, rec: RunRecorder) -> ModelZo
                   group_size=z.zoo_group_size, reuse=True)
     if dist.is_master:
         zoo = ModelZooDataset.create_synthetic_model_zoo(z.zoo_dir, workers=z.zoo_workers, progress=True, **kwargs)
-    _barrier(dist)
+    barrier(dist)
     if not dist.is_master:
         zoo = ModelZooDataset.load(z.zoo_dir)
     meta = zoo.metadata
@@ -99,31 +137,16 @@ def make_graphs(cfg: ExperimentConfig, zoo: ModelZooDataset, dist: DistInfo) -> 
     cache = cfg.graph.graph_cache_dir or str(Path(cfg.zoo.zoo_dir) / "graph_cache")
     if dist.is_master:
         graphs = conv.convert_model_to_graphs(zoo, cache_dir=cache)
-    _barrier(dist)
+    barrier(dist)
     if not dist.is_master:
         graphs = conv.convert_model_to_graphs(zoo, cache_dir=cache)
     return graphs
 
 
-def select_heldout_tasks(meta, fraction: float, seed: int) -> list[str]:
-    """Hold out ``fraction`` of the tasks of every shape group (at least one per group with >= 3
-    tasks), so the unseen-task protocol has queries in every shape group and the encoders
-    still train on every group."""
-    rng = np.random.default_rng(seed)
-    held: list[str] = []
-    for group, tasks in sorted(meta.groupby("shape_group")["task"].unique().items()):
-        tasks = sorted(tasks)
-        if len(tasks) < 3 or fraction <= 0:
-            continue
-        n = min(len(tasks) - 2, max(1, int(round(fraction * len(tasks)))))
-        held += rng.choice(tasks, size=n, replace=False).tolist()
-    return sorted(held)
-
-
 def make_split(cfg: ExperimentConfig, zoo: ModelZooDataset, rec: RunRecorder) -> D.Split:
     """Held-out tasks (never trained on) and a by-run train/val/test split of the rest."""
     meta = zoo.metadata
-    held = select_heldout_tasks(meta, cfg.eval.heldout_task_fraction, cfg.seed)
+    held = D.select_heldout_tasks(meta, cfg.eval.heldout_task_fraction, cfg.seed)
     split = D.split_by_run(meta, cfg.train.val_fraction, cfg.train.test_fraction, held, cfg.seed)
     rec.results["split"] = {"heldout_tasks": held, "n_train": len(split.train), "n_val": len(split.val),
                             "n_test": len(split.test), "n_heldout": len(split.heldout),
@@ -137,13 +160,14 @@ def _eval_indices(split: D.Split) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- encoders
-def _make_encoder(cfg: ExperimentConfig, zoo: ModelZooDataset, split: D.Split, conv: WeightToGraph) -> tuple[torch.nn.Module, Any]:
-    """The configured trainable encoder and the transform from a graph to its input."""
+def _make_encoder(cfg: ExperimentConfig, zoo: ModelZooDataset, split: D.Split, conv: WeightToGraph) -> Encoder:
+    """The configured trainable encoder, the transform from a graph to its input, and its build arguments."""
     e = cfg.encoder
     if e.model in GNN_MODELS:
         kw = encoder_kwargs(e.hidden_dim, e.global_dim, e.projection_dim, e.message_passing_steps, e.dropout,
                             e.model, e.attention_heads, e.canonical_order, e.io_slots)
-        return build_encoder(e.model, edge_dim=conv.edge_dim, **kw), None
+        model = build_encoder(e.model, edge_dim=conv.edge_dim, **kw)
+        return Encoder(model, None, {"name": e.model, "kwargs": dict(model.hparams)})
     length = B.max_flat_length(zoo)
     flat_weights = _flat_weights_fn(conv)
 
@@ -153,111 +177,90 @@ def _make_encoder(cfg: ExperimentConfig, zoo: ModelZooDataset, split: D.Split, c
         v[0, : len(flat)] = flat
         return v
 
-    kw = dict(global_dim=e.global_dim, projection_dim=e.projection_dim, hidden_dim=max(e.hidden_dim, 128))
+    kw = dict(input_dim=length, global_dim=e.global_dim, projection_dim=e.projection_dim, hidden_dim=max(e.hidden_dim, 128))
     if e.model == "mlp":
-        return B.build_trainable_baseline("mlp", input_dim=length, **kw), to_flat
-    pca = B.make_baseline("pca").fit(zoo.subset(split.train))
-    return B.PCAMLPEncoder.from_weight_pca(pca, input_dim=length, **kw), to_flat
+        return Encoder(B.build_trainable_baseline("mlp", **kw), to_flat, {"name": "mlp", "kwargs": kw})
+    model = B.PCAMLPEncoder.from_weight_pca(B.make_baseline("pca").fit(zoo.subset(split.train)), **kw)
+    return Encoder(model, to_flat, {"name": "pca_mlp", "kwargs": {**kw, "n_components": model.n_components}})
 
 
-def _training_variants(cfg: ExperimentConfig, recipes: dict | None) -> list[str]:
-    """Recipes to train: the best self-supervised one and the weakly supervised (supcon) one side
-    by side when the comparison ran, else the configured recipe."""
-    if cfg.skip_training:
-        return []
-    if recipes and recipes.get("chosen_self_supervised"):
-        out = [recipes["chosen_self_supervised"]]
-        if "supcon" in recipes.get("recipes", {}):
-            out.append("supcon")
-        return out
-    return [cfg.train.view_recipe]
+def encoder_from_args(args: dict) -> torch.nn.Module:
+    """Rebuild an encoder from its ``{"name", "kwargs"}`` (a checkpoint's ``model_args``); weights are not set."""
+    if args["name"] in GNN_MODELS:
+        return build_encoder(args["name"], **args["kwargs"])
+    if args["name"] in FLAT_MODELS:
+        return B.build_trainable_baseline(args["name"], **args["kwargs"])
+    raise ValueError(f"unknown encoder {args['name']!r}; known: {GNN_MODELS + FLAT_MODELS}")
 
 
-def compare_recipes(cfg: ExperimentConfig, zoo, graphs, split, dist: DistInfo, rec: RunRecorder) -> dict | None:
-    """Compare view recipes on validation (seen tasks only) with a short training each."""
+def compare_recipes(cfg: ExperimentConfig, zoo, graphs, split: D.Split, dist: DistInfo, rec: RunRecorder) -> Recipes:
+    """Compare view recipes on validation (seen tasks only) with a short training each; returns the
+    recipes to train: the best self-supervised one and the weakly supervised supcon side by side
+    when the comparison ran, else the configured recipe (none under --skip_training)."""
     t = cfg.train
     if cfg.skip_training or t.compare_epochs == 0 or len(t.compare_recipes) == 0:
         rec.results["recipe_comparison"] = {"ran": False, "chosen": t.view_recipe}
-        return None
+        return Recipes(() if cfg.skip_training else (t.view_recipe,), t.view_recipe)
     conv = WeightToGraph.from_config(cfg.graph)
     aug = SymmetryAugmenter.from_config(cfg.augment)
-    transform = _make_encoder(cfg, zoo, split, conv)[1]
-    out = compare_view_recipes(lambda: _make_encoder(cfg, zoo, split, conv)[0], graphs, zoo.metadata, split,
-                               t.compare_recipes, t.compare_epochs, t.batch_size, t.learning_rate, t.weight_decay,
-                               t.temperature, aug, canonical=cfg.graph.canonicalize, seed=cfg.seed, dist=dist,
-                               hard_negative_beta=t.hard_negative_beta, transform=transform)
+    transform = _make_encoder(cfg, zoo, split, conv).transform
+    out = compare_view_recipes(lambda: _make_encoder(cfg, zoo, split, conv).model, graphs, zoo.metadata, split,
+                               t.compare_recipes, t, t.compare_epochs,
+                               lambda r: D.make_view_fn(r, aug, cfg.graph.canonicalize), dist, cfg.seed, transform)
     rec.results["recipe_comparison"] = {"ran": True, "metric": out["metric"], "epochs": out["epochs"],
                                         "chosen": out["chosen"], "chosen_self_supervised": out["chosen_self_supervised"],
                                         "recipes": {r: {k: v for k, v in d.items() if k != "history"}
                                                     for r, d in out["recipes"].items()}}
-    return out
+    ss = out["chosen_self_supervised"]
+    if ss is None:
+        return Recipes((t.view_recipe,), t.view_recipe)
+    return Recipes((ss,) + (("supcon",) if "supcon" in out["recipes"] else ()), ss)
 
 
-def train_one(cfg: ExperimentConfig, zoo, graphs, split, recipe: str, seed: int, dist: DistInfo,
-              ckpt_dir: Path) -> tuple[torch.nn.Module, dict, Any]:
-    """Train the configured encoder with one view recipe; returns (best encoder, history, transform)."""
-    t = cfg.train
+def _training_settings(cfg: ExperimentConfig, zoo: ModelZooDataset) -> dict:
+    """What made an encoder's training data besides the split and the training settings (its checkpoint
+    records them; a --resume under other ones is refused)."""
+    return {"zoo_version": zoo.version, "canonicalize": cfg.graph.canonicalize, "max_kernel": cfg.graph.max_kernel,
+            "augment": dataclasses.asdict(cfg.augment)}
+
+
+def train_and_embed(cfg: ExperimentConfig, zoo, graphs, split: D.Split, recipes: Recipes, seed: int, dist: DistInfo,
+                    ckpt_dir: Path, rec: RunRecorder) -> Methods:
+    """Train the encoder with every recipe of ``recipes`` for this seed (each in its own checkpoint folder
+    ``ckpt_dir/<model>_<recipe>_seed<seed>/``, resumed from it with --resume) and embed the whole zoo with
+    each and with the untrained encoder."""
     conv = WeightToGraph.from_config(cfg.graph)
     aug = SymmetryAugmenter.from_config(cfg.augment)
-    seed_everything(seed)
-    encoder, transform = _make_encoder(cfg, zoo, split, conv)
-    loaders = D.build_loaders(graphs, zoo.metadata, split, recipe, t.batch_size,
-                              D.make_view_fn(recipe, aug, cfg.graph.canonicalize), seed, t.num_workers,
-                              dist.rank, dist.world_size, transform)
-    fw = ContrastiveLearningFramework(
-        encoder, NTXentLoss(t.temperature, t.hard_negative_beta), dist.device, dist,
-        supervised_positives=recipe == "supcon", weak_supervision=t.weak_supervision, weak_targets=t.weak_targets,
-        num_tasks=len(loaders.task_vocab), grad_clip=t.grad_clip, seed=seed, show_progress=True,
-        config={"experiment": cfg.to_dict(), "recipe": recipe, "seed": seed})
-    opt, sched = build_optimizer(fw.parameters(), t.learning_rate, t.weight_decay, t.lr_schedule, t.epochs)
-    meta = zoo.metadata
-    val_fn = None
-    if loaders.val_embed is not None:
-        val_fn = make_retrieval_val_fn(loaders.val_embed, meta["task"].to_numpy()[split.val],
-                                       meta["run_id"].to_numpy()[split.val], dist.device, 10)
-    resume = cfg.resume if cfg.resume and Path(cfg.resume).exists() else None
-    if cfg.resume and resume is None:
-        raise StageFailed(f"--resume {cfg.resume}: file not found")
-    if resume is None and (ckpt_dir / "last.pt").exists():
-        log.info("a checkpoint exists in %s but --resume was not given: starting fresh", ckpt_dir)
-    history, best = fw.train(loaders.train, loaders.val, t.epochs, opt, sched, checkpoint_dir=ckpt_dir,
-                             resume_from=resume, val_fn=val_fn)
-    return best, history, transform
-
-
-def train_and_embed(cfg: ExperimentConfig, zoo, graphs, split, recipes, seed: int, dist: DistInfo,
-                    rec: RunRecorder) -> dict[str, np.ndarray]:
-    """Train every variant for this seed and embed the whole zoo with each (plus the untrained encoder)."""
-    conv = WeightToGraph.from_config(cfg.graph)
     name = cfg.encoder.model
-    out: dict[str, np.ndarray] = {}
-    run_dir = Path(cfg.results_dir) / cfg.experiment_name
     seed_everything(seed)
-    untrained, transform = _make_encoder(cfg, zoo, split, conv)
-    loader = D.embed_loader(graphs, None, 256, dist.rank, dist.world_size, transform)
-    out[f"{name} [untrained]"] = embed(untrained.to(dist.device), loader, dist.device)
-    rec.artifacts.setdefault("encoders", {})
-    if seed == eval_seeds(cfg)[0]:
-        rec.artifacts["encoders"][f"{name} [untrained]"] = (untrained, transform)
-    for recipe in _training_variants(cfg, recipes):
-        method = f"{name} [{recipe}]"
-        best, history, transform = train_one(cfg, zoo, graphs, split, recipe, seed, dist,
-                                             run_dir / "checkpoints" / f"{name}_{recipe}_seed{seed}")
-        out[method] = embed(best.to(dist.device), loader, dist.device)
+    encoders = {f"{name} [untrained]": _make_encoder(cfg, zoo, split, conv)}
+    for recipe in recipes.to_train:
+        method, tag = f"{name} [{recipe}]", f"{name}_{recipe}_seed{seed}"
+        seed_everything(seed)  # every recipe starts from the untrained encoder's initialisation
+        enc = _make_encoder(cfg, zoo, split, conv)
+        ckpt = Checkpointing(ckpt_dir / tag, enc.args, _training_settings(cfg, zoo), cfg.resume)
         if dist.is_master:
-            rec.results.setdefault("training", {}).setdefault(method, {})[str(seed)] = history
-            if name in GNN_MODELS:
-                save_encoder(str(run_dir / "checkpoints" / f"{name}_{recipe}_seed{seed}.pt"), best)
-        if seed == eval_seeds(cfg)[0]:
-            rec.artifacts["encoders"][method] = (best, transform)
+            log.info("training %s, seed %d (checkpoints in %s)", method, seed, ckpt.directory)
+        fit = fit_contrastive(enc.model, graphs, zoo.metadata, split, recipe, cfg.train, dist, seed=seed,
+                              view_fn=D.make_view_fn(recipe, aug, cfg.graph.canonicalize), transform=enc.transform,
+                              checkpoint=ckpt, show_progress=True)
+        encoders[method] = Encoder(fit.encoder, enc.transform, enc.args)
+        if dist.is_master:
+            rec.results.setdefault("training", {}).setdefault(method, {})[str(seed)] = fit.history
+            if name in GNN_MODELS:  # the encoder file retrieval.py indexes with
+                save_encoder(str(ckpt_dir / f"{tag}.pt"), fit.encoder)
+    out = Methods(encoders=encoders)
+    for method, enc in encoders.items():
+        loader = D.embed_loader(graphs, None, 256, dist.rank, dist.world_size, enc.transform)
+        out.embeddings[method] = embed(enc.model.to(dist.device), loader, dist.device)
     return out
 
 
-def baseline_embeddings(cfg: ExperimentConfig, zoo, split, seed: int, rec: RunRecorder) -> dict[str, np.ndarray]:
+def baseline_embeddings(cfg: ExperimentConfig, zoo, split: D.Split, seed: int, rec: RunRecorder) -> Methods:
     """Fit every configured baseline on the fit rows and embed the whole zoo."""
     fit_idx, _ = _eval_indices(split)
     train_zoo = zoo.subset(fit_idx)
-    out = {}
+    out = Methods()
     skipped = rec.results.setdefault("skipped_methods", {})
     for name in cfg.eval.methods:
         if name == "nfn":  # one NFN per architecture cannot embed a mixed zoo into one space
@@ -270,9 +273,8 @@ def baseline_embeddings(cfg: ExperimentConfig, zoo, split, seed: int, rec: RunRe
             skipped[name] = f"skipped: {e.reason}"
             log.warning("baseline %s skipped: %s", name, e.reason)
             continue
-        out[name] = method.embed(zoo)
-        if seed == eval_seeds(cfg)[0]:
-            rec.artifacts.setdefault("baselines", {})[name] = method
+        out.baselines[name] = method
+        out.embeddings[name] = method.embed(zoo)
     return out
 
 
@@ -312,23 +314,16 @@ def _encoder_embed_fn(encoder: torch.nn.Module, transform: Any, conv: WeightToGr
     return fn
 
 
-def _embed_fns(cfg: ExperimentConfig, rec: RunRecorder, device) -> dict[str, Callable]:
+def _embed_fns(cfg: ExperimentConfig, methods: Methods, device) -> dict[str, Callable]:
     conv = WeightToGraph.from_config(cfg.graph)
-    fns = {m: _encoder_embed_fn(enc, tr, conv, device) for m, (enc, tr) in rec.artifacts.get("encoders", {}).items()}
-    for name, method in rec.artifacts.get("baselines", {}).items():
+    fns = {m: _encoder_embed_fn(enc.model, enc.transform, conv, device) for m, enc in methods.encoders.items()}
+    for name, method in methods.baselines.items():
         if not name.startswith("metadata"):  # metadata methods never read weights
             fns[name] = E.embed_fn_from_method(method)
     return fns
 
 
-def _main_method(rec: RunRecorder) -> str | None:
-    """The trained encoder reported first (best self-supervised recipe), else the untrained one."""
-    encs = list(rec.artifacts.get("encoders", {}))
-    trained = [m for m in encs if not m.endswith("[untrained]")]
-    return (trained or encs or [None])[0]
-
-
-def symmetry_robustness(cfg: ExperimentConfig, zoo, split, rec: RunRecorder) -> dict:
+def symmetry_robustness(cfg: ExperimentConfig, zoo, split: D.Split, methods: Methods, rec: RunRecorder) -> dict:
     """Within-shape-group retrieval with each query replaced by a permuted+rescaled+sign-flipped copy."""
     fit_idx, query_idx = _eval_indices(split)
     rng = np.random.default_rng(cfg.seed)
@@ -346,8 +341,8 @@ def symmetry_robustness(cfg: ExperimentConfig, zoo, split, rec: RunRecorder) -> 
         return {k: m[k] for k in ("P@1", "P@10", "mAP")}
 
     out = {}
-    stored = rec.artifacts.get("embeddings", {})
-    for method, fn in _embed_fns(cfg, rec, torch.device("cpu")).items():
+    stored = methods.embeddings
+    for method, fn in _embed_fns(cfg, methods, torch.device("cpu")).items():
         clean = stored[method][indices] if method in stored else None
         r = E.symmetry_robustness(fn, zoo, indices, metric_fn, seed=cfg.seed, transform_positions=q_pos,
                                   clean_embeddings=clean)
@@ -365,14 +360,14 @@ def _plain_rows(zoo) -> np.ndarray:
     return np.array([plain[a] for a in zoo.metadata["arch_id"]], dtype=bool)
 
 
-def merging(cfg: ExperimentConfig, zoo, rec: RunRecorder) -> dict:
+def merging(cfg: ExperimentConfig, zoo, methods: Methods, rec: RunRecorder) -> dict:
     """Naive vs weight-matched averaging of same-task, same-architecture pairs (final checkpoints)."""
     plain = _plain_rows(zoo)  # weight matching here does not handle residual/flatten/pooling families
     pairs = M.select_merge_pairs(zoo.metadata, cfg.eval.merge_pairs, seed=cfg.seed, eligible=plain)
     if not pairs:
         raise StageFailed("no pair of final checkpoints with the same task and (plain) architecture in the zoo")
-    main = _main_method(rec)
-    fn = _embed_fns(cfg, rec, torch.device("cpu")).get(main) if main else None
+    main = methods.main
+    fn = _embed_fns(cfg, methods, torch.device("cpu")).get(main) if main else None
     alphas = np.linspace(0, 1, cfg.eval.merge_alphas)
     out = []
     for i, j in pairs:
@@ -389,10 +384,10 @@ def merging(cfg: ExperimentConfig, zoo, rec: RunRecorder) -> dict:
     return out
 
 
-def transfer(cfg: ExperimentConfig, zoo, split, rec: RunRecorder) -> dict:
+def transfer(cfg: ExperimentConfig, zoo, split: D.Split, methods: Methods, rec: RunRecorder) -> dict:
     """For each unseen task: query with one of its models, fine-tune top-k retrieved vs k random."""
-    main = _main_method(rec)
-    stored = rec.artifacts.get("embeddings", {})
+    main = methods.main
+    stored = methods.embeddings
     if main is None or main not in stored:
         raise StageFailed("no encoder embeddings to retrieve with")
     meta = zoo.metadata
@@ -400,7 +395,7 @@ def transfer(cfg: ExperimentConfig, zoo, split, rec: RunRecorder) -> dict:
     final = meta["is_final"].to_numpy().astype(bool)
     cand_rows = fit_idx[final[fit_idx]]  # final checkpoints of seen-task training runs
     cand = [(zoo.spec(i), zoo.state_dict(i)) for i in cand_rows]
-    methods = [main] + (["input_profile"] if "input_profile" in stored else [])
+    retrievers = [main] + (["input_profile"] if "input_profile" in stored else [])
     out: dict[str, Any] = {"tasks": {}, "steps": cfg.eval.transfer_steps, "k": cfg.eval.transfer_k}
     rng = np.random.default_rng(cfg.seed)
     for task in split.heldout_tasks[: cfg.eval.transfer_tasks]:
@@ -411,8 +406,8 @@ def transfer(cfg: ExperimentConfig, zoo, split, rec: RunRecorder) -> dict:
         data = (inputs_for_spec(q_spec, X_tr), y_tr, inputs_for_spec(q_spec, X_te), y_te)
         target = cfg.eval.transfer_target_fraction * float(meta["test_acc"].iloc[q])
         per = {}
-        for mname in methods:
-            emb = rec.artifacts["embeddings"][mname]
+        for mname in retrievers:
+            emb = stored[mname]
             cand_emb, q_emb = emb[cand_rows], emb[q]
             per[mname] = M.transfer_protocol(q_emb, cand_emb, cand, data, k=cfg.eval.transfer_k,
                                              steps=cfg.eval.transfer_steps, target_acc=target, lr=cfg.eval.transfer_lr,
@@ -423,7 +418,7 @@ def transfer(cfg: ExperimentConfig, zoo, split, rec: RunRecorder) -> dict:
     return out
 
 
-def embedding_map(cfg: ExperimentConfig, zoo, split, rec: RunRecorder) -> dict:
+def embedding_map(cfg: ExperimentConfig, zoo, split: D.Split, methods: Methods, rec: RunRecorder) -> dict:
     """2-D UMAP coordinates of the query models for the main method and the input-profile reference."""
     import umap
 
@@ -431,9 +426,9 @@ def embedding_map(cfg: ExperimentConfig, zoo, split, rec: RunRecorder) -> dict:
     rng = np.random.default_rng(cfg.seed)
     rows = np.sort(rng.choice(query_idx, size=min(1500, len(query_idx)), replace=False))
     meta = zoo.metadata.iloc[rows]
-    stored = rec.artifacts.get("embeddings", {})
+    stored = methods.embeddings
     out = {}
-    for method in [m for m in (_main_method(rec), "input_profile") if m in stored]:
+    for method in [m for m in (methods.main, "input_profile") if m in stored]:
         emb = stored[method][rows]
         xy = umap.UMAP(n_neighbors=15, min_dist=0.1, metric="cosine", random_state=cfg.seed).fit_transform(emb)
         out[method] = {"xy": np.round(xy, 4).tolist(), "task": meta["task"].tolist(),
@@ -455,28 +450,23 @@ def _flat_weights_fn(conv: WeightToGraph) -> Callable:
 
 def train_nfn_subzoo(cfg: ExperimentConfig, zoo, graphs, rows: np.ndarray, fit_rows: np.ndarray, recipe: str,
                      seed: int, device: torch.device, heldout_tasks: tuple[str, ...] = ()) -> tuple[np.ndarray, dict]:
-    """Train one NFNEncoder on a same-architecture sub-zoo with the shared contrastive loop (same views,
-    loss and optimizer as the GNN; canonical-form weights), on ``fit_rows`` only, for ``cfg.eval.nfn_epochs``;
+    """Train one NFNEncoder on a same-architecture sub-zoo with :func:`fit_contrastive` (the GNN's views,
+    loss, optimizer and schedule; canonical-form weights), on ``fit_rows`` only, for ``cfg.eval.nfn_epochs``;
     the last epoch is kept (a sub-zoo has too few validation runs to select on). Returns (embeddings of
     ``rows`` (n, global_dim), history)."""
-    t, e = cfg.train, cfg.eval
-    conv = WeightToGraph.from_config(cfg.graph)
-    to_flat = _flat_weights_fn(conv)
+    e = cfg.eval
+    to_flat = _flat_weights_fn(WeightToGraph.from_config(cfg.graph))
     spec = zoo.spec(int(rows[0]))
     seed_everything(seed)
     enc = B.NFNEncoder(spec, e.nfn_hidden_channels, e.nfn_layers, cfg.encoder.global_dim, cfg.encoder.projection_dim)
     enc.set_input_scales(B.nfn_batch_from_flat(spec, torch.stack([to_flat(graphs[i]) for i in fit_rows])))
     empty = np.zeros(0, np.int64)
     sub = D.Split(np.asarray(fit_rows), empty, empty, empty, tuple(heldout_tasks))
-    aug = SymmetryAugmenter.from_config(cfg.augment)
-    loaders = D.build_loaders(graphs, zoo.metadata, sub, recipe, min(t.batch_size, len(fit_rows)),
-                              D.make_view_fn(recipe, aug, cfg.graph.canonicalize), seed, transform=to_flat)
-    fw = ContrastiveLearningFramework(enc, NTXentLoss(t.temperature, t.hard_negative_beta), device,
-                                      supervised_positives=recipe == "supcon", num_tasks=len(loaders.task_vocab),
-                                      grad_clip=t.grad_clip, seed=seed, show_progress=False)
-    opt, sched = build_optimizer(fw.parameters(), t.learning_rate, t.weight_decay, t.lr_schedule, e.nfn_epochs)
-    history, best = fw.train(loaders.train, None, e.nfn_epochs, opt, sched)
-    return embed(best, D.embed_loader(graphs, rows, 256, transform=to_flat), device), history
+    train = dataclasses.replace(cfg.train, batch_size=min(cfg.train.batch_size, len(fit_rows)))
+    view_fn = D.make_view_fn(recipe, SymmetryAugmenter.from_config(cfg.augment), cfg.graph.canonicalize)
+    fit = fit_contrastive(enc, graphs, zoo.metadata, sub, recipe, train, single_process(device), seed=seed,
+                          epochs=e.nfn_epochs, view_fn=view_fn, transform=to_flat)
+    return embed(fit.encoder, D.embed_loader(graphs, rows, 256, transform=to_flat), device), fit.history
 
 
 NFN_NOT_TRAINED = ("not run (nfn_epochs = 0, the default): one NFN per sub-zoo trained with the shared contrastive "
@@ -485,11 +475,13 @@ NFN_NOT_TRAINED = ("not run (nfn_epochs = 0, the default): one NFN per sub-zoo t
                    "--nfn_epochs N runs it. Training-free NFN only")
 
 
-def same_architecture(cfg: ExperimentConfig, zoo, graphs, split, dist: DistInfo, rec: RunRecorder) -> dict:
+def same_architecture(cfg: ExperimentConfig, zoo, graphs, split: D.Split, recipes: Recipes, runs: dict[int, Methods],
+                      dist: DistInfo, rec: RunRecorder) -> dict:
     """NFN (a fixed-architecture published peer) side by side with every method of the run, on the K largest
     same-architecture sub-zoos spanning several tasks (evaluation.same_architecture_retrieval), per eval seed.
     Runs on the master process only; the trained NFN needs a single-process run (its loop would wait for
-    the other ranks), so under torchrun only the training-free NFN is reported, and the note says so."""
+    the other ranks), so under torchrun only the training-free NFN is reported, and the note says so.
+    ``runs``: the methods of each eval seed that got that far (a missing seed is reported as missing)."""
     e = cfg.eval
     if e.same_arch_subzoos == 0:
         rec.results["same_architecture"] = {"ran": False, "reason": "same_arch_subzoos = 0"}
@@ -505,18 +497,17 @@ def same_architecture(cfg: ExperimentConfig, zoo, graphs, split, dist: DistInfo,
     archs = [s["arch_id"] for s in subzoos]
     rows = {a: E.subzoo_rows(meta, a) for a in archs}
     fit_rows = {a: r[np.isin(r, fit_idx)] for a, r in rows.items()}
-    recipe = (rec.results.get("recipe_comparison") or {}).get("chosen_self_supervised") or cfg.train.view_recipe
+    recipe = recipes.self_supervised
     trained_name = f"nfn [{recipe}]"
     train_nfn = e.nfn_epochs > 0 and not dist.is_distributed
-    by_seed = rec.artifacts.get("embeddings_by_seed", {})
     per_seed: dict[str, list] = {}
     seconds: dict[str, list] = {"run_methods": [], "nfn_random_init": [], "nfn_trained": []}
     missing: list[str] = []
     for seed in eval_seeds(cfg):
         t0 = time.perf_counter()
-        if seed not in by_seed:
+        if seed not in runs:
             missing.append(f"seed {seed}: no embeddings of the run's methods (their stages did not finish)")
-        for method, emb in by_seed.get(seed, {}).items():
+        for method, emb in (runs[seed].embeddings if seed in runs else {}).items():
             per_seed.setdefault(method, []).append(
                 E.same_architecture_retrieval(emb, meta, archs, fit_idx, query_idx, e.k_values))
         t1 = time.perf_counter()

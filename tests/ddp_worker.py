@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)  # identical float summation order in every run of the test
-    from contrastive_learning import cleanup_distributed, setup_distributed
+    from runtime import cleanup_distributed, setup_distributed
 
     dist = setup_distributed("cpu")
     try:
@@ -148,9 +148,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(args: argparse.Namespace, dist) -> None:
-    from contrastive_learning import (ContrastiveLearningFramework, NTXentLoss, embed, make_retrieval_val_fn,
-                                      seed_everything)
+    from contrastive_learning import ContrastiveLearningFramework, NTXentLoss, embed, make_retrieval_val_fn
     from dataloader import build_loaders, embed_loader, make_view_fn, split_by_run
+    from runtime import seed_everything
     from symmetry import SymmetryAugmenter
 
     out = Path(args.out)

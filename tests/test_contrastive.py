@@ -1,6 +1,7 @@
 """NT-Xent against hand-computed references, the training loop, resume after SIGKILL, recipes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -14,6 +15,8 @@ import torch
 
 import contrastive_learning as C
 import dataloader as D
+import runtime
+from config import TrainConfig
 import ddp_worker
 from ddp_worker import FlatMLP, StandInGNN, make_toy_zoo
 from symmetry import SymmetryAugmenter
@@ -102,11 +105,12 @@ def toy():
     return graphs, meta, split
 
 
-def _framework(loaders, recipe, weak=0.0, config=None, encoder=None, lr=5e-3):
+def _framework(loaders, recipe, weak=0.0, config=None, encoder=None, lr=5e-3, seed=0, model_args=None):
     torch.manual_seed(0)
     fw = C.ContrastiveLearningFramework(encoder or StandInGNN(), C.NTXentLoss(0.2), torch.device("cpu"),
                                         supervised_positives=recipe == "supcon", weak_supervision=weak,
-                                        num_tasks=len(loaders.task_vocab), seed=0, config=config, show_progress=False)
+                                        num_tasks=len(loaders.task_vocab), seed=seed, model_args=model_args,
+                                        config=config, show_progress=False)
     return fw, torch.optim.AdamW(fw.parameters(), lr=lr)
 
 
@@ -172,10 +176,15 @@ def test_bad_settings_fail_loudly(toy, tmp_path):
         other.train(loaders.train, None, 2, opt2, resume_from=tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         other.train(loaders.train, None, 2, opt2, resume_from=tmp_path / "nope.pt")
+    same = {"train": {"batch_size": 16}}
+    for kw, cause in (({"seed": 1}, "seed 0 != 1"), ({"model_args": {"name": "gnn", "kwargs": {}}}, "its encoder")):
+        fw2, opt4 = _framework(loaders, "checkpoint", weak=1.0, config=same, **kw)
+        with pytest.raises(ValueError, match=cause):
+            fw2.train(loaders.train, None, 2, opt4, resume_from=tmp_path)
     with pytest.raises(TypeError, match="project"):
         C.ContrastiveLearner(torch.nn.Linear(2, 2), C.NTXentLoss())
     with pytest.raises(ValueError, match="device"):
-        C.resolve_device("tpu")
+        runtime.resolve_device("tpu")
     with pytest.raises(ValueError, match="lr_schedule"):
         C.build_optimizer(fw.parameters(), 1e-3, 0.0, "step", 3)
     opt3, sched = C.build_optimizer(fw.parameters(), 1e-3, 0.0, "cosine", 3)
@@ -211,12 +220,69 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
                        torch.load(tmp_path / "straight" / "best.pt", weights_only=True)["out.0.weight"])
 
 
+def test_fit_contrastive_checkpoint_resumes_only_the_same_training(toy, tmp_path):
+    graphs, meta, split = toy
+    train, one = TrainConfig(batch_size=16, epochs=2), runtime.single_process()
+    ck = C.Checkpointing(tmp_path, {"name": "standin", "kwargs": {"hidden_dim": 16}}, {"data": "toy"}, resume=True)
+
+    def fit(**kw):
+        torch.manual_seed(0)
+        return C.fit_contrastive(StandInGNN(), graphs, meta, split, kw.pop("recipe", "checkpoint"), train, one,
+                                 seed=0, checkpoint=kw.pop("checkpoint", ck), **kw)
+
+    first = fit()
+    last = C.load_checkpoint(tmp_path)
+    assert set(C.CHECKPOINT_KEYS) <= set(last) and last["epoch"] == 2
+    assert last["model_args"] == ck.model_args and last["best_metric"] == first.history["best_metric"]
+    assert last["config"]["recipe"] == "checkpoint" and last["config"]["train"]["epochs"] == 2
+    written = (tmp_path / C.CHECKPOINT_NAME).stat().st_mtime_ns
+    again = fit()  # finished: loaded from last.pt, not trained again
+    assert (tmp_path / C.CHECKPOINT_NAME).stat().st_mtime_ns == written and again.history == first.history
+    for k, v in first.encoder.state_dict().items():
+        assert torch.equal(again.encoder.state_dict()[k], v)
+    with pytest.raises(ValueError, match="train.epochs"):
+        fit(epochs=3)  # the cosine schedule spans the epochs: another number is another training
+    with pytest.raises(ValueError, match="recipe"):
+        fit(recipe="supcon")
+    fit(checkpoint=dataclasses.replace(ck, resume=False), epochs=1)  # without resume: trained afresh
+    assert C.load_checkpoint(tmp_path)["epoch"] == 1
+
+
 # ----------------------------------------------------------------------------- recipes + real encoder
+def test_comparison_and_training_share_one_setup(toy, monkeypatch):
+    # compare_view_recipes trains through fit_contrastive: the run's schedule, clipping and workers apply
+    graphs, meta, split = toy
+    seen = {"clip": [], "workers": []}
+    clip, build = torch.nn.utils.clip_grad_norm_, C.build_loaders
+
+    def spy_clip(params, max_norm, *a, **kw):
+        seen["clip"].append(max_norm)
+        return clip(params, max_norm, *a, **kw)
+
+    def spy_build(*a, **kw):
+        seen["workers"].append(a[7])  # build_loaders(graphs, meta, split, recipe, batch, view_fn, seed, num_workers, ...)
+        return build(*a, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy_clip)
+    monkeypatch.setattr(C, "build_loaders", spy_build)
+    train = TrainConfig(batch_size=16, learning_rate=4e-3, lr_schedule="cosine", grad_clip=0.5, num_workers=0)
+    res = C.compare_view_recipes(StandInGNN, graphs, meta, split, ["checkpoint", "supcon"], train, epochs=2,
+                                 make_view_fn=lambda r: None, seed=0)
+    for r in ("checkpoint", "supcon"):
+        assert res["recipes"][r]["history"]["lr"] == pytest.approx([4e-3, 2e-3])  # cosine over the 2 epochs
+    assert seen["clip"] and set(seen["clip"]) == {0.5} and seen["workers"] == [0, 0]
+    seen["clip"].clear()
+    C.fit_contrastive(StandInGNN(), graphs, meta, split, "checkpoint", dataclasses.replace(train, grad_clip=0.0),
+                      runtime.single_process(), seed=0, epochs=1)
+    assert seen["clip"] == []  # 0 disables clipping
+
+
+
 def test_compare_view_recipes_reports_every_recipe(toy):
     graphs, meta, split = toy
-    res = C.compare_view_recipes(lambda: StandInGNN(), graphs, meta, split, ["noise", "checkpoint", "supcon"],
-                                 epochs=2, batch_size=16, learning_rate=5e-3, weight_decay=0.0, temperature=0.2,
-                                 augmenter=SymmetryAugmenter(), seed=0, k=3)
+    train = TrainConfig(batch_size=16, learning_rate=5e-3, weight_decay=0.0, temperature=0.2)
+    res = C.compare_view_recipes(lambda: StandInGNN(), graphs, meta, split, ["noise", "checkpoint", "supcon"], train,
+                                 epochs=2, make_view_fn=lambda r: D.make_view_fn(r, SymmetryAugmenter()), seed=0)
     assert set(res["recipes"]) == {"noise", "checkpoint", "supcon"}
     assert res["chosen"] == max(res["recipes"], key=lambda r: res["recipes"][r]["val_metric"])
     assert res["chosen_self_supervised"] in ("noise", "checkpoint")

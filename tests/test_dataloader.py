@@ -52,9 +52,27 @@ def test_split_errors(zoo):
         D.split_by_run(meta, 0.6, 0.5)
     with pytest.raises(ValueError, match="lacks column"):
         D.split_by_run(meta.drop(columns=["run_id"]), 0.2, 0.2)
-    with pytest.raises(ValueError, match="leaves none"):
-        D.select_heldout_tasks(meta, 0.99, 0)
-    assert len(D.select_heldout_tasks(meta, 0.25, 0)) == 1
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        D.select_heldout_tasks(meta, 1.0, 0)
+    with pytest.raises(ValueError, match="lacks column"):
+        D.select_heldout_tasks(meta, 0.25, 0)  # the toy zoo has no shape groups
+
+
+def test_heldout_tasks_are_drawn_per_shape_group(zoo):
+    _, meta = zoo
+    # two shape groups of 4 tasks and one of 2 (too few to hold any out)
+    groups = {"task0": "a", "task1": "a", "task2": "a", "task3": "a"}
+    meta = pd.concat([meta.assign(shape_group=meta["task"].map(groups)),
+                      meta.assign(task="b" + meta["task"], shape_group="b"),
+                      meta[meta["task"].isin(["task0", "task1"])].assign(task="c" + meta["task"], shape_group="c")])
+    held = D.select_heldout_tasks(meta, 0.25, 0)
+    by_group = meta.drop_duplicates("task").set_index("task")["shape_group"]
+    assert sorted(by_group[held]) == ["a", "b"]  # round(0.25 * 4) = 1 per group of 4; none of 2
+    assert held == D.select_heldout_tasks(meta, 0.25, 0)  # a value of (meta, fraction, seed) only
+    assert held != D.select_heldout_tasks(meta, 0.25, 1) or held != D.select_heldout_tasks(meta, 0.25, 2)
+    # never more than n - 2 per group: the encoders still train on every group
+    assert sorted(by_group[D.select_heldout_tasks(meta, 0.9, 0)]) == ["a", "a", "b", "b"]
+    assert D.select_heldout_tasks(meta, 0.0, 0) == []
 
 
 @pytest.mark.parametrize("recipe", D.VIEW_RECIPES)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ddp_worker
-from contrastive_learning import seed_everything
+from runtime import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"

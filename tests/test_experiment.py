@@ -3,15 +3,23 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import report
 
 ROOT = Path(__file__).resolve().parents[1]
+# smaller than --small: a 300-model zoo trained 5 epochs, 2 seeds of 3 encoder epochs, one baseline
+# (val_fraction 0.4 leaves >= 2 validation runs per task, so the validation P@10 has relevant items)
+TINY = ["--small", "--num_models", "300", "--zoo_epochs", "5", "--eval_seeds", "2", "--epochs", "3", "--val_fraction", "0.4",
+        "--methods", "pca", "--symmetry_queries", "20", "--merge_pairs", "1", "--merge_alphas", "3", "--transfer_steps", "10",
+        "--transfer_k", "2", "--same_arch_subzoos", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +60,11 @@ def test_small_run_writes_every_output(small_run):
     assert trained, f"no trained encoder in {list(res['methods'])}"
     figs = res["figures"]
     assert figs and all((small_run / p).is_file() for p in figs.values())
-    assert "stage zoo: done" in (small_run / "log.txt").read_text()
+    log = (small_run / "log.txt").read_text()
+    assert "stage zoo: done" in log
+    # output redirected to a file: no progress bar, one log line per training epoch
+    assert "it/s" not in log and "\r" not in log
+    assert len(re.findall(r"INFO epoch \d+/1 ", log)) == len(trained)
 
 
 def test_markdown_numbers_equal_json(small_run):
@@ -109,3 +121,62 @@ def test_fmt_and_table():
     assert report.fmt({"mean": 0.5, "std": 0.0, "values": [0.5]}) == "0.500"
     t = report.md_table({"m": {"a": 1.0}}, ["a", "b"])
     assert re.search(r"\| m \| 1.000 \| — \|", t)
+
+
+def _tiny_cli(out: Path, name: str, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "run_experiment.py"), *TINY, "--zoo_dir", str(out / "zoo"),
+            "--results_dir", str(out / "results"), "--experiment_name", name, *extra]
+
+
+def _without_timings(path: Path) -> str:
+    """results.json as canonical text, less what a wall clock or the invocation decides."""
+    res = json.loads(path.read_text())
+    for key in ("timings", "started", "experiment"):
+        res.pop(key)
+    for key in ("resume", "experiment_name"):
+        res["config"].pop(key)
+    for runs in res["training"].values():
+        for history in runs.values():
+            history.pop("epoch_time_s")
+    return json.dumps(res, sort_keys=True)
+
+
+def test_resume_after_sigkill_in_the_second_seed_equals_an_uninterrupted_run(tmp_path):
+    import contrastive_learning as C
+    import stages as S
+    from gnn_encoder import load_encoder
+
+    # killed first: it trains the zoo, so both compared runs read the same zoo and graph cache from disk
+    ckpts = tmp_path / "results" / "killed" / "checkpoints"
+    second, first = ckpts / "gnn_checkpoint_seed43" / "last.pt", ckpts / "gnn_checkpoint_seed42" / "last.pt"
+    proc = subprocess.Popen(_tiny_cli(tmp_path, "killed"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:  # kill as soon as the second seed's training has written its first checkpoint
+        while not second.exists() and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        stderr = proc.communicate()[1].decode()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the second seed's checkpoint:\n{stderr[-3000:]}"
+    killed_at = C.load_checkpoint(second)["epoch"]
+    assert 1 <= killed_at < 3, "the kill came after the second seed's training had finished"
+    first_written = first.stat().st_mtime_ns
+
+    for cmd in (_tiny_cli(tmp_path, "straight"), _tiny_cli(tmp_path, "killed", "--resume")):
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"{cmd[-2:]} failed:\n{r.stderr[-5000:]}"
+    assert first.stat().st_mtime_ns == first_written, "the finished first seed was trained again"
+    log = (tmp_path / "results" / "killed" / "log.txt").read_text()
+    assert f"finished training loaded from {first} at epoch 3 of 3" in log
+    assert f"resumed from {second} at epoch {killed_at} of 3" in log
+    runs = tmp_path / "results"
+    resumed, straight = _without_timings(runs / "killed" / "results.json"), _without_timings(runs / "straight" / "results.json")
+    assert json.loads(resumed)["stages"] == json.loads(straight)["stages"]
+    assert resumed == straight  # every number, bit for bit
+
+    # last.pt alone rebuilds the encoder: model_args + the best weights = the saved encoder file
+    ckpt = C.load_checkpoint(first)
+    encoder = S.encoder_from_args(ckpt["model_args"])
+    encoder.load_state_dict(C.encoder_state(ckpt["best_model"]))
+    saved = load_encoder(str(ckpts / "gnn_checkpoint_seed42.pt")).state_dict()
+    assert saved.keys() == encoder.state_dict().keys()
+    assert all(torch.equal(v, saved[k]) for k, v in encoder.state_dict().items())
