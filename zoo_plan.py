@@ -290,10 +290,20 @@ def group_pool(plan: GroupPlan) -> tuple[torch.Tensor, torch.Tensor, dict[str, t
     return torch.cat(Xs), torch.cat(Ys), rows
 
 
-def _train_group_worker(args: tuple) -> tuple[list[dict], dict[str, dict[str, torch.Tensor]]]:
+def _train_group_worker(args: tuple) -> tuple[list[dict], dict[str, dict[str, np.ndarray]]]:
+    """A group trained in a worker process. The weights go back as NumPy arrays, pickled by value: torch
+    tensors would travel as shared-memory file descriptors, one per tensor, and a zoo of a few thousand
+    models exhausts the parent's descriptor limit (``received 0 items of ancdata``)."""
     plan, epochs, ckpts = args
     with single_thread():
-        return train_group(plan, epochs, ckpts)
+        rows, weights = train_group(plan, epochs, ckpts)
+    return rows, {mid: {k: v.numpy() for k, v in sd.items()} for mid, sd in weights.items()}
+
+
+def _from_worker(result: tuple[list[dict], dict[str, dict[str, np.ndarray]]]
+                 ) -> tuple[list[dict], dict[str, dict[str, torch.Tensor]]]:
+    rows, weights = result
+    return rows, {mid: {k: torch.from_numpy(v) for k, v in sd.items()} for mid, sd in weights.items()}
 
 
 def train_groups(plans: Sequence[GroupPlan], epochs: int, ckpts: Sequence[int], workers: int
@@ -307,7 +317,9 @@ def train_groups(plans: Sequence[GroupPlan], epochs: int, ckpts: Sequence[int], 
     jobs = [(p, epochs, list(ckpts)) for p in plans]
     if workers <= 1 or len(plans) <= 1:
         for j in jobs:
-            yield _train_group_worker(j)
+            with single_thread():
+                result = train_group(*j)
+            yield result
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
@@ -323,7 +335,7 @@ def train_groups(plans: Sequence[GroupPlan], epochs: int, ckpts: Sequence[int], 
         futures = {i: ex.submit(_train_group_worker, jobs[i]) for i in order}
         try:
             for i in range(len(jobs)):  # results in plan order, whatever order they finish in
-                yield futures.pop(i).result()
+                yield _from_worker(futures.pop(i).result())
         except BaseException:  # a failed group (or the caller stopping): do not train the queued ones first
             ex.shutdown(wait=True, cancel_futures=True)
             raise
