@@ -5,7 +5,8 @@ text. Field names are unique across sections, so each one is a flat CLI flag
 (``--hidden_dim 64``) and a nested key in a config file (``encoder: {hidden_dim: 64}``).
 Unknown or mistyped keys are errors, never silent defaults.
 
-Precedence: dataclass defaults < ``--small`` preset < ``--config FILE`` < explicit CLI flags.
+Precedence: dataclass defaults < ``--small`` preset (and ``--experiment scaling``'s folder name) < ``--config FILE``
+< explicit CLI flags.
 """
 from __future__ import annotations
 
@@ -109,7 +110,8 @@ class TrainConfig:
                                "view recipes compared on validation (seen tasks) before training")
     compare_epochs: int = _f(1, "training epochs per recipe in the comparison (0 skips the comparison)")
     hard_negative_beta: float = _f(0.0, "hardness weighting of cross-family negatives (0 = plain NT-Xent)")
-    val_fraction: float = _f(0.15, "fraction of each seen task's training runs used for validation")
+    val_fraction: float = _f(0.34, "fraction of each seen task's training runs used for validation (the "
+                                   "validation P@10 needs >= 2 val runs per task: 2 of the zoo's 6)")
     test_fraction: float = _f(0.15, "fraction of each seen task's training runs held out for testing")
     grad_clip: float = _f(1.0, "max gradient norm (0 disables clipping)")
     lr_schedule: str = _f("cosine", "learning-rate schedule over epochs", choices=["cosine", "none"])
@@ -145,6 +147,10 @@ class EvalConfig:
     nfn_epochs: int = _f(0, "contrastive epochs of the per-sub-zoo NFN encoder (0 = training-free NFN only)")
     nfn_hidden_channels: int = _f(16, "channels of the NFN HNP layers")
     nfn_layers: int = _f(2, "NFN HNP layers")
+    scaling_tasks: list = _f([8, 32, 128, 0], "--experiment scaling: numbers of training tasks (0 = every seen task)")
+    scaling_recipes: list = _f(["supcon", "checkpoint"], "--experiment scaling: view recipes the encoder trains with")
+    scaling_equal_steps: bool = _f(True, "--experiment scaling: every number of tasks gets the optimizer steps of "
+                                         "the full training set (more epochs over fewer tasks)")
 
 
 @dataclass
@@ -152,6 +158,9 @@ class ExperimentConfig:
     """Everything one run of run_experiment.py needs."""
 
     seed: int = _f(42, "experiment seed (encoder init, splits, views)")
+    experiment: str = _f("main", "main: the whole pipeline; scaling: unseen-task retrieval against the number of "
+                                 "training tasks (scaling.py; results/scaling unless --experiment_name)",
+                         choices=["main", "scaling"])
     experiment_name: str = _f("default", "name of the results folder results/<experiment_name>")
     results_dir: str = _f("results", "parent directory of experiment folders")
     device: str = _f("auto", "auto|cpu|cuda", choices=["auto", "cpu", "cuda"])
@@ -318,6 +327,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ExperimentConfig:
             small = bool(file_overrides.get("small", False))
         if small:
             apply_overrides(cfg, SMALL_PRESET, "--small preset")
+        experiment = ns.get("experiment", file_overrides.get("experiment") if isinstance(file_overrides, dict) else None)
+        if experiment == "scaling":  # its own results folder unless named (a later --experiment_name wins)
+            apply_overrides(cfg, {"experiment_name": "small_scaling" if small else "scaling"}, "--experiment scaling")
         if file_overrides:
             apply_overrides(cfg, file_overrides, config_file)
         apply_overrides(cfg, _nest(ns), "command line")

@@ -124,6 +124,10 @@ def make_zoo(cfg: ExperimentConfig, dist: DistInfo, rec: RunRecorder) -> ModelZo
         "num_tasks": int(meta["task"].nunique()), "num_datasets": int(meta["dataset"].nunique()),
         "num_architectures": len(zoo.specs), "arch_families": sorted(meta["arch_family"].unique().tolist()),
         "tasks_per_shape_group": {str(k): int(v) for k, v in groups.items()},
+        "checkpoints_per_run": z.checkpoints_per_run, "zoo_epochs": z.zoo_epochs,
+        **{f"{what}_per_task": {"min": int(c.min()), "median": float(c.median()), "max": int(c.max())}
+           for what, c in (("runs", meta.groupby("task")["run_id"].nunique()), ("models", meta["task"].value_counts()),
+                           ("final_models", final["task"].value_counts().reindex(meta["task"].unique(), fill_value=0)))},
         "final_test_acc_by_task_family": {str(k): float(v) for k, v in final.groupby("task_family")["test_acc"].mean().items()},
         "final_test_acc_by_task": {str(k): float(v) for k, v in final.groupby("task")["test_acc"].mean().items()},
         "final_test_acc_by_arch_family": {str(k): float(v) for k, v in final.groupby("arch_family")["test_acc"].mean().items()},
