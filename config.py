@@ -148,7 +148,10 @@ class EvalConfig:
     nfn_hidden_channels: int = _f(16, "channels of the NFN HNP layers")
     nfn_layers: int = _f(2, "NFN HNP layers")
     scaling_tasks: list = _f([8, 32, 128, 0], "--experiment scaling: numbers of training tasks (0 = every seen task)")
-    scaling_recipes: list = _f(["supcon", "checkpoint"], "--experiment scaling: view recipes the encoder trains with")
+    scaling_recipes: list = _f(["supcon"], "--experiment scaling: view recipes the encoder trains with (supcon: the "
+                                           "one trained on task labels; add e.g. checkpoint for a self-supervised one)")
+    scaling_epochs: int = _f(2, "--experiment scaling: encoder epochs over the full training set (a smaller set "
+                                "trains for the same optimizer steps with --scaling_equal_steps)")
     scaling_equal_steps: bool = _f(True, "--experiment scaling: every number of tasks gets the optimizer steps of "
                                          "the full training set (more epochs over fewer tasks)")
 

@@ -90,14 +90,14 @@ def run_scaling(cfg: ExperimentConfig, zoo: ModelZooDataset, graphs: list, dist:
                                "steps": {}, "batch_size": {},
                                "flat": {m: unseen_retrieval(e, meta, split, ev.k_values) for m, e in flat.items()}
                                if dist.is_master else {}, "curves": {}}
-        full_steps = t.epochs * (len(split.train) // t.batch_size)  # the full training's optimizer steps
+        full_steps = ev.scaling_epochs * (len(split.train) // t.batch_size)  # the full training's optimizer steps
         for n in counts:
             sub = restrict_split(split, meta, order[:n])
             # a training set smaller than a batch trains in one batch (a multiple of the world size)
             tn = dataclasses.replace(t, batch_size=min(t.batch_size, len(sub.train) // dist.world_size * dist.world_size))
             steps_per_epoch = len(sub.train) // max(1, tn.batch_size)
-            epochs = max(t.epochs, math.ceil(full_steps / max(1, steps_per_epoch))) if ev.scaling_equal_steps \
-                else t.epochs
+            epochs = max(ev.scaling_epochs, math.ceil(full_steps / max(1, steps_per_epoch))) \
+                if ev.scaling_equal_steps else ev.scaling_epochs
             out["train_tasks"][str(n)], out["epochs"][str(n)] = order[:n], epochs
             out["steps"][str(n)], out["batch_size"][str(n)] = epochs * steps_per_epoch, tn.batch_size
             for recipe in ev.scaling_recipes:

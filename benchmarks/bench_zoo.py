@@ -70,7 +70,8 @@ def bench_batched(num_runs: int, epochs: int, workers: int, group_size: int, out
             "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "runs_per_min_wall": round(num_runs / wall * 60, 1),
             "runs_per_cpu_min": round(num_runs / cpu * 60, 1),
             "mean_final_test_acc": round(float(zoo.metadata["test_acc"].mean()), 4),
-            "mean_final_test_acc_by_family": acc}
+            "mean_final_test_acc_by_family": acc, "tasks": int(zoo.metadata["task"].nunique()),
+            "mean_train_examples_per_run": round(float(zoo.metadata["n_train"].mean()), 1)}
 
 
 def _plans(num_runs: int, group_size: int) -> list:
@@ -195,7 +196,8 @@ def main() -> None:
         print(f"batched: {b['runs']} digits MLPs x {epochs} epochs in {b['wall_s']} s wall "
               f"(best of {b['wall_s_all_repeats']}) "
               f"({b['runs_per_min_wall']}/min), {b['cpu_s']} CPU s -> {b['runs_per_cpu_min']}/CPU-min, "
-              f"~{b['runs_per_cpu_min'] * a.cores:.0f}/min on {a.cores} quiet cores; acc {b['mean_final_test_acc']}")
+              f"~{b['runs_per_cpu_min'] * a.cores:.0f}/min on {a.cores} quiet cores; acc {b['mean_final_test_acc']}; "
+              f"{b['tasks']} digits tasks, {b['mean_train_examples_per_run']} training examples per run")
         # the loop and the in-process batched training alternate --repeats times; each keeps its fastest
         # repeat (the one least disturbed by other load: on a shared machine the same loop varied 1.5x here)
         loops, inproc = [], []

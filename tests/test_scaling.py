@@ -43,8 +43,9 @@ def scaling_run(tmp_path_factory):
                                                      resnet_fraction=0.0, tasks=TASKS)
     cfg = config.config_from_dict({
         "encoder": {"hidden_dim": 16, "global_dim": 16, "projection_dim": 8, "message_passing_steps": 1},
-        "train": {"epochs": 1, "batch_size": 16, "val_fraction": 0.5, "test_fraction": 0.0},
-        "eval": {"eval_seeds": 2, "methods": ["input_profile"], "scaling_tasks": [2, 0], "scaling_recipes": ["supcon"]}})
+        "train": {"epochs": 3, "batch_size": 16, "val_fraction": 0.5, "test_fraction": 0.0},
+        "eval": {"eval_seeds": 2, "methods": ["input_profile"], "scaling_tasks": [2, 0], "scaling_recipes": ["supcon"],
+                 "scaling_epochs": 1}})
     graphs = WeightToGraph.from_config(cfg.graph).convert_model_to_graphs(zoo)
     rec = report.RunRecorder(d / "run", {"config": cfg.to_dict()}, write=False)
     out = SC.run_scaling(cfg, zoo, graphs, single_process("cpu"), rec)
