@@ -8,7 +8,8 @@ every size. The encoder the config names trains with each recipe of ``--scaling_
 runs of the first n seen tasks (``tasks.task_subset`` over the seen tasks, seeded: nested subsets spread
 over the shape groups) for every n of ``--scaling_tasks`` (0 = every seen task). With
 ``--scaling_equal_steps`` (the default) every n gets the optimizer steps of the full training set (more
-epochs over fewer tasks), so a small n is not also a short training. Every encoder is scored with the
+epochs over fewer tasks), so a small n is not also a short training; every training keeps its last epoch
+(no validation-based selection). Every encoder is scored with the
 main run's protocol (``evaluation.retrieval_protocols``, ``unseen_tasks``: queries are the held-out tasks'
 models, the database is the whole zoo, within shape group, the query's own run excluded). The
 training-free methods (the untrained encoder, the configured baselines, fit on the split's fit rows
@@ -49,10 +50,12 @@ def task_counts(sizes: Sequence[int], n_seen: int) -> list[int]:
 
 
 def restrict_split(split: D.Split, meta: Any, tasks: Sequence[str]) -> D.Split:
-    """``split`` with its training and validation runs restricted to ``tasks`` (test and held-out rows kept)."""
+    """``split`` with its training runs restricted to ``tasks`` and no validation runs (test and held-out rows
+    kept): the scaling trainings keep their last epoch. A validation pass per epoch would cost the small sets,
+    which train many short epochs, more than their training, and sets 30x apart would be selected on
+    validation data 30x apart."""
     keep = np.isin(np.asarray(meta["task"]), list(tasks))
-    return D.Split(split.train[keep[split.train]], split.val[keep[split.val]], split.test, split.heldout,
-                   split.heldout_tasks)
+    return D.Split(split.train[keep[split.train]], split.val[:0], split.test, split.heldout, split.heldout_tasks)
 
 
 def unseen_retrieval(embeddings: np.ndarray, meta: Any, split: D.Split, k_values: Sequence[int]) -> dict[str, float]:

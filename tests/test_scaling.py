@@ -31,7 +31,7 @@ def test_restrict_split_keeps_the_queries():
     meta = pd.DataFrame({"task": ["a", "a", "b", "b", "c", "c", "d", "d"], "run_id": [f"r{i // 2}{i}" for i in range(8)]})
     split = D.Split(np.array([0, 2, 4]), np.array([1, 3]), np.array([5]), np.array([6, 7]), ("d",))
     sub = SC.restrict_split(split, meta, ["a", "c"])
-    assert sub.train.tolist() == [0, 4] and sub.val.tolist() == [1]
+    assert sub.train.tolist() == [0, 4] and sub.val.tolist() == []  # the last epoch is kept
     assert sub.test.tolist() == [5] and sub.heldout.tolist() == [6, 7] and sub.heldout_tasks == ("d",)
 
 
