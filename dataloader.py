@@ -86,15 +86,17 @@ def item_generators(seed: int, epoch: int, index: int) -> tuple[torch.Generator,
 def task_kinds(task: str) -> tuple[str, ...]:
     """The kinds a registry task belongs to (the unseen_kinds protocol holds out every task of one kind).
 
-    The one place the split reads task kinds: each task of ``tasks.TASKS`` has one ``TaskSpec.kind``
-    today; a composed task of several kinds returns them all here.
+    The one place the split reads task kinds (``tasks.TaskSpec.kinds``): a composed task is in every kind
+    it uses.
     """
-    from tasks import TASKS
+    from tasks import get_task
 
-    if task not in TASKS:
-        raise KeyError(f"task {task!r} is not in the task registry (tasks.TASKS): its kind is unknown; "
-                       f"pass kinds_of to draw_split for other tasks, or unseen_kind='' to hold out no kind")
-    return (TASKS[task].kind,)
+    try:
+        return get_task(task).kinds
+    except (KeyError, ValueError) as e:
+        raise KeyError(f"task {task!r} is neither in the task registry nor a task name of its grammar ({e}): its "
+                       f"kind is unknown; pass kinds_of to draw_split for other tasks, or unseen_kind='' to hold out "
+                       f"no kind") from e
 
 
 def eligible_unseen_kinds(tasks: Sequence[str], kinds_of: Callable[[str], Sequence[str]],

@@ -284,6 +284,14 @@ def render_figures(results: Mapping, fig_dir: Path) -> dict[str, str]:
             curves[f"{kind} averaging"] = {"x": alphas, "y": accs.mean(0).tolist(), "std": accs.std(0).tolist()}
         figs["merging"] = viz.plot_curves(curves, fig_dir / "merging.png", "alpha (interpolation)",
                                           "test accuracy", f"Interpolation between two models (mean of {len(pairs)} pairs)")
+    sc = _get(results, "scaling", "summary")
+    if sc:
+        ns = sorted({n for v in sc.values() for n in v["n"]})
+        curves = {m: ({"x": ns[:1] + ns[-1:], "y": [v["P@10"]["mean"]] * 2, "dashed": True} if v["flat"] else
+                      {"x": v["n"], "y": v["P@10"]["mean"], "std": v["P@10"]["std"]}) for m, v in sc.items()}
+        figs["scaling"] = viz.plot_curves(curves, fig_dir / "scaling.png", "training tasks", "unseen-task P@10",
+                                          f"Unseen-task P@10 vs training tasks ({len(results['scaling']['per_seed'])} "
+                                          "seeds; dashed: training-free)", logx=True)
     tasks = _get(results, "transfer", "tasks")
     if tasks:
         curves = {}
@@ -298,6 +306,11 @@ def render_figures(results: Mapping, fig_dir: Path) -> dict[str, str]:
             figs["transfer"] = viz.plot_curves(curves, fig_dir / "transfer.png", "fine-tuning steps",
                                                "test accuracy (mean over k models)", "Fine-tuning retrieved vs random models")
     return figs
+
+
+def _span(c: Mapping) -> str:
+    """'6' or '5-6 (median 6)' from {"min", "median", "max"}."""
+    return str(c["min"]) if c["min"] == c["max"] else f"{c['min']}-{c['max']} (median {c['median']:g})"
 
 
 def _stage_lines(results: Mapping) -> list[str]:
@@ -332,7 +345,7 @@ def render_markdown(results: Mapping) -> str:
     L += choices_lines(r) + recipe_lines(r)
     if r.get("methods"):
         L += retrieval_lines(r) + clustering_and_property_lines(r)
-    L += same_architecture_lines(r) + extra_protocol_lines(r)
+    L += same_architecture_lines(r) + extra_protocol_lines(r) + scaling_lines(r)
     figs = r.get("figures", {})
     other = [k for k in figs if k.startswith(("umap_", "training_", "precision_at_k_"))]
     if other:
@@ -351,6 +364,11 @@ def zoo_lines(r: Mapping) -> list[str]:
          f"{z['num_datasets']} sources** ({', '.join(sources)}), {z['num_architectures']} architectures "
          f"({', '.join(z['arch_families'])}). Tasks per shape group: {z['tasks_per_shape_group']} (task lists in "
          f"results.json, `zoo.tasks_by_shape_group`).", ""]
+    if "runs_per_task" in z:
+        L += [f"Per task: {_span(z['runs_per_task'])} training runs, {_span(z['models_per_task'])} checkpoints, "
+              f"{_span(z['final_models_per_task'])} final checkpoints ({z['checkpoints_per_run']} checkpoints per run, "
+              f"{z['zoo_epochs']} epochs; a run that diverged keeps its checkpoints before it). A query reaches "
+              f"P@10 = 1 only if its task has >= 10 models of other runs.", ""]
     if "final_test_acc_by_task_family" in z:
         L += [md_table({k: {"mean final test acc": v} for k, v in z["final_test_acc_by_task_family"].items()},
                        first="task family"), ""]
@@ -515,6 +533,37 @@ def extra_protocol_lines(r: Mapping) -> list[str]:
               f"{tr['steps']} steps)", "", md_table(rows, first="test-unseen task (retrieval method)"), ""]
         if "transfer" in r.get("figures", {}):
             L += [f"![transfer]({r['figures']['transfer']})", ""]
+    return L
+
+
+SCALING_HEADING = "Scaling: unseen-task P@10 against the number of training tasks"
+
+
+def scaling_table(sc: Mapping) -> dict[str, dict]:
+    """{method: {"n = <tasks>": "mean ± std" of P@10}}; training-free methods have one value for every n."""
+    ns = sorted({n for v in sc["summary"].values() for n in v["n"]})
+    rows = {}
+    for m, v in sc["summary"].items():
+        p = v["P@10"]
+        rows[m] = {f"n = {n}": (f"{p['mean']:.3f} ± {p['std']:.3f}" if v["flat"] else
+                                f"{p['mean'][v['n'].index(n)]:.3f} ± {p['std'][v['n'].index(n)]:.3f}") for n in ns}
+    return rows
+
+
+def scaling_lines(r: Mapping) -> list[str]:
+    sc = r.get("scaling")
+    if not sc:
+        return []
+    seeds = list(sc["per_seed"].values())
+    epochs = seeds[0]["epochs"]
+    L = [f"## {SCALING_HEADING}", "", sc["note"], "",
+         f"Encoder `{sc['encoder']}`, recipes {', '.join(sc['recipes'])}; {len(seeds)} seeds (mean ± std); "
+         f"{seeds[0]['n_seen_tasks']} seen tasks per seed (n = {max(int(n) for n in epochs)} is all of them); "
+         "training epochs per n: " + ", ".join(f"{n}: {e}" for n, e in epochs.items())
+         + (" (the full training set's optimizer steps for every n)" if sc["equal_steps"] else "") + ".", "",
+         md_table(scaling_table(sc)), ""]
+    if "scaling" in r.get("figures", {}):
+        L += [f"![scaling]({r['figures']['scaling']})", ""]
     return L
 
 

@@ -30,7 +30,7 @@ from report import RunRecorder, StageFailed, render_figures, render_markdown
 from retrieval import Embedder
 from runtime import DistInfo, barrier, cleanup_distributed, seed_everything, set_threads, setup_distributed, single_process
 from symmetry import SymmetryAugmenter
-from tasks import inputs_for_spec, load_task_data
+from tasks import inputs_for_spec, load_task_data, task_subset
 from weight_to_graph import WeightToGraph
 
 log = logging.getLogger("weightzoo")
@@ -112,9 +112,10 @@ def eval_seeds(cfg: ExperimentConfig) -> list[int]:
 def make_zoo(cfg: ExperimentConfig, dist: DistInfo, rec: RunRecorder) -> ModelZooDataset:
     """Train the zoo (or reuse the one on disk made with the same arguments); rank 0 trains."""
     z = cfg.zoo
-    kwargs = dict(num_models=z.num_models, epochs=z.zoo_epochs, checkpoints_per_run=z.checkpoints_per_run,
-                  card_task_fraction=z.card_task_fraction, seed=z.zoo_seed, cnn_fraction=z.cnn_fraction,
-                  cnn_bn_fraction=z.cnn_bn_fraction, resnet_fraction=z.resnet_fraction,
+    kwargs = dict(num_models=z.num_models or None, runs_per_task=None if z.num_models else z.runs_per_task * z.zoo_scale,
+                  tasks=task_subset(z.zoo_tasks) if z.zoo_tasks else None, epochs=z.zoo_epochs,
+                  checkpoints_per_run=z.checkpoints_per_run, card_task_fraction=z.card_task_fraction, seed=z.zoo_seed,
+                  cnn_fraction=z.cnn_fraction, cnn_bn_fraction=z.cnn_bn_fraction, resnet_fraction=z.resnet_fraction,
                   group_size=z.zoo_group_size, reuse=True)
     if dist.is_master:
         zoo = ModelZooDataset.create_synthetic_model_zoo(z.zoo_dir, workers=z.zoo_workers, progress=True, **kwargs)
@@ -133,6 +134,10 @@ def make_zoo(cfg: ExperimentConfig, dist: DistInfo, rec: RunRecorder) -> ModelZo
         "tasks_by_shape_group": {str(k): sorted(v) for k, v in meta.groupby("shape_group")["task"].unique().items()},
         "models_per_shape_group": {str(k): int(v) for k, v in meta["shape_group"].value_counts().sort_index().items()},
         "card_task_fraction": B.card_task_fraction(meta),
+        "checkpoints_per_run": z.checkpoints_per_run, "zoo_epochs": z.zoo_epochs,
+        **{f"{what}_per_task": {"min": int(c.min()), "median": float(c.median()), "max": int(c.max())}
+           for what, c in (("runs", meta.groupby("task")["run_id"].nunique()), ("models", meta["task"].value_counts()),
+                           ("final_models", final["task"].value_counts().reindex(meta["task"].unique(), fill_value=0)))},
         "final_test_acc_by_task_family": {str(k): float(v) for k, v in final.groupby("task_family")["test_acc"].mean().items()},
         "final_test_acc_by_task": {str(k): float(v) for k, v in final.groupby("task")["test_acc"].mean().items()},
         "final_test_acc_by_arch_family": {str(k): float(v) for k, v in final.groupby("arch_family")["test_acc"].mean().items()},
@@ -152,16 +157,19 @@ def make_graphs(cfg: ExperimentConfig, zoo: ModelZooDataset, dist: DistInfo) -> 
     return graphs
 
 
+def draw_seed_split(cfg: ExperimentConfig, meta, seed: int) -> D.Split:
+    """Evaluation seed ``seed``'s split of the zoo (``dataloader.draw_split`` with the configured fractions)."""
+    ev, t = cfg.eval, cfg.train
+    return D.draw_split(meta, seed, val_fraction=t.val_fraction, test_fraction=t.test_fraction,
+                        test_unseen_fraction=ev.heldout_task_fraction, val_unseen_fraction=ev.val_unseen_task_fraction,
+                        unseen_kind=ev.unseen_kind, kind_max_fraction=ev.unseen_kind_max_fraction)
+
+
 def make_splits(cfg: ExperimentConfig, zoo: ModelZooDataset, rec: RunRecorder) -> dict[int, D.Split]:
     """One split per evaluation seed, the same for every method (``dataloader.draw_split``): a whole task
     kind held out, per shape group test-unseen and val-unseen tasks, and the seen tasks' runs split into
     train / val / test. Encoder training, model selection and evaluation of seed s all use split s."""
-    ev, t = cfg.eval, cfg.train
-    splits = {s: D.draw_split(zoo.metadata, s, val_fraction=t.val_fraction, test_fraction=t.test_fraction,
-                              test_unseen_fraction=ev.heldout_task_fraction,
-                              val_unseen_fraction=ev.val_unseen_task_fraction, unseen_kind=ev.unseen_kind,
-                              kind_max_fraction=ev.unseen_kind_max_fraction)
-              for s in eval_seeds(cfg)}
+    splits = {s: draw_seed_split(cfg, zoo.metadata, s) for s in eval_seeds(cfg)}
     rec.results["split"] = {
         "note": "redrawn per seed (the same for every method); runs of seen tasks split into train/val/test by run; "
                 "test-unseen and unseen-kind tasks are read by no choice (training, view recipe, best epoch)",
