@@ -80,13 +80,15 @@ def test_unseen_kind_settings():
     none = D.draw_split(meta, 0, **SPLIT_ARGS, unseen_kind="")
     assert none.kind == "" and len(none.unseen_kind) == 0 and none.test_unseen_tasks
     perm = D.draw_split(meta, 0, **SPLIT_ARGS, unseen_kind="label_permutation")
-    assert set(perm.unseen_kind_tasks) == {t for t, s in TASKS.items() if s.kind == "label_permutation"}
+    assert set(perm.unseen_kind_tasks) == {t for t, s in TASKS.items() if "label_permutation" in s.kinds}
     with pytest.raises(ValueError, match="no task of the zoo has that kind"):
         D.draw_split(meta, 0, **SPLIT_ARGS, unseen_kind="rotation_by_7_degrees")
-    # a kind holding more than max_fraction of the tasks is not drawn: input transforms are 1/3 of the registry
-    n_transform = sum(s.kind == "input_transform" for s in TASKS.values())
-    assert "input_transform" not in D.eligible_unseen_kinds(sorted(TASKS), D.task_kinds, (n_transform - 1) / len(TASKS))
-    with pytest.raises(KeyError, match="not in the task registry"):
+    # a kind holding more than max_fraction of the tasks is not drawn: the largest kind, just below its share
+    counts = {k: sum(k in s.kinds for s in TASKS.values()) for k in {k for s in TASKS.values() for k in s.kinds}}
+    big = max(counts, key=counts.get)
+    assert big in D.eligible_unseen_kinds(sorted(TASKS), D.task_kinds, counts[big] / len(TASKS))
+    assert big not in D.eligible_unseen_kinds(sorted(TASKS), D.task_kinds, (counts[big] - 1) / len(TASKS))
+    with pytest.raises(KeyError, match="neither in the task registry"):
         D.task_kinds("no_such_task")
     # a composed task of two kinds is held out with either kind
     kinds = {"a": ("rotation",), "b": ("rotation", "label_permutation"), "c": ("label_permutation",), "d": ("x",)}
@@ -235,12 +237,13 @@ def test_the_experiment_stages_hand_selection_only_the_selection_subset(toy_spli
 
 def test_readme_states_the_tasks_and_sources_the_default_zoo_trains():
     """The README's zoo sentence matches the default plan (and the --small one); a new default updates it."""
-    import math
     import re
     from pathlib import Path
 
     from config import SMALL_PRESET, ZooConfig
-    from zoo_plan import checkpoint_schedule, plan_zoo
+    from data_prep import DEFAULT_MIN_GROUPS
+    from tasks import get_task, task_subset
+    from zoo_plan import plan_zoo
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     said = re.search(r"the default zoo trains (\d+) tasks from (\d+) sources \(([^;)]*)[;)].*?`--small` (\d+) tasks "
@@ -248,11 +251,12 @@ def test_readme_states_the_tasks_and_sources_the_default_zoo_trains():
     assert said, "the README no longer says which tasks the default zoo trains"
 
     def trained(z: ZooConfig) -> tuple[int, int, list[str]]:
-        runs = math.ceil(z.num_models / len(checkpoint_schedule(z.zoo_epochs, z.checkpoints_per_run)))
-        plans = plan_zoo(runs, z.zoo_seed, z.zoo_group_size, z.cnn_fraction, z.card_task_fraction,
-                         cnn_bn_fraction=z.cnn_bn_fraction, resnet_fraction=z.resnet_fraction)
-        tasks = {r.task for p in plans for r in p.runs}
-        return len(tasks), len({TASKS[t].dataset for t in tasks}), sorted({TASKS[t].dataset for t in tasks})
+        tasks = task_subset(z.zoo_tasks) if z.zoo_tasks else list(TASKS)
+        plans = plan_zoo(z.runs_per_task * z.zoo_scale * len(tasks), z.zoo_seed, z.zoo_group_size, z.cnn_fraction,
+                         z.card_task_fraction, tasks, DEFAULT_MIN_GROUPS, z.cnn_bn_fraction, z.resnet_fraction)
+        trained_tasks = {r.task for p in plans for r in p.runs}
+        sources = sorted({get_task(t).dataset for t in trained_tasks})
+        return len(trained_tasks), len(sources), sources
 
     n, n_src, sources = trained(ZooConfig())
     assert (int(said[1]), int(said[2])) == (n, n_src)

@@ -29,10 +29,10 @@ def test_task_counts_read_zero_as_all_and_cap():
 
 def test_restrict_split_keeps_the_queries():
     meta = pd.DataFrame({"task": ["a", "a", "b", "b", "c", "c", "d", "d"], "run_id": [f"r{i // 2}{i}" for i in range(8)]})
-    split = D.Split(np.array([0, 2, 4]), np.array([1, 3]), np.array([5]), np.array([6, 7]), ("d",))
+    split = D.Split(np.array([0, 2, 4]), np.array([1, 3]), np.array([5]), np.array([6, 7]), test_unseen_tasks=("d",))
     sub = SC.restrict_split(split, meta, ["a", "c"])
     assert sub.train.tolist() == [0, 4] and sub.val.tolist() == []  # the last epoch is kept
-    assert sub.test.tolist() == [5] and sub.heldout.tolist() == [6, 7] and sub.heldout_tasks == ("d",)
+    assert sub.test.tolist() == [5] and sub.test_unseen.tolist() == [6, 7] and sub.heldout_tasks == ("d",)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,7 @@ def scaling_run(tmp_path_factory):
         "encoder": {"hidden_dim": 16, "global_dim": 16, "projection_dim": 8, "message_passing_steps": 1},
         "train": {"epochs": 3, "batch_size": 16, "val_fraction": 0.5, "test_fraction": 0.0},
         "eval": {"eval_seeds": 2, "methods": ["input_profile"], "scaling_tasks": [2, 0], "scaling_recipes": ["supcon"],
+                 "val_unseen_task_fraction": 0.0, "unseen_kind": "",
                  "scaling_epochs": 1}})
     graphs = WeightToGraph.from_config(cfg.graph).convert_model_to_graphs(zoo)
     rec = report.RunRecorder(d / "run", {"config": cfg.to_dict()}, write=False)
@@ -69,7 +70,7 @@ def test_scaling_run_holds_the_queries_and_grows_nested_training_sets(scaling_ru
         assert s["steps"]["2"] - s["steps"]["6"] < curve["2"]["train_models"] // s["batch_size"]["2"]  # one epoch
         for v in [*curve.values(), *s["flat"].values()]:
             assert 0 <= v["P@10"] <= 1 and 0 <= v["P@1"] <= 1
-        assert set(s["flat"]) == {"gnn [untrained]", "input_profile"}
+        assert set(s["flat"]) == {"gnn [untrained]", "input_profile", "constant", "shape_only", "random (chance)"}
     summary = out["summary"]
     assert summary["gnn [supcon]"]["n"] == [2, 6] and not summary["gnn [supcon]"]["flat"]
     p = [out["per_seed"][s]["curves"]["gnn [supcon]"]["6"]["P@10"] for s in ("42", "43")]
