@@ -21,8 +21,9 @@ Every beta's embeddings are evaluated by the same code as every method (retrieva
 property probes); each decoder is scored on the query models (test split + held-out tasks): R^2 of
 the weights and the accuracy of the rebuilt networks against the originals'. As in seed 004, every beta
 trains a fixed number of epochs and keeps the last (no model selection on validation retrieval, which
-would favour the contrastive betas); the validation runs are not trained on (they are fit rows of the
-probes, as for every method).
+would favour the contrastive betas). Training reads the seed's split as every training does
+(``dataloader.selection_subset``: its train runs only); the validation runs are fit rows of the probes, as
+for every method; test runs, test-unseen and unseen-kind models are the queries.
 """
 from __future__ import annotations
 
@@ -113,7 +114,9 @@ def train_hyperreps(cfg: ExperimentConfig, zoo: Any, graphs: list, split: D.Spli
     seed_everything(seed)
     encoders = {f"{name} [hyperreps untrained]": hyperreps_encoder(cfg, conv)}
     _, query_idx = _eval_indices(split)
-    last_epoch = dataclasses.replace(split, val=split.val[:0])  # no validation split: the last epoch is kept
+    sel_graphs, sel_meta, sel_split = D.selection_subset(graphs, zoo.metadata, split)  # all training may read
+    # no validation rows: the last epoch is kept (seed 004; validation retrieval would favour contrast)
+    last_epoch = dataclasses.replace(sel_split, val=sel_split.val[:0], val_unseen=sel_split.val_unseen[:0])
     quality = {}
     for beta in r.hyperreps_betas:
         method = hyperreps_method(name, beta)
@@ -123,7 +126,7 @@ def train_hyperreps(cfg: ExperimentConfig, zoo: Any, graphs: list, split: D.Spli
         ckpt = Checkpointing(ckpt_dir / f"{name}_hyperreps_beta{beta:g}_seed{seed}", enc.args, settings, cfg.resume)
         if dist.is_master:
             log.info("training %s, seed %d (checkpoints in %s)", method, seed, ckpt.directory)
-        fit = fit_contrastive(enc.model, graphs, zoo.metadata, last_epoch, HYPERREPS_RECIPE,
+        fit = fit_contrastive(enc.model, sel_graphs, sel_meta, last_epoch, HYPERREPS_RECIPE,
                               dataclasses.replace(cfg.train, recon_beta=float(beta)), dist, seed=seed,
                               epochs=r.hyperreps_epochs, view_fn=view_fn, checkpoint=ckpt, show_progress=True)
         encoders[method] = Encoder(fit.encoder, None, enc.args)
