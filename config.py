@@ -5,7 +5,8 @@ text. Field names are unique across sections, so each one is a flat CLI flag
 (``--hidden_dim 64``) and a nested key in a config file (``encoder: {hidden_dim: 64}``).
 Unknown or mistyped keys are errors, never silent defaults.
 
-Precedence: dataclass defaults < ``--small`` preset < ``--config FILE`` < explicit CLI flags.
+Precedence: dataclass defaults < ``--small`` preset (and ``--experiment scaling``'s folder name) < ``--config FILE``
+< explicit CLI flags.
 """
 from __future__ import annotations
 
@@ -32,10 +33,16 @@ class ZooConfig:
     """The trained model zoo (data_prep.py)."""
 
     zoo_dir: str = _f("zoo/default", "directory of the generated zoo (reused when it exists and matches)")
-    num_models: int = _f(3000, "approximate number of model checkpoints in the zoo")
-    zoo_epochs: int = _f(50, "training epochs of each zoo model")
-    checkpoints_per_run: int = _f(3, "checkpoints saved per training run (early to final epoch)")
-    card_task_fraction: float = _f(0.5, "fraction of model cards that name the task")
+    runs_per_task: int = _f(6, "training runs of every task (with 2 checkpoints per run, 6 runs give each model "
+                               "10 same-task models of other runs: P@10 can reach 1)")
+    zoo_scale: int = _f(1, "multiplies runs_per_task: 9 makes ~33k checkpoints (shard it: data_prep.py --shard)")
+    zoo_tasks: int = _f(0, "train the zoo on this many tasks spread over every shape group (0 = every task)")
+    num_models: int = _f(0, "instead of runs per task: about this many checkpoints, spread evenly over the tasks "
+                            "(0 = runs_per_task x zoo_scale runs of every task)")
+    zoo_epochs: int = _f(30, "training epochs of each zoo model")
+    checkpoints_per_run: int = _f(2, "checkpoints saved per training run (early and final epoch)")
+    card_task_fraction: float = _f(0.0, "fraction of model cards that name the task (> 0 makes the metadata "
+                                        "baselines partial label oracles, reported as such)")
     zoo_seed: int = _f(0, "seed of zoo generation (independent of the experiment seed)")
     cnn_fraction: float = _f(0.1, "fraction of zoo runs that are CNNs (on the 8x8 image tasks)")
     cnn_bn_fraction: float = _f(0.02, "fraction of zoo runs that are Conv-BN-ReLU-MaxPool CNNs with a flatten head "
@@ -104,7 +111,8 @@ class TrainConfig:
                                "view recipes compared on validation (seen tasks) before training")
     compare_epochs: int = _f(1, "training epochs per recipe in the comparison (0 skips the comparison)")
     hard_negative_beta: float = _f(0.0, "hardness weighting of cross-family negatives (0 = plain NT-Xent)")
-    val_fraction: float = _f(0.15, "fraction of each seen task's training runs used for validation")
+    val_fraction: float = _f(0.34, "fraction of each seen task's training runs used for validation (the "
+                                   "validation P@10 needs >= 2 val runs per task: 2 of the zoo's 6)")
     test_fraction: float = _f(0.15, "fraction of each seen task's training runs held out for testing")
     grad_clip: float = _f(1.0, "max gradient norm (0 disables clipping)")
     lr_schedule: str = _f("cosine", "learning-rate schedule over epochs", choices=["cosine", "none"])
@@ -116,9 +124,17 @@ class EvalConfig:
     """Evaluation protocols (evaluation.py, baselines.py)."""
 
     methods: list = _f(["pca", "statnn", "shape_only", "input_profile", "metadata_tfidf"],
-                       "baselines evaluated beside the trained encoder")
-    eval_seeds: int = _f(3, "repetitions (seeds) for every reported number")
-    heldout_task_fraction: float = _f(0.25, "fraction of tasks held out of encoder training (unseen tasks)")
+                       "baselines evaluated beside the trained encoder (shape_only, a constant and a random "
+                       "embedding are always evaluated: every table's references)")
+    eval_seeds: int = _f(3, "repetitions (seeds) for every reported number; each seed draws its own split")
+    heldout_task_fraction: float = _f(0.25, "fraction of each shape group's tasks held out as test-unseen tasks "
+                                            "(reported, never read by any choice); redrawn per seed")
+    val_unseen_task_fraction: float = _f(0.2, "fraction of each shape group's tasks held out as val-unseen tasks "
+                                              "(model selection on unseen tasks); redrawn per seed")
+    unseen_kind: str = _f("auto", "task kind held out of training whole (unseen_kinds protocol): auto = drawn per "
+                                  "seed among the eligible kinds, '' = none, else a kind name")
+    unseen_kind_max_fraction: float = _f(0.34, "auto draws among kinds with >= 2 tasks and at most this fraction of "
+                                               "the zoo's tasks")
     k_values: list = _f([1, 5, 10], "k for precision/recall/F1@k")
     property_targets: list = _f(["test_acc", "gen_gap", "epoch", "log_lr"],
                                 "metadata columns predicted by the probes (log_<col> = log10 of col)")
@@ -140,6 +156,13 @@ class EvalConfig:
     nfn_epochs: int = _f(0, "contrastive epochs of the per-sub-zoo NFN encoder (0 = training-free NFN only)")
     nfn_hidden_channels: int = _f(16, "channels of the NFN HNP layers")
     nfn_layers: int = _f(2, "NFN HNP layers")
+    scaling_tasks: list = _f([8, 32, 128, 0], "--experiment scaling: numbers of training tasks (0 = every seen task)")
+    scaling_recipes: list = _f(["supcon"], "--experiment scaling: view recipes the encoder trains with (supcon: the "
+                                           "one trained on task labels; add e.g. checkpoint for a self-supervised one)")
+    scaling_epochs: int = _f(2, "--experiment scaling: encoder epochs over the full training set (a smaller set "
+                                "trains for the same optimizer steps with --scaling_equal_steps)")
+    scaling_equal_steps: bool = _f(True, "--experiment scaling: every number of tasks gets the optimizer steps of "
+                                         "the full training set (more epochs over fewer tasks)")
 
 
 @dataclass
@@ -147,6 +170,9 @@ class ExperimentConfig:
     """Everything one run of run_experiment.py needs."""
 
     seed: int = _f(42, "experiment seed (encoder init, splits, views)")
+    experiment: str = _f("main", "main: the whole pipeline; scaling: unseen-task retrieval against the number of "
+                                 "training tasks (scaling.py; results/scaling unless --experiment_name)",
+                         choices=["main", "scaling"])
     experiment_name: str = _f("default", "name of the results folder results/<experiment_name>")
     results_dir: str = _f("results", "parent directory of experiment folders")
     device: str = _f("auto", "auto|cpu|cuda", choices=["auto", "cpu", "cuda"])
@@ -173,7 +199,7 @@ class ExperimentConfig:
 # Values applied by --small before the config file and explicit flags.
 SMALL_PRESET: dict[str, Any] = {
     "experiment_name": "small",  # a quick run never overwrites results/default (--experiment_name still wins)
-    "zoo": {"zoo_dir": "zoo/small", "num_models": 500, "zoo_epochs": 30},
+    "zoo": {"zoo_dir": "zoo/small", "zoo_tasks": 48},  # 3-4 tasks of each shape group, 6 runs each
     "encoder": {"hidden_dim": 32, "global_dim": 64, "message_passing_steps": 2},
     "train": {"epochs": 2, "batch_size": 64, "compare_epochs": 0},
     "eval": {"eval_seeds": 1, "transfer_tasks": 1, "transfer_steps": 60, "transfer_k": 3, "merge_pairs": 2,
@@ -313,6 +339,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ExperimentConfig:
             small = bool(file_overrides.get("small", False))
         if small:
             apply_overrides(cfg, SMALL_PRESET, "--small preset")
+        experiment = ns.get("experiment", file_overrides.get("experiment") if isinstance(file_overrides, dict) else None)
+        if experiment == "scaling":  # its own results folder unless named (a later --experiment_name wins)
+            apply_overrides(cfg, {"experiment_name": "small_scaling" if small else "scaling"}, "--experiment scaling")
         if file_overrides:
             apply_overrides(cfg, file_overrides, config_file)
         apply_overrides(cfg, _nest(ns), "command line")

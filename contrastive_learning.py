@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import TrainConfig
-from dataloader import SELF_SUPERVISED_RECIPES, Split, ViewFn, build_loaders, check_recipe
+from dataloader import SELF_SUPERVISED_RECIPES, Split, ValidationSet, ViewFn, build_loaders, check_recipe
 from runtime import (DistInfo, all_gather, atomic_torch_save, atomic_write_json, autocast_context, progress,
                      seed_everything, set_rng_state, rng_state, single_process, world)
 
@@ -58,7 +58,7 @@ log = logging.getLogger("weightzoo")
 WEAK_TARGETS = ("acc", "task", "acc+task")
 CHECKPOINT_NAME = "last.pt"
 HISTORY_NAME = "history.json"
-VAL_K = 10  # the validation metric: P@VAL_K of task retrieval among validation models (seen tasks)
+VAL_K = 10  # the validation metric: P@VAL_K of the validation protocol (evaluation.validation_retrieval)
 
 
 # =========================================================================== loss
@@ -295,23 +295,21 @@ def embed(model: nn.Module, loader: Iterable, device: torch.device) -> np.ndarra
     return out
 
 
-def make_retrieval_val_fn(loader: Iterable, task_labels: Sequence, run_ids: Sequence, device: torch.device,
-                          k: int = 10) -> Callable[[nn.Module], float]:
-    """val_fn for :meth:`ContrastiveLearningFramework.train`: P@k of task retrieval.
+def make_retrieval_val_fn(validation: ValidationSet, device: torch.device, k: int = VAL_K
+                          ) -> Callable[[nn.Module], float]:
+    """val_fn for :meth:`ContrastiveLearningFramework.train`: the validation protocol's selection metric
+    (``evaluation.validation_retrieval``: within shape group, the mean of the val-seen and val-unseen P@k).
 
-    Queries and database are the loader's models (the validation split: seen tasks only);
-    checkpoints of the query's own run are excluded from its database (they would be trivially
-    close). Collective under DDP: call it on every rank.
+    Embeds ``validation.rows`` (train, val and val-unseen models; nothing else). Collective under DDP:
+    call it on every rank.
     """
-    from evaluation import RetrievalEvaluator
-
-    labels, runs = np.asarray(task_labels), np.asarray(run_ids)
-    evaluator = RetrievalEvaluator(k_values=(k,))
+    from evaluation import validation_retrieval
 
     def val_fn(model: nn.Module) -> float:
-        emb = embed(model, loader, device)
-        assert len(emb) == len(labels), f"{len(emb)} embeddings for {len(labels)} labels"
-        return evaluator.evaluate_knn_retrieval(emb, labels, exclude_same=runs)[f"P@{k}"]
+        emb = embed(model, validation.loader, device)
+        assert len(emb) == len(validation.rows), f"{len(emb)} embeddings for {len(validation.rows)} validation rows"
+        return validation_retrieval(emb, validation.task, validation.shape_group, validation.run_id,
+                                    validation.seen_queries, validation.unseen_queries, k)[f"val_P@{k}"]
 
     val_fn.metric_name = f"val_P@{k}"  # type: ignore[attr-defined]
     return val_fn
@@ -630,9 +628,10 @@ class Fit:
 
 
 def split_digest(split: Split) -> str:
-    """A short hash of a split's train and val rows (a checkpoint records which data it trained on)."""
+    """A short hash of a split's train, val and val-unseen rows (a checkpoint records which data it trained
+    and selected on)."""
     h = hashlib.sha1()
-    for rows in (split.train, split.val):
+    for rows in (split.train, split.val, split.val_unseen):
         h.update(np.asarray(rows, dtype=np.int64).tobytes() + b"|")
     return h.hexdigest()[:16]
 
@@ -650,9 +649,10 @@ def fit_contrastive(encoder: nn.Module, graphs: Sequence[Any], meta_df: Any, spl
 
     From ``train``: batch size, AdamW (learning rate, weight decay) and its ``lr_schedule``,
     NT-Xent temperature and hard-negative beta, weak supervision, gradient clipping and
-    DataLoader workers; ``epochs`` overrides ``train.epochs``. Model selection: validation P@10
-    of task retrieval among ``split.val`` models (seen tasks only) when the split has any, else the
-    last epoch. ``view_fn`` (``dataloader.make_view_fn``) draws each view; ``transform`` turns a
+    DataLoader workers; ``epochs`` overrides ``train.epochs``. Model selection: the validation
+    protocol's P@10 (:func:`make_retrieval_val_fn`: val runs of seen tasks and val-unseen models searched
+    within their shape group among the train, val and val-unseen models) when the split has validation
+    rows, else the last epoch. Pass ``dataloader.selection_subset`` data: nothing else is read then. ``view_fn`` (``dataloader.make_view_fn``) draws each view; ``transform`` turns a
     graph into the encoder's input (flat-weight encoders). Collective under DDP (every rank
     calls it with the same arguments).
     """
@@ -675,10 +675,7 @@ def fit_contrastive(encoder: nn.Module, graphs: Sequence[Any], meta_df: Any, spl
         weak_targets=train.weak_targets, num_tasks=len(loaders.task_vocab), grad_clip=train.grad_clip, seed=seed,
         model_args=model_args, config=config, show_progress=show_progress)
     opt, sched = build_optimizer(fw.parameters(), train.learning_rate, train.weight_decay, train.lr_schedule, epochs)
-    val_fn = None
-    if loaders.val_embed is not None:
-        val_fn = make_retrieval_val_fn(loaders.val_embed, np.asarray(meta_df["task"])[split.val],
-                                       np.asarray(meta_df["run_id"])[split.val], dist.device, VAL_K)
+    val_fn = make_retrieval_val_fn(loaders.validation, dist.device, VAL_K) if loaders.validation else None
     history, best = fw.train(loaders.train, loaders.val, epochs, opt, sched, resume_from=resume_from, val_fn=val_fn,
                              checkpoint_dir=None if last is None else last.parent)
     return Fit(best, history, loaders.info)
@@ -692,8 +689,8 @@ def compare_view_recipes(make_encoder: Callable[[], nn.Module], graphs: Sequence
     """Train briefly with each view recipe (:func:`fit_contrastive`, ``epochs`` each); compare validation P@10.
 
     Each recipe starts from the same initialisation (``make_encoder()`` after seeding with
-    ``seed``); its score is the best validation P@10 of task retrieval (val split of ``split``:
-    runs of training tasks not trained on; held-out tasks never enter). ``make_view_fn(recipe)``
+    ``seed``); its score is the best validation P@10 (the validation protocol of :func:`fit_contrastive`:
+    val runs of seen tasks and val-unseen models; test runs, test-unseen and unseen-kind models never enter). ``make_view_fn(recipe)``
     gives the recipe's views. Returns ``{"metric", "epochs", "recipes": {name: {"val_metric",
     "initial_val_metric", "kind", "anchors_without_partner", "history"}}, "chosen",
     "chosen_self_supervised"}``: "chosen" is the best overall, "chosen_self_supervised" the best
@@ -704,8 +701,8 @@ def compare_view_recipes(make_encoder: Callable[[], nn.Module], graphs: Sequence
         raise ValueError("compare_view_recipes needs at least one recipe")
     for r in recipes:
         check_recipe(r)
-    if len(split.val) == 0:
-        raise ValueError("compare_view_recipes needs a validation split (val_fraction > 0)")
+    if len(split.val) == 0 and len(split.val_unseen) == 0:
+        raise ValueError("compare_view_recipes needs validation rows (val_fraction > 0 or val-unseen tasks)")
     results: dict[str, Any] = {}
     for recipe in recipes:
         seed_everything(seed)

@@ -5,12 +5,13 @@ tasks) with one metadata row per checkpoint. What is trained is planned in ``zoo
 (runs, groups, architecture families, model cards), trained by ``zoo_training`` (stacked
 batched training), on the tasks of ``tasks``.
 
-    zoo = ModelZooDataset.create_synthetic_model_zoo("zoo/small", num_models=500, epochs=30)
+    zoo = ModelZooDataset.create_synthetic_model_zoo("zoo/small", tasks=task_subset(48), epochs=30)
     zoo = ModelZooDataset.load("zoo/small")
     zoo, errors = ModelZooDataset.from_checkpoints("my_checkpoints/")
 
-    python data_prep.py generate --out zoo/small --num_models 500 --small
-    python data_prep.py generate --out zoo/part0 --num_models 100000 --shard 0/8   # on 8 machines
+    python data_prep.py generate --out zoo/small --small                         # 48 tasks x 6 runs x 2 checkpoints
+    python data_prep.py generate --out zoo/default --workers 2                   # every task: ~3,700 checkpoints
+    python data_prep.py generate --out zoo/part0 --zoo_scale 9 --shard 0/8       # ~33k checkpoints, on 8 machines
     python data_prep.py merge --out zoo/big zoo/part0 ... zoo/part7
     python data_prep.py info zoo/big
 
@@ -41,8 +42,8 @@ from safetensors.torch import save_file as st_save_file
 
 import architecture as A
 from checkpoint_import import CHECKPOINT_SUFFIXES, CheckpointError, read_checkpoint
-from tasks import TASKS, TaskSpec, load_task_data, registry_hash
-from zoo_plan import checkpoint_schedule, plan_zoo, train_groups
+from tasks import TASKS, TaskSpec, canonical_name, load_task_data, registry_hash, task_subset
+from zoo_plan import DEFAULT_RUNS_PER_TASK, checkpoint_schedule, plan_zoo, train_groups
 
 __all__ = ["ModelZooDataset", "ZooModel", "ZooError", "METADATA_COLUMNS", "read_manifest", "merge_zoos",
            "summarize", "main", "TASKS", "TaskSpec", "load_task_data"]
@@ -51,6 +52,10 @@ log = logging.getLogger("weightzoo.data_prep")
 
 ZOO_FORMAT = "weightzoo-zoo"
 ZOO_FORMAT_VERSION = 1
+DEFAULT_ZOO_EPOCHS = 30
+DEFAULT_CHECKPOINTS_PER_RUN = 2
+DEFAULT_MIN_GROUPS = 24
+SMALL_ZOO_TASKS = 48  # --small: 3 tasks of each of the 14 shape groups, 4 of the 6 largest
 
 # ============================================================================ the zoo
 
@@ -309,38 +314,51 @@ class ModelZooDataset:
     def create_synthetic_model_zoo(
         cls,
         out_dir: str | Path | None,
-        num_models: int = 3000,
-        epochs: int = 50,
-        checkpoints_per_run: int = 3,
+        num_models: int | None = None,
+        epochs: int = DEFAULT_ZOO_EPOCHS,
+        checkpoints_per_run: int = DEFAULT_CHECKPOINTS_PER_RUN,
         card_task_fraction: float = 0.5,
         seed: int = 0,
         group_size: int = 64,
         cnn_fraction: float = 0.1,
         tasks: Sequence[str] | None = None,
-        min_groups: int = 24,
+        min_groups: int = DEFAULT_MIN_GROUPS,
         shard: tuple[int, int] | None = None,
         cnn_bn_fraction: float = 0.02,
         resnet_fraction: float = 0.02,
         reuse: bool = True,
         workers: int = 1,
         progress: bool = False,
+        runs_per_task: int | None = None,
     ) -> "ModelZooDataset":
-        """Train a zoo of ~``num_models`` checkpoints (really trained on real data) and save it.
+        """Train a zoo (really trained on real data) and save it.
 
-        ("synthetic" = generated here.) Runs = ceil(num_models / checkpoints per run); every run
-        records its checkpoints (early to final epoch). With ``reuse``, a zoo already in
+        ("synthetic" = generated here.) Every task (all of ``TASKS`` unless ``tasks`` names some) gets
+        ``runs_per_task`` training runs (default ``DEFAULT_RUNS_PER_TASK``), or, with ``num_models``, about
+        ``num_models`` checkpoints in ceil(num_models / checkpoints per run) runs spread evenly over the tasks.
+        Every run records its checkpoints (early to final epoch). With ``reuse``, a zoo already in
         ``out_dir`` made with the same generation args is loaded instead. ``shard=(i, n)``
         trains only the groups g with g % n == i (merge the n parts with ``merge_zoos``).
         ``out_dir=None`` keeps the zoo in memory. ``workers`` > 1 trains groups in that many
         single-threaded worker processes (one per core); the result does not depend on it.
         """
         ckpts = checkpoint_schedule(epochs, checkpoints_per_run)
-        tasks = sorted(tasks) if tasks is not None else None
-        gen_args = dict(num_models=int(num_models), epochs=int(epochs), checkpoints_per_run=int(checkpoints_per_run),
+        task_names = sorted(canonical_name(t) for t in (tasks if tasks is not None else TASKS))
+        if num_models is not None and runs_per_task is not None:
+            raise ValueError("give num_models or runs_per_task, not both")
+        if num_models is None:
+            runs_per_task = DEFAULT_RUNS_PER_TASK if runs_per_task is None else runs_per_task
+            if runs_per_task < 1:
+                raise ValueError(f"runs_per_task must be >= 1, got {runs_per_task}")
+            num_runs = runs_per_task * len(task_names)
+        else:
+            num_runs = math.ceil(num_models / len(ckpts))
+        gen_args = dict(num_runs=int(num_runs), epochs=int(epochs), checkpoints_per_run=int(checkpoints_per_run),
                         card_task_fraction=float(card_task_fraction), seed=int(seed), group_size=int(group_size),
-                        cnn_fraction=float(cnn_fraction), tasks=tasks, min_groups=int(min_groups),
-                        cnn_bn_fraction=float(cnn_bn_fraction), resnet_fraction=float(resnet_fraction),
-                        task_registry=registry_hash(), format_version=ZOO_FORMAT_VERSION)
+                        cnn_fraction=float(cnn_fraction), tasks=task_names if tasks is not None else None,
+                        min_groups=int(min_groups), cnn_bn_fraction=float(cnn_bn_fraction),
+                        resnet_fraction=float(resnet_fraction), task_registry=registry_hash(task_names),
+                        format_version=ZOO_FORMAT_VERSION)
         shard_str = f"{shard[0]}/{shard[1]}" if shard is not None else None
         if out_dir is not None and reuse and (Path(out_dir) / "zoo.json").exists():
             manifest = read_manifest(Path(out_dir))
@@ -348,8 +366,7 @@ class ModelZooDataset:
                 log.info("reusing zoo in %s (same generation args)", out_dir)
                 return cls.load(out_dir)
             log.warning("zoo in %s was made with other args; regenerating it", out_dir)
-        num_runs = math.ceil(num_models / len(ckpts))
-        plans = plan_zoo(num_runs, seed, group_size, cnn_fraction, card_task_fraction, tasks, min_groups,
+        plans = plan_zoo(num_runs, seed, group_size, cnn_fraction, card_task_fraction, task_names, min_groups,
                          cnn_bn_fraction, resnet_fraction)
         if shard is not None:
             i, n = shard
@@ -493,10 +510,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="train a zoo (or one shard of it)")
     g.add_argument("--out", required=True, help="zoo directory")
-    g.add_argument("--num_models", type=int, default=None, help="approximate number of checkpoints")
-    g.add_argument("--small", action="store_true", help="small zoo preset (500 models, 30 epochs)")
-    g.add_argument("--epochs", type=int, default=None, help="training epochs per run")
-    g.add_argument("--checkpoints_per_run", type=int, default=3, help="checkpoints per run")
+    g.add_argument("--runs_per_task", type=int, default=DEFAULT_RUNS_PER_TASK, help="training runs of every task")
+    g.add_argument("--zoo_scale", type=int, default=1,
+                   help="multiplies the runs per task (9: ~33k checkpoints of all tasks; shard it with --shard)")
+    g.add_argument("--num_models", type=int, default=None,
+                   help="instead of runs per task: about this many checkpoints, spread evenly over the tasks")
+    g.add_argument("--num_tasks", type=int, default=None, help="only this many tasks, spread over every shape group")
+    g.add_argument("--small", action="store_true", help=f"small zoo preset ({SMALL_ZOO_TASKS} tasks)")
+    g.add_argument("--epochs", type=int, default=DEFAULT_ZOO_EPOCHS, help="training epochs per run")
+    g.add_argument("--checkpoints_per_run", type=int, default=DEFAULT_CHECKPOINTS_PER_RUN, help="checkpoints per run")
     g.add_argument("--card_task_fraction", type=float, default=0.5, help="fraction of model cards naming the task")
     g.add_argument("--seed", type=int, default=0, help="zoo seed")
     g.add_argument("--cnn_fraction", type=float, default=0.1, help="fraction of runs that are CNNs (8x8 image tasks)")
@@ -507,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     g.add_argument("--shard", default=None, help="i/n: train only shard i of n (default: RANK/WORLD_SIZE if set)")
     g.add_argument("--tasks", default=None, help="comma-separated task names (default: all of TASKS)")
     g.add_argument("--group_size", type=int, default=64, help="runs trained together as one stacked batch")
-    g.add_argument("--min_groups", type=int, default=24, help="shrink groups (>= 8 runs) to get this many")
+    g.add_argument("--min_groups", type=int, default=DEFAULT_MIN_GROUPS, help="shrink groups (>= 8 runs) to get this many")
     g.add_argument("--workers", type=int, default=1, help="worker processes training groups in parallel")
     g.add_argument("--no_reuse", action="store_true", help="regenerate even if a matching zoo exists")
     mg = sub.add_parser("merge", help="merge shard zoos into one")
@@ -518,15 +540,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if a.cmd == "generate":
-        num = a.num_models if a.num_models is not None else (500 if a.small else 3000)
-        epochs = a.epochs if a.epochs is not None else (30 if a.small else 50)
+        if a.tasks and (a.num_tasks or a.small):
+            p.error("--tasks names the tasks; --num_tasks and --small choose them: give one")
+        n_tasks = a.num_tasks or (SMALL_ZOO_TASKS if a.small else None)
+        tasks = a.tasks.split(",") if a.tasks else (task_subset(n_tasks) if n_tasks else None)
         t = time.time()
         zoo = ModelZooDataset.create_synthetic_model_zoo(
-            a.out, num, epochs, a.checkpoints_per_run, a.card_task_fraction, a.seed, group_size=a.group_size,
-            min_groups=a.min_groups,
-            cnn_fraction=a.cnn_fraction, tasks=a.tasks.split(",") if a.tasks else None,
+            a.out, a.num_models, a.epochs, a.checkpoints_per_run, a.card_task_fraction, a.seed, group_size=a.group_size,
+            min_groups=a.min_groups, cnn_fraction=a.cnn_fraction, tasks=tasks,
             cnn_bn_fraction=a.cnn_bn_fraction, resnet_fraction=a.resnet_fraction,
-            shard=_parse_shard(a.shard), reuse=not a.no_reuse, workers=a.workers, progress=True)
+            shard=_parse_shard(a.shard), reuse=not a.no_reuse, workers=a.workers, progress=True,
+            runs_per_task=None if a.num_models is not None else a.runs_per_task * a.zoo_scale)
         print(summarize(zoo))
         print(f"done in {time.time() - t:.1f} s -> {a.out}")
     elif a.cmd == "merge":

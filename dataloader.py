@@ -2,9 +2,10 @@
 
 The contrastive loop consumes ``(view1, view2, meta)`` batches. This module builds them:
 
-* :func:`split_by_run` splits the zoo by *training run* (several checkpoints of one run never
-  straddle two splits) and removes held-out tasks entirely from train/val/test (they are kept
-  for zero-shot evaluation only).
+* :func:`draw_split` draws one evaluation seed's split: a whole task kind held out (unseen_kinds),
+  per shape group test-unseen tasks (reported, never read by any choice) and val-unseen tasks (model
+  selection), and :func:`split_by_run` splits the seen tasks by *training run* (several checkpoints of
+  one run never straddle two splits). :func:`selection_subset` is all training and selection may read.
 * :class:`PositivePairs` picks, for every anchor model, the model its second view comes from,
   according to the *view recipe* (:data:`VIEW_RECIPES`):
 
@@ -82,47 +83,126 @@ def item_generators(seed: int, epoch: int, index: int) -> tuple[torch.Generator,
 
 
 # --------------------------------------------------------------------------- splits
-def select_heldout_tasks(meta_df: pd.DataFrame, fraction: float, seed: int) -> list[str]:
-    """Hold out ``round(fraction * n)`` of the n tasks of every shape group (at least one, never
-    more than n - 2; groups with fewer than 3 tasks keep all theirs), so the unseen-task protocol
-    has queries in every shape group and the encoders still train on every group."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"heldout task fraction must be in [0, 1), got {fraction}")
-    _require_columns(meta_df, ["task", "shape_group"], "select_heldout_tasks")
+def task_kinds(task: str) -> tuple[str, ...]:
+    """The kinds a registry task belongs to (the unseen_kinds protocol holds out every task of one kind).
+
+    The one place the split reads task kinds (``tasks.TaskSpec.kinds``): a composed task is in every kind
+    it uses.
+    """
+    from tasks import get_task
+
+    try:
+        return get_task(task).kinds
+    except (KeyError, ValueError) as e:
+        raise KeyError(f"task {task!r} is neither in the task registry nor a task name of its grammar ({e}): its "
+                       f"kind is unknown; pass kinds_of to draw_split for other tasks, or unseen_kind='' to hold out "
+                       f"no kind") from e
+
+
+def eligible_unseen_kinds(tasks: Sequence[str], kinds_of: Callable[[str], Sequence[str]],
+                          max_fraction: float) -> list[str]:
+    """Kinds that can be held out whole: at least 2 of ``tasks`` and at most ``max_fraction`` of them
+    (holding out a larger kind would take most of the training data with it). Sorted."""
+    count: dict[str, int] = {}
+    for t in tasks:
+        for k in set(kinds_of(t)):
+            count[k] = count.get(k, 0) + 1
+    return sorted(k for k, n in count.items() if 2 <= n <= max_fraction * len(tasks))
+
+
+def select_unseen_tasks(meta_df: pd.DataFrame, test_fraction: float, val_fraction: float, seed: int,
+                        exclude: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """(test-unseen, val-unseen) tasks: per shape group of n tasks (``exclude`` left out of the count),
+    ``round(test_fraction * n)`` test-unseen tasks (at least one) and ``round(val_fraction * n)``
+    val-unseen ones (at least one when the fraction is > 0), never more than n - 2 in all: the encoders
+    still train on every group. Groups of fewer than 3 tasks hold none out; test-unseen is served first."""
+    for name, f in (("test-unseen", test_fraction), ("val-unseen", val_fraction)):
+        if not 0.0 <= f < 1.0:
+            raise ValueError(f"{name} task fraction must be in [0, 1), got {f}")
+    _require_columns(meta_df, ["task", "shape_group"], "select_unseen_tasks")
     rng = np.random.default_rng(seed)
-    held: list[str] = []
-    for _, tasks in sorted(meta_df.groupby("shape_group")["task"].unique().items()):
+    test: list[str] = []
+    val: list[str] = []
+    kept = meta_df[~meta_df["task"].isin(list(exclude))]
+    for _, tasks in sorted(kept.groupby("shape_group")["task"].unique().items()):
         tasks = sorted(tasks)
-        if len(tasks) < 3 or fraction == 0:
+        room = len(tasks) - 2
+        if room < 1 or test_fraction == 0:
             continue
-        n = min(len(tasks) - 2, max(1, int(round(fraction * len(tasks)))))
-        held += rng.choice(tasks, size=n, replace=False).tolist()
-    return sorted(held)
+        n_test = min(room, max(1, int(round(test_fraction * len(tasks)))))
+        n_val = min(room - n_test, max(1, int(round(val_fraction * len(tasks))))) if val_fraction > 0 else 0
+        drawn = rng.choice(tasks, size=n_test + n_val, replace=False).tolist()
+        test += drawn[:n_test]
+        val += drawn[n_test:]
+    return sorted(test), sorted(val)
+
+
+def select_heldout_tasks(meta_df: pd.DataFrame, fraction: float, seed: int) -> list[str]:
+    """Test-unseen tasks only (no val-unseen draw): see :func:`select_unseen_tasks`."""
+    return select_unseen_tasks(meta_df, fraction, 0.0, seed)[0]
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)
 
 
 @dataclass(frozen=True)
 class Split:
-    """Zoo row indices of each split. ``heldout`` holds every model of ``heldout_tasks``."""
+    """Zoo row indices of one evaluation seed's split.
+
+    Seen (training) tasks: their runs split into ``train`` / ``val`` / ``test``. Held out of training:
+    ``val_unseen`` (every model of ``val_unseen_tasks``; model selection reads them), ``test_unseen``
+    (``test_unseen_tasks``; reported, never read by any choice) and ``unseen_kind`` (every task of one
+    kind, ``kind``; reported as the unseen_kinds protocol, never read by any choice).
+    """
 
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
-    heldout: np.ndarray
-    heldout_tasks: tuple[str, ...] = ()
+    test_unseen: np.ndarray
+    val_unseen: np.ndarray = field(default_factory=lambda: _EMPTY)
+    unseen_kind: np.ndarray = field(default_factory=lambda: _EMPTY)
+    test_unseen_tasks: tuple[str, ...] = ()
+    val_unseen_tasks: tuple[str, ...] = ()
+    unseen_kind_tasks: tuple[str, ...] = ()
+    kind: str = ""  # the kind held out whole ("" = none)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able summary (sizes and held-out tasks; indices as lists)."""
-        return {"heldout_tasks": list(self.heldout_tasks),
-                **{k: getattr(self, k).tolist() for k in ("train", "val", "test", "heldout")}}
+    @property
+    def heldout_tasks(self) -> tuple[str, ...]:
+        """Every task held out of training (no label of theirs may enter it)."""
+        return tuple(sorted(set(self.test_unseen_tasks) | set(self.val_unseen_tasks) | set(self.unseen_kind_tasks)))
+
+    @property
+    def heldout(self) -> np.ndarray:
+        """Rows of every held-out task."""
+        return np.sort(np.concatenate([self.test_unseen, self.val_unseen, self.unseen_kind]))
+
+    @property
+    def selection_rows(self) -> np.ndarray:
+        """The rows training and every choice (recipe, epoch) may read: train, val and val-unseen."""
+        return np.sort(np.concatenate([self.train, self.val, self.val_unseen]))
+
+    @property
+    def query_sets(self) -> dict[str, np.ndarray]:
+        """The test-time query rows of each headline protocol (``evaluation.retrieval_protocols``)."""
+        return {"seen_tasks": self.test, "unseen_tasks": self.test_unseen, "unseen_kinds": self.unseen_kind}
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able: the held-out tasks and kind, and the size of every part."""
+        return {"test_unseen_tasks": list(self.test_unseen_tasks), "val_unseen_tasks": list(self.val_unseen_tasks),
+                "unseen_kind": self.kind, "unseen_kind_tasks": list(self.unseen_kind_tasks),
+                **{f"n_{k}": int(len(getattr(self, k)))
+                   for k in ("train", "val", "test", "val_unseen", "test_unseen", "unseen_kind")}}
 
 
 def split_by_run(meta_df: pd.DataFrame, val_fraction: float, test_fraction: float,
-                 heldout_tasks: Sequence[str] = (), seed: int = 0) -> Split:
-    """Split zoo rows by training run, per task; held-out tasks go entirely to ``heldout``.
+                 heldout_tasks: Sequence[str] = (), seed: int = 0, *, val_unseen_tasks: Sequence[str] = (),
+                 unseen_kind_tasks: Sequence[str] = (), kind: str = "") -> Split:
+    """Split zoo rows by training run, per task; held-out tasks go whole to their part.
 
-    Within each seen task the runs are shuffled (``seed``) and ``round(fraction * n_runs)`` go to
-    val and test (at least one run always stays in train). All checkpoints of a run share its
-    split; this is asserted.
+    ``heldout_tasks`` are the test-unseen tasks; ``val_unseen_tasks`` and ``unseen_kind_tasks`` (the
+    tasks of ``kind``) are held out too. Within each seen task the runs are shuffled (``seed``) and
+    ``round(fraction * n_runs)`` go to val and test (at least one run always stays in train). All
+    checkpoints of a run share its split; this is asserted.
     """
     _require_columns(meta_df, ["run_id", "task"], "split_by_run")
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
@@ -130,15 +210,22 @@ def split_by_run(meta_df: pd.DataFrame, val_fraction: float, test_fraction: floa
     tasks_of_run = meta_df.groupby("run_id")["task"].nunique()
     if (tasks_of_run > 1).any():
         raise ValueError(f"runs with several tasks in the metadata: {tasks_of_run[tasks_of_run > 1].index[:5].tolist()}")
-    unknown = set(heldout_tasks) - set(meta_df["task"])
+    parts = {"test_unseen": set(heldout_tasks), "val_unseen": set(val_unseen_tasks),
+             "unseen_kind": set(unseen_kind_tasks)}
+    unknown = set().union(*parts.values()) - set(meta_df["task"])
     if unknown:
         raise ValueError(f"held-out tasks {sorted(unknown)} are not in the zoo (tasks: {sorted(meta_df['task'].unique())})")
+    names = list(parts)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if parts[a] & parts[b]:
+                raise ValueError(f"tasks {sorted(parts[a] & parts[b])} are both {a} and {b}")
     rng = np.random.default_rng(seed)
     task = meta_df["task"].to_numpy()
     run = meta_df["run_id"].to_numpy()
-    heldout_mask = np.isin(task, list(heldout_tasks))
+    part_of_task = {t: p for p, ts in parts.items() for t in ts}
     run_split: dict[str, str] = {}
-    for t in sorted(set(task[~heldout_mask])):
+    for t in sorted(set(task) - set(part_of_task)):
         runs = np.array(sorted(set(run[task == t])))
         runs = runs[rng.permutation(len(runs))]
         n_val = int(round(val_fraction * len(runs)))
@@ -150,16 +237,62 @@ def split_by_run(meta_df: pd.DataFrame, val_fraction: float, test_fraction: floa
                 n_val -= 1
         for i, r in enumerate(runs):
             run_split[r] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
-    where = np.array(["heldout" if h else run_split[r] for r, h in zip(run, heldout_mask)])
-    out = {k: np.flatnonzero(where == k) for k in ("train", "val", "test", "heldout")}
-    # no run in two splits; no held-out task outside "heldout"
+    where = np.array([part_of_task.get(t) or run_split[r] for r, t in zip(run, task)])
+    out = {k: np.flatnonzero(where == k) for k in ("train", "val", "test", *names)}
+    # no run in two splits; no held-out task outside its part
     seen: dict[str, str] = {}
     for k, idx in out.items():
         for r in set(run[idx]):
             assert seen.setdefault(r, k) == k, f"run {r} is in splits {seen[r]} and {k}"
     for k in ("train", "val", "test"):
-        assert not np.isin(task[out[k]], list(heldout_tasks)).any(), f"a held-out task leaked into {k}"
-    return Split(out["train"], out["val"], out["test"], out["heldout"], tuple(sorted(heldout_tasks)))
+        assert not np.isin(task[out[k]], list(part_of_task)).any(), f"a held-out task leaked into {k}"
+    return Split(out["train"], out["val"], out["test"], out["test_unseen"], out["val_unseen"], out["unseen_kind"],
+                 tuple(sorted(parts["test_unseen"])), tuple(sorted(parts["val_unseen"])),
+                 tuple(sorted(parts["unseen_kind"])), kind)
+
+
+def draw_split(meta_df: pd.DataFrame, seed: int, *, val_fraction: float, test_fraction: float,
+               test_unseen_fraction: float, val_unseen_fraction: float, unseen_kind: str = "auto",
+               kind_max_fraction: float = 0.34,
+               kinds_of: Callable[[str], Sequence[str]] = task_kinds) -> Split:
+    """One evaluation seed's split (the same for every method; each seed draws its own).
+
+    1. ``unseen_kind``: every task of one kind is held out of training. ``"auto"`` draws the kind
+       (``seed``) among :func:`eligible_unseen_kinds` (none eligible: no kind held out); ``""`` holds
+       out none; any other value names the kind.
+    2. Of the other tasks, per shape group, test-unseen and val-unseen tasks (:func:`select_unseen_tasks`).
+    3. The remaining (seen) tasks' runs: train / val / test by run (:func:`split_by_run`).
+    """
+    _require_columns(meta_df, ["task", "shape_group", "run_id"], "draw_split")
+    tasks = sorted(meta_df["task"].unique())
+    rng = np.random.default_rng([seed, 14])  # the kind draw; independent of the task draws below
+    if unseen_kind == "auto":
+        eligible = eligible_unseen_kinds(tasks, kinds_of, kind_max_fraction)
+        unseen_kind = str(rng.choice(eligible)) if eligible else ""
+    kind_tasks = [t for t in tasks if unseen_kind and unseen_kind in kinds_of(t)]
+    if unseen_kind and not kind_tasks:
+        raise ValueError(f"unseen kind {unseen_kind!r}: no task of the zoo has that kind")
+    test_unseen, val_unseen = select_unseen_tasks(meta_df, test_unseen_fraction, val_unseen_fraction, seed,
+                                                  exclude=kind_tasks)
+    return split_by_run(meta_df, val_fraction, test_fraction, test_unseen, seed, val_unseen_tasks=val_unseen,
+                        unseen_kind_tasks=kind_tasks, kind=unseen_kind)
+
+
+def selection_subset(graphs: Sequence[Any], meta_df: pd.DataFrame, split: Split
+                     ) -> tuple[list[Any], pd.DataFrame, Split]:
+    """What training and every choice made with it (view recipe, best epoch) may read: the graphs and
+    metadata of ``split.selection_rows`` only (train, val, val-unseen), re-indexed from 0, and the split
+    in those positions. Test runs, test-unseen and unseen-kind models are not in it, so selection code
+    cannot read them."""
+    rows = split.selection_rows
+    pos = {int(r): i for i, r in enumerate(rows)}
+
+    def remap(idx: np.ndarray) -> np.ndarray:
+        return np.array([pos[int(r)] for r in idx], dtype=np.int64)
+
+    sub = Split(remap(split.train), remap(split.val), _EMPTY, _EMPTY, remap(split.val_unseen), _EMPTY,
+                val_unseen_tasks=split.val_unseen_tasks)
+    return [graphs[int(r)] for r in rows], meta_df.iloc[rows].reset_index(drop=True), sub
 
 
 # --------------------------------------------------------------------------- positives
@@ -416,13 +549,30 @@ def make_view_fn(recipe: str, augmenter: Any | None, canonical: bool = True) -> 
 
 
 # --------------------------------------------------------------------------- loaders
+@dataclass(frozen=True)
+class ValidationSet:
+    """The validation protocol: the test protocol on validation data (``evaluation.validation_retrieval``).
+
+    Database: ``rows`` (train, val and val-unseen models), each query searched within its shape group,
+    other checkpoints of its run removed. Queries: val runs of seen tasks and val-unseen models.
+    """
+
+    loader: DataLoader  # (graphs, positions) over ``rows`` in order, sharded for ``embed``
+    rows: np.ndarray  # (D,) zoo rows of the database
+    task: np.ndarray  # (D,) labels of ``rows``
+    shape_group: np.ndarray  # (D,)
+    run_id: np.ndarray  # (D,)
+    seen_queries: np.ndarray  # positions in ``rows`` of the val runs of seen tasks
+    unseen_queries: np.ndarray  # positions in ``rows`` of the val-unseen models
+
+
 @dataclass
 class Loaders:
     """Everything the training loop and the validation metric need."""
 
     train: DataLoader  # (view1, view2, meta) batches, per-rank batch = batch_size // world_size
-    val: DataLoader | None  # same over the validation split (validation loss)
-    val_embed: DataLoader | None  # (graphs, positions) over the validation split, for retrieval
+    val: DataLoader | None  # same over the validation runs of seen tasks (validation loss)
+    validation: ValidationSet | None  # the validation retrieval protocol (None: no validation rows)
     task_vocab: TaskVocab
     info: dict[str, Any] = field(default_factory=dict)  # sizes, partner statistics (for the log/results)
 
@@ -439,7 +589,7 @@ def embed_loader(graphs: Sequence[Data], indices: Sequence[int] | None, batch_si
 def build_loaders(graphs: Sequence[Data], meta_df: pd.DataFrame, split: Split, recipe: str, batch_size: int,
                   view_fn: ViewFn | None, seed: int, num_workers: int = 0, rank: int = 0, world_size: int = 1,
                   transform: Callable[[Data], Any] | None = None) -> Loaders:
-    """Train/val pair loaders and the validation embedding loader.
+    """Train/val pair loaders and the validation protocol's data (:class:`ValidationSet`).
 
     ``batch_size`` is the *global* batch (graphs per step over all ranks); each rank loads
     ``batch_size // world_size`` (must divide). Training drops the incomplete last batch (in-batch
@@ -472,8 +622,16 @@ def build_loaders(graphs: Sequence[Data], meta_df: pd.DataFrame, split: Split, r
     val = None
     if len(val_idx) >= 2 * world_size:
         val = pair_loader(val_idx, False, "drop" if len(val_idx) >= batch_size else "pad")
-    val_embed = embed_loader(graphs, val_idx, local_bs, rank, world_size, transform, num_workers) if len(val_idx) else None
+    validation = None
+    if len(val_idx) or len(split.val_unseen):
+        _require_columns(meta_df, ["shape_group", "run_id"], "the validation protocol")
+        rows = split.selection_rows
+        validation = ValidationSet(
+            embed_loader(graphs, rows, local_bs, rank, world_size, transform, num_workers), rows, task[rows],
+            meta_df["shape_group"].to_numpy()[rows], meta_df["run_id"].to_numpy()[rows],
+            np.flatnonzero(np.isin(rows, val_idx)), np.flatnonzero(np.isin(rows, split.val_unseen)))
     info = {"recipe": recipe, "n_train": int(len(split.train)), "n_val": int(len(val_idx)),
-            "n_train_tasks": len(vocab), "train_anchors_without_partner": train.dataset.pairs.n_self,
+            "n_val_unseen": int(len(split.val_unseen)), "n_train_tasks": len(vocab),
+            "train_anchors_without_partner": train.dataset.pairs.n_self,
             "global_batch_size": batch_size, "world_size": world_size}
-    return Loaders(train, val, val_embed, vocab, info)
+    return Loaders(train, val, validation, vocab, info)

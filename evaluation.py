@@ -2,29 +2,39 @@
 
 Every method (baselines and GNN encoders) is evaluated by the same code: it only needs an
 embedding matrix ``(n_models, d)`` whose row i is zoo model i (float32), plus the zoo's
-metadata columns passed in explicitly.
+metadata columns and the split's row sets passed in explicitly.
 
 Contents
-  * retrieval: :class:`RetrievalEvaluator` (cosine kNN; P/R/F1@k, mAP, MRR) and
-    :func:`retrieval_protocols` (full zoo, within shape group, unseen tasks,
-    cross-architecture, same dataset, same architecture);
-  * clustering: :func:`purity_score`, :func:`clustering_metrics` (k-means vs task labels);
-  * property prediction: :func:`regression_metrics`, :func:`property_prediction` (ridge / MLP
-    probes), :func:`property_prediction_suite`, :func:`distance_performance_spearman`;
+  * retrieval: :class:`RetrievalEvaluator` (cosine kNN; P/R/F1@k, mAP, MRR),
+    :func:`retrieval_protocols` (headline: seen_tasks, unseen_tasks, unseen_kinds,
+    cross-architecture within shape group; secondary: within shape group over all queries, full zoo,
+    cross-architecture, same architecture) and :func:`validation_retrieval` (the test protocol on
+    validation data: what model selection reads);
+  * clustering: :func:`purity_score`, :func:`clustering_metrics` (k-means vs task labels),
+    :func:`clustering_within_groups` (per shape group);
+  * property prediction: :func:`regression_metrics`, :func:`within_group_rank_corr`,
+    :func:`property_prediction` (ridge / MLP probes), :func:`property_prediction_suite`,
+    :func:`distance_performance_spearman`;
   * symmetry robustness: :func:`symmetry_robustness` (queries permuted/rescaled/sign-flipped);
-  * :func:`aggregate_seeds` (mean/std over seeds).
+  * reference embeddings (:func:`reference_embeddings`: chance, constant) and :func:`trivial_passes`
+    (where a constant or shape-only embedding scores >= 0.85);
+  * :func:`aggregate_seeds` (mean/std over seeds; each seed has its own split).
 
-Model merging and transfer (fine-tuning) protocols live in the sibling ``merging.py``.
+Model merging and transfer (fine-tuning) protocols live in the sibling ``merging.py``, the
+same-architecture sub-zoos in ``subzoos.py``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+import re
+import warnings
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
 from sklearn.cluster import KMeans
 from sklearn.compose import TransformedTargetRegressor
 from sklearn.decomposition import PCA
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import RidgeCV
 from sklearn.metrics import adjusted_rand_score, mean_squared_error, normalized_mutual_info_score, r2_score
 from sklearn.neural_network import MLPRegressor
@@ -41,23 +51,34 @@ class NoRelevantItems(ValueError):
 RelevanceFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 EmbedFn = Callable[[list], np.ndarray]
 
-# What each protocol of retrieval_protocols measures (for the report; not numbers).
+# What each protocol of retrieval_protocols measures (for the report; not numbers). Every protocol removes the
+# other checkpoints of the query's own training run from its database; the database is the whole zoo.
 PROTOCOL_NOTES: dict[str, str] = {
+    "seen_tasks": "relevant = same task, within shape group; queries: test runs of the tasks the encoders "
+                  "trained on (other runs of their task were in training)",
+    "unseen_tasks": "relevant = same task, within shape group; queries: every model of the test-unseen tasks "
+                    "(held out of training and never read by any choice; seen-task models are distractors)",
+    "unseen_kinds": "relevant = same task, within shape group; queries: every model of the tasks of one whole "
+                    "task kind (e.g. every label permutation) held out of training and of every choice; the kind "
+                    "is redrawn per seed",
+    "cross_architecture_within_shape_group": "relevant = same task and another architecture family, within shape "
+                                             "group; queries: all test queries (seen-task test runs, test-unseen "
+                                             "and unseen-kind models)",
+    "within_shape_group": "relevant = same task, within shape group; queries: all test queries (seen-task test "
+                          "runs, test-unseen and unseen-kind models mixed)",
     "full_zoo": "relevant = same task, database = whole zoo; INFLATED by shape: input/output sizes "
                 "alone separate many tasks",
-    "within_shape_group": "relevant = same task, each query searched only among models of its own "
-                          "shape group (same input/output sizes)",
-    "unseen_tasks": "within shape group, queries from held-out tasks (no encoder was trained on them) "
-                    "searched in the whole database of their shape group (seen-task models are distractors)",
-    "seen_tasks": "within shape group, queries from tasks the encoders were trained on (test-split runs "
-                  "only); the gap to unseen_tasks shows how much training on task labels transfers",
-    "cross_architecture": "relevant = same task; the database excludes the query's own architecture "
-                          "family, so every answer has another architecture",
-    "cross_architecture_within_shape_group": "cross_architecture restricted to the query's shape group "
-                                             "(e.g. other MLP depths)",
-    "same_dataset": "relevant = same source dataset, within shape group",
-    "same_architecture": "relevant = same arch_id, within shape group",
+    "cross_architecture": "relevant = same task and another architecture family, database = whole zoo; helped "
+                          "by shape (see the within-shape-group version)",
+    "same_architecture": "relevant = same arch_id, within shape group; all test queries",
 }
+HEADLINE_PROTOCOLS: tuple[str, ...] = ("seen_tasks", "unseen_tasks", "unseen_kinds",
+                                       "cross_architecture_within_shape_group")
+QUERY_SETS: tuple[str, ...] = ("seen_tasks", "unseen_tasks", "unseen_kinds")  # protocols with their own queries
+VALIDATION_NOTE = ("the test protocol on validation data: relevant = same task, within shape group; database = "
+                   "train, val and val-unseen models; queries: val runs of seen tasks (val_seen) and every "
+                   "val-unseen model (val_unseen); the selection metric val_P@10 is the mean of the two P@10s "
+                   "(the seen one alone when a split has no val-unseen task)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,9 +291,8 @@ class RetrievalEvaluator:
 def retrieval_protocols(
     embeddings: np.ndarray,
     metadata: Any,
-    query_idx: Sequence[int],
-    db_idx: Sequence[int],
-    heldout_tasks: Sequence[str] = (),
+    query_sets: Mapping[str, Sequence[int]],
+    db_idx: Sequence[int] | None = None,
     k_values: Sequence[int] = (1, 5, 10),
     exclude_same_run: bool = True,
     protocols: Sequence[str] | None = None,
@@ -281,22 +301,29 @@ def retrieval_protocols(
 
     Args:
         embeddings: (N, d), row i <-> metadata row i.
-        metadata: table (pandas DataFrame or dict of arrays) with columns task, dataset,
-            shape_group, arch_id, arch_family and run_id, N rows.
-        query_idx / db_idx: query rows (e.g. the test split) and database rows (e.g. everything).
-        heldout_tasks: tasks no encoder was trained on ("unseen_tasks" protocol; skipped if empty).
+        metadata: table (pandas DataFrame or dict of arrays) with columns task, shape_group, arch_id,
+            arch_family and run_id, N rows.
+        query_sets: {"seen_tasks", "unseen_tasks", "unseen_kinds"} -> query rows (a missing or empty set
+            skips its protocol, with the reason); the other protocols query their union.
+        db_idx: database rows (default every row).
         exclude_same_run: remove other checkpoints of the query's own training run from its database.
         protocols: subset of PROTOCOL_NOTES keys (default all).
     Returns:
         {protocol: metrics dict of RetrievalEvaluator.evaluate_knn_retrieval}, plus
-        "skipped": {protocol: reason} for protocols that do not apply (no held-out tasks given, or
-        no query has a relevant item, e.g. cross_architecture on a zoo of one architecture family).
+        "skipped": {protocol: reason} for protocols that do not apply (no query of that kind, or no
+        query has a relevant item, e.g. cross_architecture on a zoo of one architecture family).
     """
     n = len(embeddings)
-    col = {c: np.asarray(metadata[c]) for c in ("task", "dataset", "shape_group", "arch_id", "arch_family", "run_id")}
+    col = {c: np.asarray(metadata[c]) for c in ("task", "shape_group", "arch_id", "arch_family", "run_id")}
     for c, v in col.items():
         assert v.shape == (n,), f"metadata column {c!r} has {v.shape[0]} rows for {n} embeddings"
-    q, db = np.asarray(query_idx, dtype=np.int64), np.asarray(db_idx, dtype=np.int64)
+    unknown_sets = set(query_sets) - set(QUERY_SETS)
+    if unknown_sets:
+        raise ValueError(f"unknown query sets {sorted(unknown_sets)}; known: {list(QUERY_SETS)}")
+    sets = {k: np.asarray(query_sets.get(k, ()), dtype=np.int64) for k in QUERY_SETS}
+    every = np.concatenate(list(sets.values()))
+    assert len(np.unique(every)) == len(every), "query sets overlap"
+    db = np.arange(n) if db_idx is None else np.asarray(db_idx, dtype=np.int64)
     ev = RetrievalEvaluator(k_values)
     run = [col["run_id"]] if exclude_same_run else []
     wanted = list(PROTOCOL_NOTES) if protocols is None else list(protocols)
@@ -306,40 +333,56 @@ def retrieval_protocols(
     out: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     for name in wanted:
-        kw: dict[str, Any] = dict(query_idx=q, db_idx=db, exclude_same=run or None)
-        if name == "full_zoo":
-            kw.update(task_labels=col["task"])
-        elif name == "within_shape_group":
-            kw.update(task_labels=col["task"], group_labels=col["shape_group"])
-        elif name in ("unseen_tasks", "seen_tasks"):
-            if len(heldout_tasks) == 0:
-                skipped[name] = "no held-out tasks given" + (
-                    " (every task is seen: see within_shape_group)" if name == "seen_tasks" else "")
-                continue
-            held = np.isin(col["task"], list(heldout_tasks))
-            wanted_q = held if name == "unseen_tasks" else ~held
-            # the database stays whole (the other tasks' models are distractors): restricted to held-out
-            # tasks, a shape group with one held-out task would make every answer relevant
-            kw.update(task_labels=col["task"], group_labels=col["shape_group"], query_idx=q[wanted_q[q]])
-            if len(kw["query_idx"]) == 0:
-                if name == "unseen_tasks":
-                    raise ValueError(f"unseen_tasks: no query belongs to the held-out tasks {list(heldout_tasks)}")
-                skipped[name] = "no query belongs to a seen task"
-                continue
-        elif name.startswith("cross_architecture"):
-            kw.update(task_labels=col["task"], exclude_same=run + [col["arch_family"]])
-            if name.endswith("within_shape_group"):
-                kw.update(group_labels=col["shape_group"])
-        elif name == "same_dataset":
-            kw.update(task_labels=col["dataset"], group_labels=col["shape_group"])
+        q = sets[name] if name in sets else every
+        if len(q) == 0:
+            skipped[name] = f"no {name.replace('_', ' ')} query in this split"
+            continue
+        kw: dict[str, Any] = dict(query_idx=q, db_idx=db, exclude_same=run or None, task_labels=col["task"],
+                                  group_labels=None if name in ("full_zoo", "cross_architecture") else col["shape_group"])
+        if name.startswith("cross_architecture"):
+            kw.update(exclude_same=run + [col["arch_family"]])
         elif name == "same_architecture":
-            kw.update(task_labels=col["arch_id"], group_labels=col["shape_group"])
+            kw.update(task_labels=col["arch_id"])
         try:
             out[name] = ev.evaluate_knn_retrieval(embeddings, **kw)
         except NoRelevantItems as e:  # reported, not hidden: the protocol does not apply here
             skipped[name] = str(e)
     if skipped:
         out["skipped"] = skipped
+    return out
+
+
+def validation_retrieval(embeddings: np.ndarray, task: Sequence, shape_group: Sequence, run_id: Sequence,
+                         seen_queries: Sequence[int], unseen_queries: Sequence[int], k: int = 10) -> dict[str, float]:
+    """The validation protocol (``VALIDATION_NOTE``): P@k of the seen-task and the unseen-task validation
+    queries, each searched within its shape group among all ``embeddings`` rows (the validation database),
+    and their mean, the selection metric.
+
+    Args:
+        embeddings: (D, d) the validation database (train, val and val-unseen models).
+        task, shape_group, run_id: (D,) labels of those rows.
+        seen_queries / unseen_queries: row positions of the val runs of seen tasks / the val-unseen models.
+    Returns:
+        {"val_seen_P@k", "val_unseen_P@k" (NaN without such queries), "val_P@k" (their mean, or the one
+        that exists), "val_seen_chance_P", "val_unseen_chance_P"}.
+    """
+    ev = RetrievalEvaluator(k_values=(k,))
+    out: dict[str, float] = {}
+    for part, q in (("seen", seen_queries), ("unseen", unseen_queries)):
+        q = np.asarray(q, dtype=np.int64)
+        nan = {f"P@{k}": float("nan"), "chance_P": float("nan")}
+        m = nan
+        if len(q):
+            try:
+                m = ev.evaluate_knn_retrieval(embeddings, task, query_idx=q, group_labels=shape_group,
+                                              exclude_same=run_id)
+            except NoRelevantItems:  # no query has another run of its task in the database: this part is NaN
+                m = nan
+        out[f"val_{part}_P@{k}"], out[f"val_{part}_chance_P"] = m[f"P@{k}"], m["chance_P"]
+    parts = [out[f"val_{p}_P@{k}"] for p in ("seen", "unseen") if not np.isnan(out[f"val_{p}_P@{k}"])]
+    if not parts:
+        raise ValueError("validation_retrieval: no validation query (neither val runs nor val-unseen models)")
+    out[f"val_P@{k}"] = float(np.mean(parts))
     return out
 
 
@@ -367,9 +410,31 @@ def clustering_metrics(embeddings: np.ndarray, labels: Sequence, n_clusters: int
     lab = np.asarray(labels)
     assert lab.shape == (emb.shape[0],), f"labels must be ({emb.shape[0]},), got {lab.shape}"
     k = len(np.unique(lab)) if n_clusters is None else int(n_clusters)
-    pred = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(emb)
+    with warnings.catch_warnings():  # fewer distinct points than k (a constant embedding): fewer clusters, scored
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        pred = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(emb)
     return {"purity": purity_score(lab, pred), "ARI": float(adjusted_rand_score(lab, pred)),
             "NMI": float(normalized_mutual_info_score(lab, pred)), "n_clusters": float(k)}
+
+
+def clustering_within_groups(embeddings: np.ndarray, labels: Sequence, groups: Sequence, seed: int = 0,
+                             min_labels: int = 2) -> dict[str, float]:
+    """:func:`clustering_metrics` inside each group (e.g. shape group, so shapes cannot do the work),
+    averaged over the groups with at least ``min_labels`` distinct labels (unweighted).
+
+    Returns {"purity", "ARI", "NMI", "n_groups", "n_items"}; NaN scores and n_groups 0 when no group qualifies.
+    """
+    lab, grp = np.asarray(labels), np.asarray(groups)
+    assert lab.shape == grp.shape == (len(embeddings),), \
+        f"labels and groups must be ({len(embeddings)},), got {lab.shape}, {grp.shape}"
+    per = []
+    for g in np.unique(grp):
+        m = grp == g
+        if len(np.unique(lab[m])) >= min_labels:
+            per.append((clustering_metrics(embeddings[m], lab[m], seed=seed), int(m.sum())))
+    out = {k: float(np.mean([p[k] for p, _ in per])) if per else float("nan") for k in ("purity", "ARI", "NMI")}
+    out.update(n_groups=float(len(per)), n_items=float(sum(n for _, n in per)))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,22 +463,30 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray, groups: Sequence 
     out = {"R2": float(r2_score(yt, yp)), "MSE": float(mean_squared_error(yt, yp)),
            "spearman": _corr(stats.spearmanr, yt, yp), "kendall": _corr(stats.kendalltau, yt, yp)}
     if groups is not None:
-        g = np.asarray(groups)
-        assert g.shape == yt.shape, f"groups must be {yt.shape}, got {g.shape}"
-        taus, rhos = [], []
-        for val in np.unique(g):
-            m = g == val
-            if m.sum() < min_group_size:
-                continue
-            tau = _corr(stats.kendalltau, yt[m], yp[m])
-            if np.isnan(tau):
-                continue
-            taus.append(tau)
-            rhos.append(_corr(stats.spearmanr, yt[m], yp[m]))
-        out["within_kendall"] = float(np.mean(taus)) if taus else float("nan")
-        out["within_spearman"] = float(np.mean(rhos)) if rhos else float("nan")
-        out["n_groups"] = float(len(taus))
+        within = within_group_rank_corr(yt, yp, groups, min_group_size)
+        out.update(within_kendall=within["kendall"], within_spearman=within["spearman"], n_groups=within["n_groups"])
     return out
+
+
+def within_group_rank_corr(y_true: np.ndarray, y_pred: np.ndarray, groups: Sequence,
+                           min_group_size: int = 5) -> dict[str, float]:
+    """Mean over groups of the per-group Kendall tau and Spearman rho (groups with fewer than
+    ``min_group_size`` items, or a constant truth or prediction, are left out and not counted).
+    A group label None leaves that item out. Returns {"kendall", "spearman", "n_groups"} (NaN if none)."""
+    yt, yp, g = np.asarray(y_true, np.float64), np.asarray(y_pred, np.float64), np.asarray(groups, dtype=object)
+    assert g.shape == yt.shape == yp.shape, f"groups must be {yt.shape}, got {g.shape}"
+    taus, rhos = [], []
+    for val in sorted({v for v in g.tolist() if v is not None}, key=str):  # a fixed order: a fixed float sum
+        m = g == val
+        if m.sum() < min_group_size:
+            continue
+        tau = _corr(stats.kendalltau, yt[m], yp[m])
+        if np.isnan(tau):
+            continue
+        taus.append(tau)
+        rhos.append(_corr(stats.spearmanr, yt[m], yp[m]))
+    return {"kendall": float(np.mean(taus)) if taus else float("nan"),
+            "spearman": float(np.mean(rhos)) if rhos else float("nan"), "n_groups": float(len(taus))}
 
 
 def make_probe(probe: str, seed: int = 0):
@@ -582,42 +655,128 @@ def symmetry_robustness(
 # one call per (method, seed)
 # --------------------------------------------------------------------------------------------
 def evaluate_embeddings(
-    embeddings: np.ndarray, metadata: Any, train_idx: Sequence[int], test_idx: Sequence[int],
-    heldout_tasks: Sequence[str] = (), k_values: Sequence[int] = (1, 5, 10),
+    embeddings: np.ndarray, metadata: Any, fit_idx: Sequence[int], query_sets: Mapping[str, Sequence[int]],
+    validation: Mapping[str, Sequence[int]] | None = None, k_values: Sequence[int] = (1, 5, 10),
     targets: Sequence[str] = ("test_acc", "gen_gap", "epoch", "log_lr"),
     probes: Sequence[str] = ("ridge", "mlp"), min_group_size: int = 5, seed: int = 0,
-    max_probe_dims: int = 256,
+    max_probe_dims: int = 256, validation_k: int = 10,
 ) -> dict[str, Any]:
-    """Retrieval (all protocols), clustering, property prediction and distance-performance for one
-    embedding matrix on one split. Queries = ``test_idx``; database = train + test; probes fit on
-    ``train_idx`` and scored on ``test_idx``; clustering on ``test_idx`` (and on its held-out-task
-    part as "clustering_unseen_tasks"). Retrieval uses the full embedding; clustering, probes and
-    the distance-performance correlation see at most ``max_probe_dims`` dimensions
-    (:func:`reduce_dims`, PCA fit on ``train_idx``; only wide embeddings such as TF-IDF are reduced).
+    """Every protocol for one embedding matrix on one split.
 
-    Returns {"retrieval": {protocol: metrics}, "clustering": ..., ["clustering_unseen_tasks": ...],
-    "properties": {target: {probe: metrics}}, "distance_performance": {"test_acc": {...}}}.
-    Call once per seed and combine with :func:`aggregate_seeds`.
+    Args:
+        embeddings: (N, d), row i <-> metadata row i.
+        metadata: table with columns task, shape_group, arch_id, arch_family, run_id, epoch, is_final and
+            the probe targets.
+        fit_idx: rows the probes (and the PCA that narrows wide embeddings for them) fit on: seen tasks' train
+            and val runs.
+        query_sets: {"seen_tasks", "unseen_tasks", "unseen_kinds"} -> test query rows; their union is
+            "the test queries" (scored by the probes, clustering and the secondary retrieval protocols).
+        validation: {"database", "seen", "unseen"} -> zoo rows of the validation protocol
+            (:func:`validation_retrieval`), so its chance and shape-only levels are reported too.
+    Retrieval (database: the whole zoo) uses the full embedding; clustering, probes and the
+    distance-performance correlation see at most ``max_probe_dims`` dimensions (:func:`reduce_dims`).
+
+    Returns {"retrieval": {protocol: metrics}, ["validation": ...], "clustering" and
+    "clustering_unseen_tasks" (k-means within each shape group, :func:`clustering_within_groups`; unseen =
+    test-unseen and unseen-kind queries), "properties": {target: {probe: metrics + "within_kendall_final"
+    (tau within task over final checkpoints) and "within_kendall_task_epoch" (within task and epoch)}},
+    "distance_performance", "dims"}. Call once per seed and combine with :func:`aggregate_seeds`.
     """
     emb = np.asarray(embeddings, np.float32)
-    tr, te = np.asarray(train_idx, np.int64), np.asarray(test_idx, np.int64)
-    assert len(np.intersect1d(tr, te)) == 0, "train and test indices overlap"
-    tasks = np.asarray(metadata["task"])
-    out: dict[str, Any] = {
-        "retrieval": retrieval_protocols(emb, metadata, te, np.concatenate([tr, te]), heldout_tasks, k_values)}
+    tr = np.asarray(fit_idx, np.int64)
+    sets = {k: np.asarray(v, np.int64) for k, v in query_sets.items()}
+    te = np.sort(np.concatenate(list(sets.values())))
+    assert len(te) > 0, "evaluate_embeddings needs test queries"
+    assert len(np.intersect1d(tr, te)) == 0, "fit and query rows overlap"
+    col = {c: np.asarray(metadata[c]) for c in ("task", "shape_group", "run_id", "epoch", "is_final")}
+    tasks, groups = col["task"], col["shape_group"]
+    out: dict[str, Any] = {"retrieval": retrieval_protocols(emb, metadata, sets, None, k_values)}
+    if validation is not None:
+        db = np.asarray(validation["database"], np.int64)
+        pos = {int(r): i for i, r in enumerate(db)}
+        seen, unseen = ([pos[int(r)] for r in validation[p]] for p in ("seen", "unseen"))
+        out["validation"] = validation_retrieval(emb[db], tasks[db], groups[db], col["run_id"][db], seen, unseen,
+                                                 validation_k)
     d_full = emb.shape[1]
     emb = reduce_dims(emb, tr, max_probe_dims, seed)  # probes and k-means only; retrieval above saw every dim
     out["dims"] = {"embedding": float(d_full), "probes": float(emb.shape[1])}
-    out["clustering"] = clustering_metrics(emb[te], tasks[te], seed=seed)
-    held = te[np.isin(tasks[te], list(heldout_tasks))]
-    if len(np.unique(tasks[held])) >= 2:
-        out["clustering_unseen_tasks"] = clustering_metrics(emb[held], tasks[held], seed=seed)
+    out["clustering"] = clustering_within_groups(emb[te], tasks[te], groups[te], seed=seed)
+    unseen_q = np.concatenate([sets.get("unseen_tasks", np.zeros(0, np.int64)),
+                               sets.get("unseen_kinds", np.zeros(0, np.int64))])
+    out["clustering_unseen_tasks"] = clustering_within_groups(emb[unseen_q], tasks[unseen_q], groups[unseen_q],
+                                                              seed=seed)
+    final = col["is_final"][te].astype(bool)
+    by_final = np.where(final, tasks[te], None)  # None: left out
+    by_epoch = np.array([f"{t}|{e}" for t, e in zip(tasks[te], col["epoch"][te])], dtype=object)
     ys = property_targets(metadata, targets)
-    out["properties"] = {t: {p: property_prediction(emb[tr], y[tr], emb[te], y[te], tasks[te], p, seed, min_group_size)
-                             for p in probes} for t, y in ys.items()}
+    out["properties"] = {}
+    for t, y in ys.items():
+        out["properties"][t] = {}
+        for p in probes:
+            m = property_prediction(emb[tr], y[tr], emb[te], y[te], tasks[te], p, seed, min_group_size,
+                                    return_predictions=True)
+            pred = np.asarray(m.pop("y_pred"))
+            m["within_kendall_final"] = within_group_rank_corr(y[te], pred, by_final, min_group_size)["kendall"]
+            m["within_kendall_task_epoch"] = within_group_rank_corr(y[te], pred, by_epoch, min_group_size)["kendall"]
+            out["properties"][t][p] = m
     acc = np.asarray(metadata["test_acc"], np.float64)
     out["distance_performance"] = {"test_acc": distance_performance_spearman(emb[te], acc[te], tasks[te], seed=seed)}
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# reference embeddings and protocols they pass
+# --------------------------------------------------------------------------------------------
+REFERENCE_METHODS: dict[str, str] = {
+    "random (chance)": "Gaussian random embedding (16 dims, drawn per seed): the chance level of each protocol, "
+                       "measured with the same code",
+    "constant": "every model the same embedding: ties broken in a random order, so it passes only what a "
+                "protocol gives away",
+}
+TRIVIAL_METHODS: tuple[str, ...] = ("constant", "shape_only")  # an honest protocol is not passed by these
+TRIVIAL_THRESHOLD = 0.85
+_SCORE = re.compile(r"^(P@\d+|R@\d+|F1@\d+|mAP|MRR|purity|ARI|NMI|R2|spearman|kendall|within_\w+|"
+                    r"val_(seen_|unseen_)?P@\d+)$")
+
+
+def reference_embeddings(n: int, seed: int) -> dict[str, np.ndarray]:
+    """The embeddings of ``REFERENCE_METHODS`` for a zoo of ``n`` models: {name: (n, 16) float32}."""
+    return {"random (chance)": np.random.default_rng(seed).standard_normal((n, 16)).astype(np.float32),
+            "constant": np.ones((n, 16), np.float32)}
+
+
+def trivial_passes(per_seed: Mapping[str, Sequence[Mapping[str, Any] | None]], methods: Sequence[str] = TRIVIAL_METHODS,
+                   threshold: float = TRIVIAL_THRESHOLD) -> dict[str, list[dict[str, Any]]]:
+    """Where a method that reads no function (a constant embedding, shapes only) scores >= ``threshold``.
+
+    Args:
+        per_seed: {method: [one :func:`evaluate_embeddings` result per seed (None: that seed failed)]}.
+    Returns:
+        {section path, e.g. "retrieval/full_zoo" or "properties/test_acc/ridge": [{"method", "metric",
+        "max" (over seeds), "seeds" (how many reach the threshold), "n" (seeds)}]}: every score metric
+        (precision, recall, mAP, MRR, clustering scores, R2 and rank correlations) of any seed at or above it.
+    """
+    found: dict[str, list[dict[str, Any]]] = {}
+    for method in methods:
+        runs = [r for r in per_seed.get(method, []) if r is not None]
+        hits: dict[tuple[str, str], list[float]] = {}
+        for r in runs:
+            for path, value in _score_leaves(r, ()):
+                hits.setdefault(path, []).append(value)
+        for (section, metric), vals in hits.items():
+            passing = [v for v in vals if v >= threshold]
+            if passing:
+                found.setdefault(section, []).append({"method": method, "metric": metric, "max": float(max(vals)),
+                                                      "seeds": len(passing), "n": len(runs)})
+    return found
+
+
+def _score_leaves(d: Mapping[str, Any], path: tuple[str, ...]) -> Iterator[tuple[tuple[str, str], float]]:
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            yield from _score_leaves(v, path + (k,))
+        elif _SCORE.match(k) and isinstance(v, (int, float)) and not np.isnan(v):
+            yield ("/".join(path), k), float(v)
 
 
 def embed_fn_from_method(method: Any) -> EmbedFn:
@@ -643,7 +802,7 @@ def aggregate_seeds(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Combine per-seed metric dicts (possibly nested) into {metric: {"mean", "std", "values", "n"}}.
 
     ``std`` is the sample standard deviation (ddof=1), 0.0 for a single seed (``n`` says how many).
-    String leaves (notes) are kept when identical across seeds.
+    String leaves (notes) are kept, once when identical across seeds, else each seed's in order.
     NaN values (undefined metrics) are kept in ``values`` and ignored by mean/std; if all are NaN
     the mean is NaN. Every dict must have the same keys (a missing metric is an error, not a gap).
     """
@@ -658,10 +817,8 @@ def aggregate_seeds(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if all(isinstance(v, Mapping) for v in vals):
             out[k] = aggregate_seeds(vals)
             continue
-        if all(isinstance(v, str) for v in vals):  # notes (e.g. why a protocol was skipped)
-            if len(set(vals)) != 1:
-                raise ValueError(f"aggregate_seeds: note {k!r} differs between seeds: {vals}")
-            out[k] = vals[0]
+        if all(isinstance(v, str) for v in vals):  # notes (e.g. why a protocol was skipped); each seed has its split
+            out[k] = vals[0] if len(set(vals)) == 1 else " | ".join(f"seed {i + 1}: {v}" for i, v in enumerate(vals))
             continue
         arr = np.asarray(vals, dtype=np.float64)
         assert arr.ndim == 1, f"aggregate_seeds: metric {k!r} is not a scalar"
@@ -669,109 +826,4 @@ def aggregate_seeds(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         mean = float(ok.mean()) if len(ok) else float("nan")
         std = float(ok.std(ddof=1)) if len(ok) > 1 else 0.0
         out[k] = {"mean": mean, "std": std, "values": [float(v) for v in arr], "n": len(arr)}
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# same-architecture sub-zoos (where fixed-architecture methods such as NFN apply)
-# --------------------------------------------------------------------------------------------
-SAME_ARCHITECTURE_NOTE = (
-    "relevant = same task; each of the K largest architectures spanning several tasks is a sub-zoo of its "
-    "own: queries = its test-split and held-out-task models, database = all its models (train + query, as in "
-    "the main protocols), other checkpoints of the query's run removed. Shapes are equal, so shape_only is "
-    "the chance anchor; per-architecture methods (NFN) are fit on the sub-zoo's train models only.")
-
-SUBZOO_METRICS = ("P@1", "P@5", "P@10", "mAP", "MRR", "chance_P")
-
-
-def select_same_architecture_subzoos(metadata: Any, fit_idx: Sequence[int], query_idx: Sequence[int], k: int,
-                                     min_tasks: int = 4, min_models: int = 20) -> list[dict[str, Any]]:
-    """The ``k`` largest same-architecture sub-zoos that span at least ``min_tasks`` tasks.
-
-    An architecture qualifies with >= ``min_models`` models, >= ``min_tasks`` distinct tasks, at least
-    one fit row, and at least one query row whose task has another training run in the architecture
-    (a query that can find a relevant model). Order: most models first, then most tasks, then most
-    such queries, then arch_id (deterministic).
-
-    Args:
-        metadata: table with columns arch_id, arch_name, task, run_id (N rows).
-        fit_idx / query_idx: the rows methods fit on and the query rows of the main protocols.
-    Returns:
-        [{"arch_id", "arch_name", "n_models", "n_tasks", "tasks", "n_fit", "n_queries"}], at most k;
-        n_queries counts the query rows that have a relevant model (the ones retrieval scores).
-    """
-    arch, task = np.asarray(metadata["arch_id"]), np.asarray(metadata["task"])
-    names, run = np.asarray(metadata["arch_name"]), np.asarray(metadata["run_id"])
-    fit = np.zeros(len(arch), bool)
-    fit[np.asarray(fit_idx, np.int64)] = True
-    qry = np.zeros(len(arch), bool)
-    qry[np.asarray(query_idx, np.int64)] = True
-    cands = []
-    for a in np.unique(arch):
-        m = arch == a
-        tasks = sorted(set(task[m].tolist()))
-        runs_of_task: dict[Any, set] = {}
-        for t, r in zip(task[m], run[m]):
-            runs_of_task.setdefault(t, set()).add(r)
-        n_fit = int((m & fit).sum())
-        n_q = sum(len(runs_of_task[t]) > 1 for t in task[m & qry])  # queries with another run of their task
-        if m.sum() >= min_models and len(tasks) >= min_tasks and n_fit > 0 and n_q > 0:
-            cands.append({"arch_id": str(a), "arch_name": str(names[m][0]), "n_models": int(m.sum()),
-                          "n_tasks": len(tasks), "tasks": tasks, "n_fit": n_fit, "n_queries": int(n_q)})
-    cands.sort(key=lambda c: (-c["n_models"], -c["n_tasks"], -c["n_queries"], c["arch_id"]))
-    return cands[:max(0, int(k))]
-
-
-def subzoo_rows(metadata: Any, arch_id: str) -> np.ndarray:
-    """Zoo rows of one architecture in zoo order (the row order of per-architecture embeddings)."""
-    return np.flatnonzero(np.asarray(metadata["arch_id"]) == arch_id)
-
-
-def same_architecture_retrieval(
-    embeddings: np.ndarray | Mapping[str, np.ndarray], metadata: Any, arch_ids: Sequence[str],
-    fit_idx: Sequence[int], query_idx: Sequence[int], k_values: Sequence[int] = (1, 5, 10),
-    exclude_same_run: bool = True,
-) -> dict[str, Any]:
-    """Same-task retrieval inside each same-architecture sub-zoo (see ``SAME_ARCHITECTURE_NOTE``).
-
-    Args:
-        embeddings: (N, d) for the whole zoo, or {arch_id: (n_a, d)} whose rows are
-            ``subzoo_rows(metadata, arch_id)`` (methods defined per architecture, e.g. NFN).
-        metadata: table with columns arch_id, task, run_id (N rows).
-        arch_ids: the sub-zoos (from :func:`select_same_architecture_subzoos`).
-        fit_idx / query_idx: the main split; queries are ``query_idx`` rows of the architecture,
-            the database is its ``fit_idx`` and ``query_idx`` rows.
-    Returns:
-        {arch_id: {metric: value} for ``SUBZOO_METRICS`` + "n_queries"}, and "mean": the
-        unweighted mean over sub-zoos of ``SUBZOO_METRICS``.
-    """
-    assert len(arch_ids) > 0, "same_architecture_retrieval needs at least one sub-zoo"
-    task, run = np.asarray(metadata["task"]), np.asarray(metadata["run_id"])
-    n = len(task)
-    fit, qry = np.asarray(fit_idx, np.int64), np.asarray(query_idx, np.int64)
-    ev = RetrievalEvaluator(k_values)
-    out: dict[str, Any] = {}
-    for a in arch_ids:
-        rows = subzoo_rows(metadata, a)  # (n_a,) zoo rows; position p <-> zoo row rows[p]
-        if len(rows) == 0:
-            raise ValueError(f"same_architecture_retrieval: architecture {a} has no model in the metadata")
-        if isinstance(embeddings, Mapping):
-            if a not in embeddings:
-                raise KeyError(f"same_architecture_retrieval: no embeddings for architecture {a}")
-            emb = np.asarray(embeddings[a], np.float32)
-            assert emb.ndim == 2 and emb.shape[0] == len(rows), \
-                f"embeddings of architecture {a} must be ({len(rows)}, d), got {emb.shape}"
-        else:
-            full = np.asarray(embeddings)
-            assert full.ndim == 2 and full.shape[0] == n, f"embeddings must be ({n}, d), got {full.shape}"
-            emb = full[rows]
-        q_pos = np.flatnonzero(np.isin(rows, qry))
-        db_pos = np.flatnonzero(np.isin(rows, np.concatenate([fit, qry])))
-        if len(q_pos) == 0:
-            raise ValueError(f"same_architecture_retrieval: architecture {a} has no query model")
-        m = ev.evaluate_knn_retrieval(emb, task[rows], query_idx=q_pos, db_idx=db_pos,
-                                      exclude_same=run[rows] if exclude_same_run else None)
-        out[str(a)] = {**{key: m[key] for key in SUBZOO_METRICS if key in m}, "n_queries": m["n_queries"]}
-    keys = [key for key in SUBZOO_METRICS if all(key in out[str(a)] for a in arch_ids)]
-    out["mean"] = {key: float(np.mean([out[str(a)][key] for a in arch_ids])) for key in keys}
     return out

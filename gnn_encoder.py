@@ -7,7 +7,7 @@ Every encoder is an ``nn.Module`` with
 
 and is built by name with :func:`build_encoder` (``gnn | nonequivariant_gnn | weightnet``),
 saved with :func:`save_encoder` and loaded with :func:`load_encoder` (a plain dict
-``{"name", "kwargs", "state_dict"}`` read back with ``weights_only=True``).
+``{"name", "kwargs", "state_dict", "graph"}`` read back with ``weights_only=True``).
 
 Input graphs follow the neuron-graph contract of ``weight_to_graph.py``: a node per neuron
 (bias in ``x``, ``node_type``, ``layer_index``, ``io_position``, ``activation``; the
@@ -346,24 +346,35 @@ def encoder_kwargs(hidden_dim: int, global_dim: int, projection_dim: int, messag
     return kw
 
 
+# What the graphs an encoder of this code embeds may hold (``weight_to_graph.WeightToGraph`` options), saved
+# with it: flatten heads over maps wider than K come summarized (files saved before have no "graph" entry).
+GRAPH_OPTIONS = {"flatten_summary": True}
+
+
 def save_encoder(path: str, encoder: nn.Module) -> None:
-    """Save ``{"name", "kwargs", "state_dict"}`` (plain types and tensors only)."""
+    """Save ``{"name", "kwargs", "state_dict", "graph"}`` (plain types and tensors only)."""
     name = getattr(encoder, "name", None)
     if name not in ENCODER_NAMES:
         raise ValueError(f"save_encoder: {type(encoder).__name__} is not one of the encoders {ENCODER_NAMES}")
-    torch.save({"name": name, "kwargs": dict(encoder.hparams), "state_dict": encoder.state_dict()}, path)
+    torch.save({"name": name, "kwargs": dict(encoder.hparams), "state_dict": encoder.state_dict(),
+                "graph": dict(GRAPH_OPTIONS)}, path)
 
 
 def load_encoder(path: str, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Load an encoder saved by :func:`save_encoder` (``weights_only=True``; strict state-dict match)."""
+    """Load an encoder saved by :func:`save_encoder` (``weights_only=True``; strict state-dict match).
+
+    Its ``flatten_summary`` attribute says whether it takes summarized flatten heads (False for files saved
+    before ``GRAPH_OPTIONS`` existed)."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(ckpt, dict) or set(ckpt) != {"name", "kwargs", "state_dict"}:
+    keys = set(ckpt) if isinstance(ckpt, dict) else set()
+    if not {"name", "kwargs", "state_dict"} <= keys <= {"name", "kwargs", "state_dict", "graph"}:
         raise ValueError(f"{path}: not an encoder file from save_encoder (keys {sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt)})")
     kwargs = dict(ckpt["kwargs"])
     if ckpt["name"] in ("gnn", "nonequivariant_gnn"):
         kwargs.setdefault("io_slots", 0)  # files saved before the slot readout existed have none
     encoder = build_encoder(ckpt["name"], **kwargs)
     encoder.load_state_dict(ckpt["state_dict"])
+    encoder.flatten_summary = bool(ckpt.get("graph", {}).get("flatten_summary", False))
     return encoder
 
 

@@ -159,7 +159,33 @@ def md_table(rows: Mapping[str, Mapping[str, Any]], columns: list[str] | None = 
 
 # --- the report ----------------------------------------------------------------
 RETRIEVAL_COLUMNS = ["P@1", "P@5", "P@10", "R@10", "F1@10", "mAP", "MRR", "chance_P"]
-HEADLINE = ("within_shape_group", "unseen_tasks", "cross_architecture")
+# the headline protocols (results.json "headline_protocols" when present: evaluation.HEADLINE_PROTOCOLS)
+HEADLINE = ("seen_tasks", "unseen_tasks", "unseen_kinds", "cross_architecture_within_shape_group")
+VALIDATION_COLUMNS = ["val_seen_P@10", "val_unseen_P@10", "val_P@10", "val_seen_chance_P", "val_unseen_chance_P"]
+PROPERTY_COLUMNS = ("R2", "spearman", "kendall", "within_kendall", "within_kendall_final", "within_kendall_task_epoch")
+REFERENCE_ORDER = ("shape_only", "constant", "random (chance)")  # the last rows of every table
+
+# How each design default was chosen: which data the choice read (rendered into every results.md).
+DESIGN_CHOICES: tuple[tuple[str, tuple[tuple[str, str], ...], str], ...] = (
+    ("view recipe", (("train", "view_recipe"),),
+     "the configured recipe: no recipe comparison ran (compare_epochs 0); no split was read"),
+    ("best epoch of each training", (),
+     "the validation protocol's val_P@10 on the same validation data, per training"),
+    ("GNN readout io_slots", (("encoder", "io_slots"),),
+     "the default 4 was chosen before issue #14 on within-shape-group P@10 of the seed-42 split, whose queries "
+     "were mostly held-out-task models: that choice saw TEST queries. Not re-checked on validation data"),
+    ("epochs, batch size, encoder width and depth", (("train", "epochs"), ("train", "batch_size"),
+                                                     ("encoder", "hidden_dim"), ("encoder", "message_passing_steps")),
+     "sized to the 15-minute CPU budget (run time, not a metric); no split was read"),
+    ("temperature, learning rate, weight decay", (("train", "temperature"), ("train", "learning_rate"),
+                                                  ("train", "weight_decay")),
+     "common contrastive-learning defaults; no record of tuning them on any split"),
+    ("held-out fractions and the unseen-kind rule", (("eval", "heldout_task_fraction"),
+                                                     ("eval", "val_unseen_task_fraction"), ("eval", "unseen_kind")),
+     "protocol design (issue #14): fixed before any metric of this protocol was read"),
+    ("probes and clustering", (("eval", "probes"),),
+     "fixed a priori: RidgeCV picks its alpha by cross-validation on the fit rows only; k-means k = number of tasks"),
+)
 
 
 def _get(d: Mapping, *path: str) -> Any:
@@ -176,10 +202,44 @@ def _mean(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) else None
 
 
-def retrieval_table(results: Mapping, protocol: str) -> dict[str, dict]:
+def is_oracle(method: str) -> bool:
+    """A metadata baseline whose model cards name the task (baselines.oracle_label)."""
+    return "[oracle:" in method
+
+
+def ordered_methods(results: Mapping, oracles: bool = False) -> list[str]:
+    """Trained encoders, untrained encoders, the other methods, then shape_only, constant and chance."""
+    ms = [m for m in results.get("methods", {}) if oracles or not is_oracle(m)]
+    trained = [m for m in ms if m.endswith("]") and "[untrained]" not in m and not is_oracle(m)]
+    untrained = [m for m in ms if m.endswith("[untrained]")]
+    refs = [m for m in REFERENCE_ORDER if m in ms]
+    rest = [m for m in ms if m not in trained + untrained + refs]
+    return trained + untrained + rest + refs
+
+
+def retrieval_table(results: Mapping, protocol: str, oracles: bool = False) -> dict[str, dict]:
+    methods = results.get("methods", {})
     return {m: {c: r[c] for c in RETRIEVAL_COLUMNS if c in r}
-            for m, agg in results.get("methods", {}).items()
-            if (r := _get(agg, "retrieval", protocol)) is not None}
+            for m in ordered_methods(results, oracles)
+            if (r := _get(methods[m], "retrieval", protocol)) is not None}
+
+
+def strongest_fingerprint(results: Mapping, protocol: str) -> str | None:
+    """The training-free fingerprint with the best P@10 on ``protocol`` (None if none ran)."""
+    table = retrieval_table(results, protocol)
+    fps = {m: _mean(table[m].get("P@10")) for m in _get(results, "reference_methods", "training_free_fingerprints") or []
+           if m in table}
+    fps = {m: v for m, v in fps.items() if v is not None}
+    return max(fps, key=fps.get) if fps else None
+
+
+def trivial_notes(results: Mapping, section: str, where: str = "here") -> list[str]:
+    """Notes for a table whose protocol a constant or shape-only embedding passes (evaluation.trivial_passes)."""
+    tp = results.get("trivial_passes") or {}
+    hits = (tp.get("sections") or {}).get(section, [])
+    return [f"> **Note:** `{h['method']}` (reads no function) reaches {h['metric']} {h['max']:.3f} {where} (>= "
+            f"{tp['threshold']} in {h['seeds']} of {h['n']} seeds): this number is passed without reading what the "
+            f"networks compute." for h in hits]
 
 
 def render_figures(results: Mapping, fig_dir: Path) -> dict[str, str]:
@@ -188,7 +248,7 @@ def render_figures(results: Mapping, fig_dir: Path) -> dict[str, str]:
 
     viz = ResultsVisualizer(results)
     figs: dict[str, str] = {}
-    for proto in HEADLINE + ("full_zoo",):
+    for proto in tuple(results.get("headline_protocols", HEADLINE)) + ("within_shape_group",):
         table = retrieval_table(results, proto)
         if table:
             figs[f"retrieval_{proto}"] = viz.plot_retrieval_metrics(
@@ -224,6 +284,14 @@ def render_figures(results: Mapping, fig_dir: Path) -> dict[str, str]:
             curves[f"{kind} averaging"] = {"x": alphas, "y": accs.mean(0).tolist(), "std": accs.std(0).tolist()}
         figs["merging"] = viz.plot_curves(curves, fig_dir / "merging.png", "alpha (interpolation)",
                                           "test accuracy", f"Interpolation between two models (mean of {len(pairs)} pairs)")
+    sc = _get(results, "scaling", "summary")
+    if sc:
+        ns = sorted({n for v in sc.values() for n in v["n"]})
+        curves = {m: ({"x": ns[:1] + ns[-1:], "y": [v["P@10"]["mean"]] * 2, "dashed": True} if v["flat"] else
+                      {"x": v["n"], "y": v["P@10"]["mean"], "std": v["P@10"]["std"]}) for m, v in sc.items()}
+        figs["scaling"] = viz.plot_curves(curves, fig_dir / "scaling.png", "training tasks", "unseen-task P@10",
+                                          f"Unseen-task P@10 vs training tasks ({len(results['scaling']['per_seed'])} "
+                                          "seeds; dashed: training-free)", logx=True)
     tasks = _get(results, "transfer", "tasks")
     if tasks:
         curves = {}
@@ -238,6 +306,11 @@ def render_figures(results: Mapping, fig_dir: Path) -> dict[str, str]:
             figs["transfer"] = viz.plot_curves(curves, fig_dir / "transfer.png", "fine-tuning steps",
                                                "test accuracy (mean over k models)", "Fine-tuning retrieved vs random models")
     return figs
+
+
+def _span(c: Mapping) -> str:
+    """'6' or '5-6 (median 6)' from {"min", "median", "max"}."""
+    return str(c["min"]) if c["min"] == c["max"] else f"{c['min']}-{c['max']} (median {c['median']:g})"
 
 
 def _stage_lines(results: Mapping) -> list[str]:
@@ -258,67 +331,172 @@ def render_markdown(results: Mapping) -> str:
     L += ["## Setup", "",
           f"- started {r.get('started')}, git `{r.get('git_commit')}`, device `{r.get('device')}`, "
           f"world size {r.get('world_size')}, total {r.get('timings', {}).get('total', '—')} s",
-          f"- seeds {r.get('seeds')} (every number is mean ± std over them; same splits for all methods)",
+          f"- seeds {r.get('seeds')}: every number is mean ± std over them, and each seed draws its own split "
+          f"(held-out tasks and kind; the same for every method), so the std includes the split's variance",
           f"- encoder `{_get(cfg, 'encoder', 'model')}` hidden {_get(cfg, 'encoder', 'hidden_dim')}, "
           f"{_get(cfg, 'encoder', 'message_passing_steps')} message-passing steps, embedding {_get(cfg, 'encoder', 'global_dim')}; "
           f"{_get(cfg, 'train', 'epochs')} epochs, batch {_get(cfg, 'train', 'batch_size')}, "
           f"temperature {_get(cfg, 'train', 'temperature')}, canonical form {_get(cfg, 'graph', 'canonicalize')}",
           f"- versions: {', '.join(f'{k} {v}' for k, v in r.get('versions', {}).items())}", ""]
-    z = r.get("zoo")
-    if z:
-        L += ["### Zoo", "",
-              f"{z['num_models']} checkpoints of {z['num_runs']} training runs, {z['num_tasks']} tasks from "
-              f"{z['num_datasets']} datasets, {z['num_architectures']} architectures ({', '.join(z['arch_families'])}). "
-              f"Tasks per shape group: {z['tasks_per_shape_group']}.", "",
-              md_table({k: {"mean final test acc": v} for k, v in z["final_test_acc_by_task_family"].items()},
-                       first="task family"), ""]
-    s = r.get("split")
-    if s:
-        L += [f"Split by training run: {s['n_train']} train, {s['n_val']} val, {s['n_test']} test; "
-              f"held-out (unseen) tasks {s['heldout_tasks']} with {s['n_heldout']} models.", ""]
-    L += ["### Stages", ""] + _stage_lines(r) + [""]
+    L += zoo_lines(r) + split_lines(r) + ["### Stages", ""] + _stage_lines(r) + [""]
     skipped = {**r.get("skipped_methods", {}), **r.get("failed_methods", {})}
     if skipped:
         L += ["Methods not reported: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()), ""]
-    rc = r.get("recipe_comparison")
-    if rc and rc.get("ran"):
-        L += ["## View recipes (validation, seen tasks only)", "",
-              md_table({k: {"kind": v["kind"], rc["metric"]: v["val_metric"], "at init": v["initial_val_metric"]}
-                        for k, v in rc["recipes"].items()}, first="recipe"),
-              f"Chosen overall: **{rc['chosen']}**; best self-supervised: **{rc['chosen_self_supervised']}**. "
-              f"Both are trained below; anything trained with task labels (supcon) is an upper anchor on seen tasks, "
-              f"and claims about it rest on the unseen-task protocol.", ""]
-    notes = r.get("protocol_notes", {})
+    L += choices_lines(r) + recipe_lines(r)
     if r.get("methods"):
-        L += ["## Retrieval", "", "Queries: test-split models and every held-out-task model; other checkpoints of "
-              "the query's own training run are removed from its database. `chance_P` is the precision of a random "
-              "ranking. `shape_only` and `input_profile` are reference baselines that show how much is solvable "
-              "from shapes and first-layer fingerprints.", ""]
-        for proto in HEADLINE + tuple(p for p in notes if p not in HEADLINE):
-            table = retrieval_table(r, proto)
-            if table:
-                L += [f"### {proto}" + (" (headline)" if proto in HEADLINE else ""), "", notes.get(proto, ""), "",
-                      md_table(table), ""]
-                if f"retrieval_{proto}" in r.get("figures", {}):
-                    L += [f"![{proto}]({r['figures'][f'retrieval_{proto}']})", ""]
-        reduced = {m: a["dims"] for m, a in r["methods"].items()
-                   if "dims" in a and a["dims"]["probes"]["mean"] < a["dims"]["embedding"]["mean"]}
-        if reduced:
-            L += ["Clustering and the probes below see the top principal components (fit on the train rows) of "
-                  "embeddings wider than the probe limit: " + ", ".join(
-                      f"{m} {a['embedding']['mean']:.0f} -> {a['probes']['mean']:.0f} dims" for m, a in reduced.items())
-                  + "; retrieval uses every dimension.", ""]
-        L += ["## Clustering (k-means, k = number of tasks, query models)", "",
-              md_table({m: {c: a["clustering"][c] for c in ("purity", "ARI", "NMI")}
-                        for m, a in r["methods"].items() if "clustering" in a}), ""]
-        L += ["## Property prediction (ridge probe on embeddings; fit on train, scored on query models)", ""]
-        targets = sorted({t for a in r["methods"].values() for t in a.get("properties", {})})
-        for t in targets:
-            rows = {m: {c: a["properties"][t]["ridge"][c] for c in ("R2", "spearman", "kendall", "within_kendall")
-                        if c in a["properties"][t].get("ridge", {})}
-                    for m, a in r["methods"].items() if t in a.get("properties", {})}
-            L += [f"### {t}", "", md_table(rows), ""]
-    L += same_architecture_lines(r)
+        L += retrieval_lines(r) + clustering_and_property_lines(r)
+    L += same_architecture_lines(r) + extra_protocol_lines(r) + scaling_lines(r)
+    figs = r.get("figures", {})
+    other = [k for k in figs if k.startswith(("umap_", "training_", "precision_at_k_"))]
+    if other:
+        L += ["## More figures", ""] + [f"![{k}]({figs[k]})" for k in other] + [""]
+    L += ["## Analysis", ""] + analysis_lines(r) + [""]
+    return "\n".join(L)
+
+
+def zoo_lines(r: Mapping) -> list[str]:
+    z = r.get("zoo")
+    if not z:
+        return []
+    sources = z.get("sources", [])
+    L = ["### Zoo", "",
+         f"{z['num_models']} checkpoints of {z['num_runs']} training runs on **{z['num_tasks']} tasks from "
+         f"{z['num_datasets']} sources** ({', '.join(sources)}), {z['num_architectures']} architectures "
+         f"({', '.join(z['arch_families'])}). Tasks per shape group: {z['tasks_per_shape_group']} (task lists in "
+         f"results.json, `zoo.tasks_by_shape_group`).", ""]
+    if "runs_per_task" in z:
+        L += [f"Per task: {_span(z['runs_per_task'])} training runs, {_span(z['models_per_task'])} checkpoints, "
+              f"{_span(z['final_models_per_task'])} final checkpoints ({z['checkpoints_per_run']} checkpoints per run, "
+              f"{z['zoo_epochs']} epochs; a run that diverged keeps its checkpoints before it). A query reaches "
+              f"P@10 = 1 only if its task has >= 10 models of other runs.", ""]
+    if "final_test_acc_by_task_family" in z:
+        L += [md_table({k: {"mean final test acc": v} for k, v in z["final_test_acc_by_task_family"].items()},
+                       first="task family"), ""]
+    return L
+
+
+def split_lines(r: Mapping) -> list[str]:
+    s = r.get("split")
+    if not s or "seeds" not in s:
+        return []
+    rows = {seed: {"unseen kind": f"{v['unseen_kind'] or '—'} ({', '.join(v['unseen_kind_tasks'])})",
+                   "test-unseen tasks": ", ".join(v["test_unseen_tasks"]) or "—",
+                   "val-unseen tasks": ", ".join(v["val_unseen_tasks"]) or "—",
+                   "train / val / test runs' models": f"{v['n_train']} / {v['n_val']} / {v['n_test']}"}
+            for seed, v in s["seeds"].items()}
+    return ["### Splits (one per seed)", "", s["note"] + ".", "", md_table(rows, first="seed"), ""]
+
+
+def choices_lines(r: Mapping) -> list[str]:
+    """The "how these numbers were chosen" section: each design default and the data its choice read."""
+    cfg = r.get("config", {})
+    rows = {name: {"value in this run": ", ".join(f"{k} {_get(cfg, sec, k)}" for sec, k in fields) or "per training",
+                   "how it was chosen": how} for name, fields, how in DESIGN_CHOICES}
+    rc = r.get("recipe_comparison") or {}
+    if rc.get("ran"):
+        rows["view recipe"] = {
+            "value in this run": "; ".join(f"seed {s}: {v['chosen_self_supervised']}" for s, v in rc["seeds"].items()),
+            "how it was chosen": "per seed by this run's recipe comparison on that seed's validation protocol (val runs "
+                                 "of seen tasks and val-unseen tasks); test runs, test-unseen and unseen-kind models "
+                                 "are not in the data it reads"}
+    return ["## How these numbers were chosen", "",
+            "Which data chose each design default. Test runs, test-unseen and unseen-kind models are read by no "
+            "choice of this run; one past choice (io_slots) did read test queries, as said below.", "",
+            md_table(rows, first="design choice"), ""]
+
+
+def recipe_lines(r: Mapping) -> list[str]:
+    rc = r.get("recipe_comparison")
+    if not rc or not rc.get("ran"):
+        return []
+    seeds = rc["seeds"]
+    recipes = list(next(iter(seeds.values()))["recipes"])
+    rows = {rec: {"kind": next(iter(seeds.values()))["recipes"][rec]["kind"],
+                  **{f"seed {s}": v["recipes"][rec]["val_metric"] for s, v in seeds.items()}} for rec in recipes}
+    chosen = "; ".join(f"seed {s}: {v['chosen_self_supervised']} (overall {v['chosen']})" for s, v in seeds.items())
+    return ["## View recipes (validation protocol, per seed)", "",
+            f"{rc['metric']} after {rc['epochs']} epoch(s), on each seed's validation data (see the validation "
+            "protocol below).", "", md_table(rows, first="recipe"),
+            f"Best self-supervised recipe per seed: {chosen}. It and the weakly supervised supcon are trained below; "
+            "anything trained with task labels (supcon) is an upper anchor on seen tasks, and claims about it rest "
+            "on the unseen-task protocols.", ""]
+
+
+def retrieval_lines(r: Mapping) -> list[str]:
+    notes = r.get("protocol_notes", {})
+    headline = tuple(r.get("headline_protocols", HEADLINE))
+    L = ["## Retrieval: headline protocols", "",
+         "Database: the whole zoo, each query searched within its shape group (same input/output sizes); other "
+         "checkpoints of the query's own training run are removed from its database. `chance_P` is the precision "
+         "of a random ranking; `random (chance)` and `constant` measure it with the same code, `shape_only` shows "
+         "what shapes alone give. Metadata oracles (model cards naming the task) are never in these tables.", ""]
+    for proto in headline:
+        L += protocol_table_lines(r, proto, notes.get(proto, ""))
+    val = {m: {c: a["validation"][c] for c in VALIDATION_COLUMNS if c in a["validation"]}
+           for m in ordered_methods(r) if "validation" in (a := r["methods"][m])}
+    if val:
+        L += ["### validation", "", notes.get("validation", ""), "", md_table(val), ""] + trivial_notes(r, "validation")
+        L += [""]
+    L += ["## Retrieval: secondary protocols", ""]
+    for proto in [p for p in notes if p not in headline and p != "validation"]:
+        L += protocol_table_lines(r, proto, notes[proto])
+    oracles = [m for m in r["methods"] if is_oracle(m)]
+    if oracles:
+        L += ["### Metadata oracles (not a baseline)", "",
+              "These read model cards that name the task: a partial label oracle, not a metadata baseline.", "",
+              md_table({m: {p: _get(r["methods"][m], "retrieval", p, "P@10") for p in headline}
+                        for m in oracles}), ""]
+    reduced = {m: a["dims"] for m, a in r["methods"].items()
+               if "dims" in a and a["dims"]["probes"]["mean"] < a["dims"]["embedding"]["mean"]}
+    if reduced:
+        L += ["Clustering and the probes below see the top principal components (fit on the train rows) of "
+              "embeddings wider than the probe limit: " + ", ".join(
+                  f"{m} {a['embedding']['mean']:.0f} -> {a['probes']['mean']:.0f} dims" for m, a in reduced.items())
+              + "; retrieval uses every dimension.", ""]
+    return L
+
+
+def protocol_table_lines(r: Mapping, proto: str, note: str) -> list[str]:
+    table = retrieval_table(r, proto)
+    if not table:
+        skipped = {m: _get(a, "retrieval", "skipped", proto) for m, a in r["methods"].items()}
+        reason = next((v for v in skipped.values() if isinstance(v, str)), None)
+        return [f"### {proto}", "", f"Not measured: {reason}.", ""] if reason else []
+    L = [f"### {proto}", "", note, "", md_table(table)]
+    fp = strongest_fingerprint(r, proto)
+    if fp:
+        L += [f"Strongest training-free fingerprint here: `{fp}`."]
+    L += trivial_notes(r, f"retrieval/{proto}") + [""]
+    if f"retrieval_{proto}" in r.get("figures", {}):
+        L += [f"![{proto}]({r['figures'][f'retrieval_{proto}']})", ""]
+    return L
+
+
+def clustering_and_property_lines(r: Mapping) -> list[str]:
+    ms = {m: r["methods"][m] for m in ordered_methods(r)}
+    L = ["## Clustering (k-means within each shape group, k = its number of tasks)", "",
+         "Scores are means over the shape groups holding >= 2 tasks among the clustered models (`n_groups`); "
+         "`clustering`: all test queries; `clustering_unseen_tasks`: test-unseen and unseen-kind models.", ""]
+    for key in ("clustering", "clustering_unseen_tasks"):
+        rows = {m: {c: a[key][c] for c in ("purity", "ARI", "NMI", "n_groups") if c in a[key]}
+                for m, a in ms.items() if key in a}
+        if rows:
+            L += [f"### {key}", "", md_table(rows)] + trivial_notes(r, key) + [""]
+    L += ["## Property prediction (ridge probe on embeddings; fit on seen tasks' train and val runs, scored on the "
+          "test queries)", "",
+          "`within_kendall`: Kendall tau within each task over all its checkpoints (mixes training epochs); "
+          "`within_kendall_final`: within task, final checkpoints only; `within_kendall_task_epoch`: within each "
+          "(task, epoch).", ""]
+    targets = sorted({t for a in ms.values() for t in a.get("properties", {})})
+    for t in targets:
+        rows = {m: {c: a["properties"][t]["ridge"][c] for c in PROPERTY_COLUMNS if c in a["properties"][t].get("ridge", {})}
+                for m, a in ms.items() if t in a.get("properties", {})}
+        L += [f"### {t}", "", md_table(rows)] + trivial_notes(r, f"properties/{t}/ridge") + [""]
+    return L
+
+
+def extra_protocol_lines(r: Mapping) -> list[str]:
+    L: list[str] = []
     sym = _get(r, "symmetry_robustness", "methods")
     if sym:
         L += ["## Symmetry robustness", "",
@@ -352,15 +530,41 @@ def render_markdown(results: Mapping) -> str:
                     "acc after budget, retrieved": v["retrieved"]["mean_final_acc"],
                     "acc after budget, random": v["random"]["mean_final_acc"], "step ratio": v["step_ratio"]}
         L += [f"## Transfer (fine-tune top-{tr['k']} retrieved vs {tr['k']} random compatible models, "
-              f"{tr['steps']} steps)", "", md_table(rows, first="unseen task (retrieval method)"), ""]
+              f"{tr['steps']} steps)", "", md_table(rows, first="test-unseen task (retrieval method)"), ""]
         if "transfer" in r.get("figures", {}):
             L += [f"![transfer]({r['figures']['transfer']})", ""]
-    figs = r.get("figures", {})
-    other = [k for k in figs if k.startswith(("umap_", "training_", "precision_at_k_"))]
-    if other:
-        L += ["## More figures", ""] + [f"![{k}]({figs[k]})" for k in other] + [""]
-    L += ["## Analysis", ""] + analysis_lines(r) + [""]
-    return "\n".join(L)
+    return L
+
+
+SCALING_HEADING = "Scaling: unseen-task P@10 against the number of training tasks"
+
+
+def scaling_table(sc: Mapping) -> dict[str, dict]:
+    """{method: {"n = <tasks>": "mean ± std" of P@10}}; training-free methods have one value for every n."""
+    ns = sorted({n for v in sc["summary"].values() for n in v["n"]})
+    rows = {}
+    for m, v in sc["summary"].items():
+        p = v["P@10"]
+        rows[m] = {f"n = {n}": (f"{p['mean']:.3f} ± {p['std']:.3f}" if v["flat"] else
+                                f"{p['mean'][v['n'].index(n)]:.3f} ± {p['std'][v['n'].index(n)]:.3f}") for n in ns}
+    return rows
+
+
+def scaling_lines(r: Mapping) -> list[str]:
+    sc = r.get("scaling")
+    if not sc:
+        return []
+    seeds = list(sc["per_seed"].values())
+    epochs = seeds[0]["epochs"]
+    L = [f"## {SCALING_HEADING}", "", sc["note"], "",
+         f"Encoder `{sc['encoder']}`, recipes {', '.join(sc['recipes'])}; {len(seeds)} seeds (mean ± std); "
+         f"{seeds[0]['n_seen_tasks']} seen tasks per seed (n = {max(int(n) for n in epochs)} is all of them); "
+         "training epochs per n: " + ", ".join(f"{n}: {e}" for n, e in epochs.items())
+         + (" (the full training set's optimizer steps for every n)" if sc["equal_steps"] else "") + ".", "",
+         md_table(scaling_table(sc)), ""]
+    if "scaling" in r.get("figures", {}):
+        L += [f"![scaling]({r['figures']['scaling']})", ""]
+    return L
 
 
 SUBZOO_COLUMNS = ["P@1", "P@10", "mAP", "chance_P"]
@@ -397,42 +601,54 @@ def same_architecture_lines(r: Mapping) -> list[str]:
          f"embeddings; `shape_only` ties every model of a sub-zoo, so it is a chance anchor too.", ""]
     if sa.get("missing"):
         L += ["Missing: " + "; ".join(sa["missing"]), ""]
-    return L + [md_table(same_architecture_table(sa)), ""]
+    names = {z["arch_id"]: f"on sub-zoo {z['arch_name']}" for z in sa["subzoos"]}
+    notes = [line for zoo in sa.get("trivial_passes", {}).get("sections", {})
+             for line in trivial_notes(sa, zoo, names.get(zoo, "on the sub-zoo mean"))]
+    return L + [md_table(same_architecture_table(sa))] + notes + [""]
 
 
 def analysis_lines(r: Mapping) -> list[str]:
     """Plain statements of what the numbers show (no number that is not in results.json)."""
     out = []
-    for proto in HEADLINE:
+    for proto in tuple(r.get("headline_protocols", HEADLINE)):
         table = retrieval_table(r, proto)
         vals = {m: _mean(v.get("P@10")) for m, v in table.items() if v.get("P@10") is not None}
         if not vals:
             continue
         best = max(vals, key=vals.get)
         line = f"- {proto}: best P@10 {vals[best]:.3f} ({best})"
-        if "input_profile" in vals:
-            line += f"; input-profile reference {vals['input_profile']:.3f}"
-        if "shape_only" in vals:
-            line += f"; shape-only {vals['shape_only']:.3f}"
-        trained = {m: v for m, v in vals.items() if "[" in m and "untrained" not in m}
+        fp = strongest_fingerprint(r, proto)
+        for ref, name in ((fp, "strongest training-free fingerprint"), ("shape_only", "shape-only"),
+                          ("random (chance)", "chance")):
+            if ref in vals:
+                line += f"; {name} {vals[ref]:.3f}" + (f" ({ref})" if ref == fp else "")
+        trained = {m: v for m, v in vals.items() if m.endswith("]") and "untrained" not in m}
         if trained:
             tb = max(trained, key=trained.get)
             line += f"; best trained encoder {tb} {trained[tb]:.3f}"
-            if "input_profile" in vals:
-                d = trained[tb] - vals["input_profile"]
-                line += f" ({'above' if d > 0 else 'below'} the input profile by {abs(d):.3f})"
+            untrained = [m for m in vals if m.endswith("[untrained]")]
+            if untrained:
+                line += f" (untrained {vals[untrained[0]]:.3f})"
+            if fp:
+                d = trained[tb] - vals[fp]
+                line += f", {'above' if d > 0 else 'below'} the fingerprint by {abs(d):.3f}"
         out.append(line + ".")
     uns = {m: _mean(v.get("P@10")) for m, v in retrieval_table(r, "unseen_tasks").items()}
     if uns:
         ok = [m for m, v in uns.items() if v is not None and v >= 0.9]
-        out.append(f"- Target P@10 >= 0.9 on unseen tasks within shape group: "
+        out.append(f"- Target P@10 >= 0.9 on test-unseen tasks within shape group: "
                    f"{'met by ' + ', '.join(ok) if ok else 'not met by any method'}.")
-    taus = {m: _mean(_get(a, "properties", "test_acc", "ridge", "within_kendall")) for m, a in r.get("methods", {}).items()}
+    taus = {m: _mean(_get(r["methods"][m], "properties", "test_acc", "ridge", "within_kendall_final"))
+            for m in ordered_methods(r)}
     taus = {m: v for m, v in taus.items() if v is not None and v == v}
     if taus:
         best = max(taus, key=taus.get)
-        out.append(f"- Within-task Kendall tau of predicted test accuracy: best {taus[best]:.3f} ({best}); "
-                   f"target 0.5 {'met' if taus[best] >= 0.5 else 'not met'}.")
+        out.append(f"- Within-task Kendall tau of predicted test accuracy (final checkpoints): best {taus[best]:.3f} "
+                   f"({best}); target 0.5 {'met' if taus[best] >= 0.5 else 'not met'}.")
+    n_trivial = sum(len(v) for v in (_get(r, "trivial_passes", "sections") or {}).values())
+    if n_trivial:
+        out.append(f"- {n_trivial} score(s) are reached >= {r['trivial_passes']['threshold']} by a constant or "
+                   "shape-only embedding; each is noted under its table.")
     sa = {m: _mean(_get(a, "mean", "P@10")) for m, a in (_get(r, "same_architecture", "methods") or {}).items()}
     sa = {m: v for m, v in sa.items() if v is not None}
     if sa:

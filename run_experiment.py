@@ -3,6 +3,7 @@
     python run_experiment.py --seed 42 --epochs 50
     python run_experiment.py --small --epochs 1          # about a minute
     python run_experiment.py --small --resume            # after a crash: each training from its own last.pt
+    python run_experiment.py --experiment scaling        # unseen-task P@10 against the number of training tasks
     torchrun --standalone --nproc_per_node=2 run_experiment.py --small
 
 Every stage is recorded in results/<experiment>/results.json with its status and time;
@@ -42,15 +43,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     zoo = rec.run("zoo", S.make_zoo, cfg, dist, rec)
     graphs = rec.run("graphs", S.make_graphs, cfg, zoo, dist, depends_on=("zoo",))
-    split = rec.run("split", S.make_split, cfg, zoo, rec, depends_on=("zoo",))
-    recipes = rec.run("recipe_comparison", S.compare_recipes, cfg, zoo, graphs, split, dist, rec,
-                      depends_on=("graphs", "split"))
+    if cfg.experiment == "scaling":  # its own experiment: scaling.py
+        import scaling
+
+        rec.run("scaling", scaling.run_scaling, cfg, zoo, graphs, dist, rec, depends_on=("graphs",))
+        return _finish(results, rec, run_dir, t0, dist, S)
+    splits = rec.run("split", S.make_splits, cfg, zoo, rec, depends_on=("zoo",))  # seed -> its split
+    recipes = rec.run("recipe_comparison", S.compare_recipes, cfg, zoo, graphs, splits, dist, rec,
+                      depends_on=("graphs", "split"))  # seed -> its recipes
     seeds = S.eval_seeds(cfg)
     runs: dict[int, S.Methods] = {}  # seed -> every method that got that far
     per_seed: dict[str, list] = {}
     for seed in seeds:
-        trained = rec.run(f"train_embed_seed{seed}", S.train_and_embed, cfg, zoo, graphs, split, recipes, seed, dist,
-                          run_dir / "checkpoints", rec, depends_on=("graphs", "split", "recipe_comparison"))
+        split = (splits or {}).get(seed)  # None when a stage it needs did not finish: its dependents are skipped
+        trained = rec.run(f"train_embed_seed{seed}", S.train_and_embed, cfg, zoo, graphs, split,
+                          (recipes or {}).get(seed), seed, dist, run_dir / "checkpoints", rec,
+                          depends_on=("graphs", "split", "recipe_comparison"))
         if not dist.is_master:
             continue
         fitted = rec.run(f"baselines_seed{seed}", S.baseline_embeddings, cfg, zoo, split, seed, rec, depends_on=("split",))
@@ -59,15 +67,22 @@ def main(argv: list[str] | None = None) -> dict:
             per_seed.setdefault(method, []).append(
                 rec.run(f"evaluate[{method}]_seed{seed}", S.evaluate_method, cfg, zoo, split, emb, seed))
     if dist.is_master:
-        # the protocols below reuse the first seed's encoders, baselines and embeddings
+        # the protocols below reuse the first seed's split, encoders, baselines and embeddings
         first, made_by = runs.get(seeds[0]), (f"train_embed_seed{seeds[0]}", f"baselines_seed{seeds[0]}")
+        split = (splits or {}).get(seeds[0])
         rec.run("aggregate", S.aggregate, per_seed, rec, depends_on=("split",))
-        rec.run("same_architecture", S.same_architecture, cfg, zoo, graphs, split, recipes, runs, dist, rec,
+        rec.run("same_architecture", S.same_architecture, cfg, zoo, graphs, splits, recipes, runs, dist, rec,
                 depends_on=("graphs", "split", "recipe_comparison"))
         rec.run("symmetry_robustness", S.symmetry_robustness, cfg, zoo, split, first, rec, depends_on=("split", *made_by))
         rec.run("merging", S.merging, cfg, zoo, first, rec, depends_on=("zoo", made_by[0]))
         rec.run("transfer", S.transfer, cfg, zoo, split, first, rec, depends_on=("split", *made_by))
         rec.run("embedding_map", S.embedding_map, cfg, zoo, split, first, rec, depends_on=("split", *made_by))
+    return _finish(results, rec, run_dir, t0, dist, S)
+
+
+def _finish(results: dict, rec: RunRecorder, run_dir: Path, t0: float, dist, S) -> dict:
+    """Total time and the report (master), then the process group is left."""
+    if dist.is_master:
         results["timings"]["total"] = round(time.perf_counter() - t0, 2)
         rec.run("report", S.write_report, run_dir, rec)
         log.info("results in %s (%.1f s)", run_dir, time.perf_counter() - t0)

@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ import baselines as B
 import dataloader as D
 import evaluation as E
 import merging as M
+import subzoos as SZ
 from config import ExperimentConfig
 from contrastive_learning import Checkpointing, compare_view_recipes, embed, fit_contrastive
 from data_prep import ModelZooDataset
@@ -29,7 +30,7 @@ from report import RunRecorder, StageFailed, render_figures, render_markdown
 from retrieval import Embedder
 from runtime import DistInfo, barrier, cleanup_distributed, seed_everything, set_threads, setup_distributed, single_process
 from symmetry import SymmetryAugmenter
-from tasks import inputs_for_spec, load_task_data
+from tasks import inputs_for_spec, load_task_data, task_subset
 from weight_to_graph import WeightToGraph
 
 log = logging.getLogger("weightzoo")
@@ -50,10 +51,15 @@ class Encoder:
 
 @dataclass(frozen=True)
 class Recipes:
-    """The view recipes the encoders train with (the comparison's choice, else the configured one)."""
+    """The view recipes one seed's encoders train with (its comparison's choice, else the configured one)."""
 
     to_train: tuple[str, ...]  # the best self-supervised recipe first (the main method), then supcon; () if none
     self_supervised: str  # the self-supervised recipe (also the per-sub-zoo NFN's)
+    labels: Mapping[str, str] = field(default_factory=dict)  # recipe -> the name its method is reported under
+
+    def method(self, model: str, recipe: str) -> str:
+        """The method name of ``model`` trained with ``recipe``, e.g. "gnn [noise]"."""
+        return f"{model} [{self.labels.get(recipe, recipe)}]"
 
 
 @dataclass(frozen=True)
@@ -106,9 +112,10 @@ def eval_seeds(cfg: ExperimentConfig) -> list[int]:
 def make_zoo(cfg: ExperimentConfig, dist: DistInfo, rec: RunRecorder) -> ModelZooDataset:
     """Train the zoo (or reuse the one on disk made with the same arguments); rank 0 trains."""
     z = cfg.zoo
-    kwargs = dict(num_models=z.num_models, epochs=z.zoo_epochs, checkpoints_per_run=z.checkpoints_per_run,
-                  card_task_fraction=z.card_task_fraction, seed=z.zoo_seed, cnn_fraction=z.cnn_fraction,
-                  cnn_bn_fraction=z.cnn_bn_fraction, resnet_fraction=z.resnet_fraction,
+    kwargs = dict(num_models=z.num_models or None, runs_per_task=None if z.num_models else z.runs_per_task * z.zoo_scale,
+                  tasks=task_subset(z.zoo_tasks) if z.zoo_tasks else None, epochs=z.zoo_epochs,
+                  checkpoints_per_run=z.checkpoints_per_run, card_task_fraction=z.card_task_fraction, seed=z.zoo_seed,
+                  cnn_fraction=z.cnn_fraction, cnn_bn_fraction=z.cnn_bn_fraction, resnet_fraction=z.resnet_fraction,
                   group_size=z.zoo_group_size, reuse=True)
     if dist.is_master:
         zoo = ModelZooDataset.create_synthetic_model_zoo(z.zoo_dir, workers=z.zoo_workers, progress=True, **kwargs)
@@ -121,8 +128,16 @@ def make_zoo(cfg: ExperimentConfig, dist: DistInfo, rec: RunRecorder) -> ModelZo
     rec.results["zoo"] = {
         "dir": z.zoo_dir, "version": zoo.version, "num_models": len(zoo), "num_runs": int(meta["run_id"].nunique()),
         "num_tasks": int(meta["task"].nunique()), "num_datasets": int(meta["dataset"].nunique()),
+        "sources": sorted(meta["dataset"].unique().tolist()), "tasks": sorted(meta["task"].unique().tolist()),
         "num_architectures": len(zoo.specs), "arch_families": sorted(meta["arch_family"].unique().tolist()),
         "tasks_per_shape_group": {str(k): int(v) for k, v in groups.items()},
+        "tasks_by_shape_group": {str(k): sorted(v) for k, v in meta.groupby("shape_group")["task"].unique().items()},
+        "models_per_shape_group": {str(k): int(v) for k, v in meta["shape_group"].value_counts().sort_index().items()},
+        "card_task_fraction": B.card_task_fraction(meta),
+        "checkpoints_per_run": z.checkpoints_per_run, "zoo_epochs": z.zoo_epochs,
+        **{f"{what}_per_task": {"min": int(c.min()), "median": float(c.median()), "max": int(c.max())}
+           for what, c in (("runs", meta.groupby("task")["run_id"].nunique()), ("models", meta["task"].value_counts()),
+                           ("final_models", final["task"].value_counts().reindex(meta["task"].unique(), fill_value=0)))},
         "final_test_acc_by_task_family": {str(k): float(v) for k, v in final.groupby("task_family")["test_acc"].mean().items()},
         "final_test_acc_by_task": {str(k): float(v) for k, v in final.groupby("task")["test_acc"].mean().items()},
         "final_test_acc_by_arch_family": {str(k): float(v) for k, v in final.groupby("arch_family")["test_acc"].mean().items()},
@@ -142,20 +157,30 @@ def make_graphs(cfg: ExperimentConfig, zoo: ModelZooDataset, dist: DistInfo) -> 
     return graphs
 
 
-def make_split(cfg: ExperimentConfig, zoo: ModelZooDataset, rec: RunRecorder) -> D.Split:
-    """Held-out tasks (never trained on) and a by-run train/val/test split of the rest."""
-    meta = zoo.metadata
-    held = D.select_heldout_tasks(meta, cfg.eval.heldout_task_fraction, cfg.seed)
-    split = D.split_by_run(meta, cfg.train.val_fraction, cfg.train.test_fraction, held, cfg.seed)
-    rec.results["split"] = {"heldout_tasks": held, "n_train": len(split.train), "n_val": len(split.val),
-                            "n_test": len(split.test), "n_heldout": len(split.heldout),
-                            "note": "split by training run; held-out tasks never enter encoder training"}
-    return split
+def draw_seed_split(cfg: ExperimentConfig, meta, seed: int) -> D.Split:
+    """Evaluation seed ``seed``'s split of the zoo (``dataloader.draw_split`` with the configured fractions)."""
+    ev, t = cfg.eval, cfg.train
+    return D.draw_split(meta, seed, val_fraction=t.val_fraction, test_fraction=t.test_fraction,
+                        test_unseen_fraction=ev.heldout_task_fraction, val_unseen_fraction=ev.val_unseen_task_fraction,
+                        unseen_kind=ev.unseen_kind, kind_max_fraction=ev.unseen_kind_max_fraction)
+
+
+def make_splits(cfg: ExperimentConfig, zoo: ModelZooDataset, rec: RunRecorder) -> dict[int, D.Split]:
+    """One split per evaluation seed, the same for every method (``dataloader.draw_split``): a whole task
+    kind held out, per shape group test-unseen and val-unseen tasks, and the seen tasks' runs split into
+    train / val / test. Encoder training, model selection and evaluation of seed s all use split s."""
+    splits = {s: draw_seed_split(cfg, zoo.metadata, s) for s in eval_seeds(cfg)}
+    rec.results["split"] = {
+        "note": "redrawn per seed (the same for every method); runs of seen tasks split into train/val/test by run; "
+                "test-unseen and unseen-kind tasks are read by no choice (training, view recipe, best epoch)",
+        "seeds": {str(s): sp.summary() for s, sp in splits.items()}}
+    return splits
 
 
 def _eval_indices(split: D.Split) -> tuple[np.ndarray, np.ndarray]:
-    """(fit rows, query rows): methods fit on train+val; queries are test + every held-out-task model."""
-    return np.concatenate([split.train, split.val]), np.concatenate([split.test, split.heldout])
+    """(fit rows, query rows): methods fit on the seen tasks' train and val runs; the test queries are the
+    seen tasks' test runs, the test-unseen models and the unseen-kind models."""
+    return np.concatenate([split.train, split.val]), np.sort(np.concatenate(list(split.query_sets.values())))
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -192,28 +217,42 @@ def encoder_from_args(args: dict) -> torch.nn.Module:
     raise ValueError(f"unknown encoder {args['name']!r}; known: {GNN_MODELS + FLAT_MODELS}")
 
 
-def compare_recipes(cfg: ExperimentConfig, zoo, graphs, split: D.Split, dist: DistInfo, rec: RunRecorder) -> Recipes:
-    """Compare view recipes on validation (seen tasks only) with a short training each; returns the
-    recipes to train: the best self-supervised one and the weakly supervised supcon side by side
-    when the comparison ran, else the configured recipe (none under --skip_training)."""
+def compare_recipes(cfg: ExperimentConfig, zoo, graphs, splits: dict[int, D.Split], dist: DistInfo,
+                    rec: RunRecorder) -> dict[int, Recipes]:
+    """Per seed, compare view recipes on that seed's validation data (``dataloader.selection_subset``: the
+    validation protocol, nothing of the test queries) with a short training each; returns each seed's
+    recipes to train: the best self-supervised one and the weakly supervised supcon side by side when the
+    comparison ran, else the configured recipe (none under --skip_training). A method is named after its
+    recipe when every seed chose the same one, else "self-supervised, chosen per seed"."""
     t = cfg.train
     if cfg.skip_training or t.compare_epochs == 0 or len(t.compare_recipes) == 0:
         rec.results["recipe_comparison"] = {"ran": False, "chosen": t.view_recipe}
-        return Recipes(() if cfg.skip_training else (t.view_recipe,), t.view_recipe)
+        return {s: Recipes(() if cfg.skip_training else (t.view_recipe,), t.view_recipe) for s in splits}
     conv = WeightToGraph.from_config(cfg.graph)
     aug = SymmetryAugmenter.from_config(cfg.augment)
-    transform = _make_encoder(cfg, zoo, split, conv).transform
-    out = compare_view_recipes(lambda: _make_encoder(cfg, zoo, split, conv).model, graphs, zoo.metadata, split,
-                               t.compare_recipes, t, t.compare_epochs,
-                               lambda r: D.make_view_fn(r, aug, cfg.graph.canonicalize), dist, cfg.seed, transform)
-    rec.results["recipe_comparison"] = {"ran": True, "metric": out["metric"], "epochs": out["epochs"],
-                                        "chosen": out["chosen"], "chosen_self_supervised": out["chosen_self_supervised"],
-                                        "recipes": {r: {k: v for k, v in d.items() if k != "history"}
-                                                    for r, d in out["recipes"].items()}}
-    ss = out["chosen_self_supervised"]
-    if ss is None:
-        return Recipes((t.view_recipe,), t.view_recipe)
-    return Recipes((ss,) + (("supcon",) if "supcon" in out["recipes"] else ()), ss)
+    per_seed: dict[int, dict] = {}
+    for seed, split in splits.items():
+        sel_graphs, sel_meta, sel_split = D.selection_subset(graphs, zoo.metadata, split)
+        transform = _make_encoder(cfg, zoo, split, conv).transform
+        per_seed[seed] = compare_view_recipes(
+            lambda: _make_encoder(cfg, zoo, split, conv).model, sel_graphs, sel_meta, sel_split, t.compare_recipes, t,
+            t.compare_epochs, lambda r: D.make_view_fn(r, aug, cfg.graph.canonicalize), dist, seed, transform)
+    first = next(iter(per_seed.values()))
+    rec.results["recipe_comparison"] = {
+        "ran": True, "metric": first["metric"], "epochs": first["epochs"],
+        "seeds": {str(s): {"chosen": o["chosen"], "chosen_self_supervised": o["chosen_self_supervised"],
+                           "recipes": {r: {k: v for k, v in d.items() if k != "history"} for r, d in o["recipes"].items()}}
+                  for s, o in per_seed.items()}}
+    chosen = {o["chosen_self_supervised"] for o in per_seed.values()}
+    label = {} if len(chosen) == 1 else {r: "self-supervised, chosen per seed" for r in chosen if r is not None}
+    out = {}
+    for seed, o in per_seed.items():
+        ss = o["chosen_self_supervised"]
+        if ss is None:
+            out[seed] = Recipes((t.view_recipe,), t.view_recipe)
+        else:
+            out[seed] = Recipes((ss,) + (("supcon",) if "supcon" in o["recipes"] else ()), ss, label)
+    return out
 
 
 def _training_settings(cfg: ExperimentConfig, zoo: ModelZooDataset) -> dict:
@@ -225,22 +264,24 @@ def _training_settings(cfg: ExperimentConfig, zoo: ModelZooDataset) -> dict:
 
 def train_and_embed(cfg: ExperimentConfig, zoo, graphs, split: D.Split, recipes: Recipes, seed: int, dist: DistInfo,
                     ckpt_dir: Path, rec: RunRecorder) -> Methods:
-    """Train the encoder with every recipe of ``recipes`` for this seed (each in its own checkpoint folder
-    ``ckpt_dir/<model>_<recipe>_seed<seed>/``, resumed from it with --resume) and embed the whole zoo with
-    each and with the untrained encoder."""
+    """Train the encoder with every recipe of ``recipes`` for this seed on this seed's split (each in its own
+    checkpoint folder ``ckpt_dir/<model>_<recipe>_seed<seed>/``, resumed from it with --resume; training and
+    its best-epoch choice see only ``dataloader.selection_subset``) and embed the whole zoo with each and
+    with the untrained encoder."""
     conv = WeightToGraph.from_config(cfg.graph)
     aug = SymmetryAugmenter.from_config(cfg.augment)
     name = cfg.encoder.model
     seed_everything(seed)
     encoders = {f"{name} [untrained]": _make_encoder(cfg, zoo, split, conv)}
+    sel_graphs, sel_meta, sel_split = D.selection_subset(graphs, zoo.metadata, split)  # all training may read
     for recipe in recipes.to_train:
-        method, tag = f"{name} [{recipe}]", f"{name}_{recipe}_seed{seed}"
+        method, tag = recipes.method(name, recipe), f"{name}_{recipe}_seed{seed}"
         seed_everything(seed)  # every recipe starts from the untrained encoder's initialisation
         enc = _make_encoder(cfg, zoo, split, conv)
         ckpt = Checkpointing(ckpt_dir / tag, enc.args, _training_settings(cfg, zoo), cfg.resume)
         if dist.is_master:
             log.info("training %s, seed %d (checkpoints in %s)", method, seed, ckpt.directory)
-        fit = fit_contrastive(enc.model, graphs, zoo.metadata, split, recipe, cfg.train, dist, seed=seed,
+        fit = fit_contrastive(enc.model, sel_graphs, sel_meta, sel_split, recipe, cfg.train, dist, seed=seed,
                               view_fn=D.make_view_fn(recipe, aug, cfg.graph.canonicalize), transform=enc.transform,
                               checkpoint=ckpt, show_progress=True)
         encoders[method] = Encoder(fit.encoder, enc.transform, enc.args)
@@ -256,12 +297,15 @@ def train_and_embed(cfg: ExperimentConfig, zoo, graphs, split: D.Split, recipes:
 
 
 def baseline_embeddings(cfg: ExperimentConfig, zoo, split: D.Split, seed: int, rec: RunRecorder) -> Methods:
-    """Fit every configured baseline on the fit rows and embed the whole zoo."""
+    """Fit every configured baseline (and shape_only, always) on the fit rows and embed the whole zoo; add the
+    reference embeddings (``evaluation.REFERENCE_METHODS``). A metadata baseline reading model cards that name
+    their task is reported under its oracle label (``baselines.oracle_label``)."""
     fit_idx, _ = _eval_indices(split)
     train_zoo = zoo.subset(fit_idx)
     out = Methods()
     skipped = rec.results.setdefault("skipped_methods", {})
-    for name in cfg.eval.methods:
+    naming = B.card_task_fraction(zoo.metadata)
+    for name in dict.fromkeys([*cfg.eval.methods, "shape_only"]):
         if name == "nfn":  # one NFN per architecture cannot embed a mixed zoo into one space
             skipped[name] = "not in the whole-zoo tables: NFN needs one architecture; see the same-architecture table"
             continue
@@ -272,28 +316,45 @@ def baseline_embeddings(cfg: ExperimentConfig, zoo, split: D.Split, seed: int, r
             skipped[name] = f"skipped: {e.reason}"
             log.warning("baseline %s skipped: %s", name, e.reason)
             continue
-        out.baselines[name] = method
-        out.embeddings[name] = method.embed(zoo)
+        label = B.oracle_label(name, naming) if name in B.METADATA_BASELINES and naming > 0 else name
+        out.baselines[label] = method
+        out.embeddings[label] = method.embed(zoo)
+    out.embeddings.update(E.reference_embeddings(len(zoo), seed))
     return out
 
 
-def evaluate_method(cfg: ExperimentConfig, zoo, split, embeddings: np.ndarray, seed: int) -> dict:
-    fit_idx, query_idx = _eval_indices(split)
+def evaluate_method(cfg: ExperimentConfig, zoo, split: D.Split, embeddings: np.ndarray, seed: int) -> dict:
+    """Every protocol (``evaluation.evaluate_embeddings``) for one method's embeddings on this seed's split."""
+    fit_idx, _ = _eval_indices(split)
     ev = cfg.eval
-    return E.evaluate_embeddings(embeddings, zoo.metadata, fit_idx, query_idx, split.heldout_tasks, ev.k_values,
+    validation = None
+    if len(split.val) or len(split.val_unseen):
+        validation = {"database": split.selection_rows, "seen": split.val, "unseen": split.val_unseen}
+    return E.evaluate_embeddings(embeddings, zoo.metadata, fit_idx, split.query_sets, validation, ev.k_values,
                                  ev.property_targets, ev.probes, ev.within_task_min_models, seed)
 
 
 def aggregate(per_seed: dict[str, list], rec: RunRecorder) -> dict:
+    """Mean ± std over seeds (each seed its own split) per method, and where a constant or shape-only
+    embedding reaches ``evaluation.TRIVIAL_THRESHOLD`` (the report notes it beside that table)."""
     out = {}
     for method, runs in per_seed.items():
         ok = [r for r in runs if r is not None]
         if len(ok) < len(runs):
             rec.results.setdefault("failed_methods", {})[method] = f"{len(runs) - len(ok)} of {len(runs)} seeds failed"
-        if ok:
-            out[method] = E.aggregate_seeds(ok)
+        try:  # a protocol measured under one seed's split and not another's cannot be averaged: said, per method
+            if ok:
+                out[method] = E.aggregate_seeds(ok)
+        except ValueError as e:
+            rec.results.setdefault("failed_methods", {})[method] = f"not aggregated over seeds: {e}"
     rec.results["methods"] = out
-    rec.results["protocol_notes"] = E.PROTOCOL_NOTES
+    rec.results["protocol_notes"] = {**E.PROTOCOL_NOTES, "validation": E.VALIDATION_NOTE}
+    rec.results["headline_protocols"] = list(E.HEADLINE_PROTOCOLS)
+    rec.results["reference_methods"] = {
+        "notes": E.REFERENCE_METHODS, "trivial_methods": list(E.TRIVIAL_METHODS),
+        "training_free_fingerprints": [m for m in B.TRAINING_FREE_FINGERPRINTS if m in out],
+        "oracles": [m for m in out if B.is_oracle(m)]}
+    rec.results["trivial_passes"] = {"threshold": E.TRIVIAL_THRESHOLD, "sections": E.trivial_passes(per_seed)}
     return out
 
 
@@ -384,7 +445,7 @@ def merging(cfg: ExperimentConfig, zoo, methods: Methods, rec: RunRecorder) -> d
 
 
 def transfer(cfg: ExperimentConfig, zoo, split: D.Split, methods: Methods, rec: RunRecorder) -> dict:
-    """For each unseen task: query with one of its models, fine-tune top-k retrieved vs k random."""
+    """For each test-unseen task: query with one of its models, fine-tune top-k retrieved vs k random."""
     main = methods.main
     stored = methods.embeddings
     if main is None or main not in stored:
@@ -397,7 +458,7 @@ def transfer(cfg: ExperimentConfig, zoo, split: D.Split, methods: Methods, rec: 
     retrievers = [main] + (["input_profile"] if "input_profile" in stored else [])
     out: dict[str, Any] = {"tasks": {}, "steps": cfg.eval.transfer_steps, "k": cfg.eval.transfer_k}
     rng = np.random.default_rng(cfg.seed)
-    for task in split.heldout_tasks[: cfg.eval.transfer_tasks]:
+    for task in split.test_unseen_tasks[: cfg.eval.transfer_tasks]:
         rows = np.flatnonzero((meta["task"].to_numpy() == task) & final)
         q = int(rng.choice(rows))
         X_tr, y_tr, X_te, y_te = load_task_data(task)
@@ -460,7 +521,7 @@ def train_nfn_subzoo(cfg: ExperimentConfig, zoo, graphs, rows: np.ndarray, fit_r
     enc = B.NFNEncoder(spec, e.nfn_hidden_channels, e.nfn_layers, cfg.encoder.global_dim, cfg.encoder.projection_dim)
     enc.set_input_scales(B.nfn_batch_from_flat(spec, torch.stack([to_flat(graphs[i]) for i in fit_rows])))
     empty = np.zeros(0, np.int64)
-    sub = D.Split(np.asarray(fit_rows), empty, empty, empty, tuple(heldout_tasks))
+    sub = D.Split(np.asarray(fit_rows), empty, empty, empty, test_unseen_tasks=tuple(heldout_tasks))
     train = dataclasses.replace(cfg.train, batch_size=min(cfg.train.batch_size, len(fit_rows)))
     view_fn = D.make_view_fn(recipe, SymmetryAugmenter.from_config(cfg.augment), cfg.graph.canonicalize)
     fit = fit_contrastive(enc, graphs, zoo.metadata, sub, recipe, train, single_process(device), seed=seed,
@@ -474,78 +535,90 @@ NFN_NOT_TRAINED = ("not run (nfn_epochs = 0, the default): one NFN per sub-zoo t
                    "--nfn_epochs N runs it. Training-free NFN only")
 
 
-def same_architecture(cfg: ExperimentConfig, zoo, graphs, split: D.Split, recipes: Recipes, runs: dict[int, Methods],
-                      dist: DistInfo, rec: RunRecorder) -> dict:
+def _subzoos_of_every_split(cfg: ExperimentConfig, zoo, splits: dict[int, D.Split]) -> list[dict]:
+    """The K largest same-architecture sub-zoos that qualify under every seed's split (plain architectures:
+    NFN's HNP layers take plain MLP/GAP-CNN weight spaces only); their figures are the first seed's."""
+    e, meta, plain = cfg.eval, zoo.metadata, _plain_rows(zoo)
+    per_seed = []
+    for split in splits.values():
+        fit_idx, query_idx = _eval_indices(split)
+        per_seed.append(SZ.select_same_architecture_subzoos(meta, fit_idx[plain[fit_idx]], query_idx[plain[query_idx]],
+                                                            len(zoo.specs), e.same_arch_min_tasks,
+                                                            e.same_arch_min_models))
+    everywhere = set.intersection(*({z["arch_id"] for z in zs} for zs in per_seed))
+    return [z for z in per_seed[0] if z["arch_id"] in everywhere][: e.same_arch_subzoos]
+
+
+def same_architecture(cfg: ExperimentConfig, zoo, graphs, splits: dict[int, D.Split], recipes: dict[int, Recipes],
+                      runs: dict[int, Methods], dist: DistInfo, rec: RunRecorder) -> dict:
     """NFN (a fixed-architecture published peer) side by side with every method of the run, on the K largest
-    same-architecture sub-zoos spanning several tasks (evaluation.same_architecture_retrieval), per eval seed.
-    Runs on the master process only; the trained NFN needs a single-process run (its loop would wait for
-    the other ranks), so under torchrun only the training-free NFN is reported, and the note says so.
-    ``runs``: the methods of each eval seed that got that far (a missing seed is reported as missing)."""
+    same-architecture sub-zoos spanning several tasks (subzoos.same_architecture_retrieval), per eval seed on
+    that seed's split. Runs on the master process only; the trained NFN needs a single-process run (its loop
+    would wait for the other ranks), so under torchrun only the training-free NFN is reported, and the note
+    says so. ``runs``: the methods of each eval seed that got that far (a missing seed is reported as missing;
+    they include the chance and constant references)."""
     e = cfg.eval
     if e.same_arch_subzoos == 0:
         rec.results["same_architecture"] = {"ran": False, "reason": "same_arch_subzoos = 0"}
         return {}
     meta = zoo.metadata
-    fit_idx, query_idx = _eval_indices(split)
-    plain = _plain_rows(zoo)  # NFN's HNP layers take plain MLP/GAP-CNN weight spaces only
-    subzoos = E.select_same_architecture_subzoos(meta, fit_idx[plain[fit_idx]], query_idx[plain[query_idx]],
-                                                 e.same_arch_subzoos, e.same_arch_min_tasks, e.same_arch_min_models)
+    subzoos = _subzoos_of_every_split(cfg, zoo, splits)
     if not subzoos:
         raise StageFailed(f"no architecture has >= {e.same_arch_min_models} models spanning >= "
-                          f"{e.same_arch_min_tasks} tasks with train and query models")
+                          f"{e.same_arch_min_tasks} tasks with train and query models under every seed's split")
     archs = [s["arch_id"] for s in subzoos]
-    rows = {a: E.subzoo_rows(meta, a) for a in archs}
-    fit_rows = {a: r[np.isin(r, fit_idx)] for a, r in rows.items()}
-    recipe = recipes.self_supervised
-    trained_name = f"nfn [{recipe}]"
+    rows = {a: SZ.subzoo_rows(meta, a) for a in archs}
     train_nfn = e.nfn_epochs > 0 and not dist.is_distributed
     per_seed: dict[str, list] = {}
     seconds: dict[str, list] = {"run_methods": [], "nfn_random_init": [], "nfn_trained": []}
     missing: list[str] = []
     for seed in eval_seeds(cfg):
+        split, recipe = splits[seed], recipes[seed].self_supervised
+        fit_idx, query_idx = _eval_indices(split)
         t0 = time.perf_counter()
         if seed not in runs:
             missing.append(f"seed {seed}: no embeddings of the run's methods (their stages did not finish)")
         for method, emb in (runs[seed].embeddings if seed in runs else {}).items():
             per_seed.setdefault(method, []).append(
-                E.same_architecture_retrieval(emb, meta, archs, fit_idx, query_idx, e.k_values))
+                SZ.same_architecture_retrieval(emb, meta, archs, fit_idx, query_idx, e.k_values))
         t1 = time.perf_counter()
         # training-free NFN: one random-init encoder per architecture, input scales and standardization fit on
         # the sub-zoo's train models only
         nfn = {a: B.NFNBaseline(e.nfn_hidden_channels, e.nfn_layers, min_models=1, seed=seed).fit_embed(
             zoo.subset(rows[a]), np.isin(rows[a], fit_idx)) for a in archs}
         per_seed.setdefault("nfn (random init)", []).append(
-            E.same_architecture_retrieval(nfn, meta, archs, fit_idx, query_idx, e.k_values))
+            SZ.same_architecture_retrieval(nfn, meta, archs, fit_idx, query_idx, e.k_values))
         t2 = time.perf_counter()
         if train_nfn:
-            embs = {a: train_nfn_subzoo(cfg, zoo, graphs, rows[a], fit_rows[a], recipe, seed, dist.device,
-                                        split.heldout_tasks)[0] for a in archs}
-            per_seed.setdefault(trained_name, []).append(
-                E.same_architecture_retrieval(embs, meta, archs, fit_idx, query_idx, e.k_values))
+            embs = {a: train_nfn_subzoo(cfg, zoo, graphs, rows[a], r[np.isin(r, fit_idx)], recipe, seed, dist.device,
+                                        split.heldout_tasks)[0] for a, r in rows.items()}
+            per_seed.setdefault(recipes[seed].method("nfn", recipe), []).append(
+                SZ.same_architecture_retrieval(embs, meta, archs, fit_idx, query_idx, e.k_values))
         t3 = time.perf_counter()
-        rng = np.random.default_rng(seed)  # the chance anchor, measured with the same code
-        per_seed.setdefault("random (chance)", []).append(E.same_architecture_retrieval(
-            rng.standard_normal((len(meta), 16)).astype(np.float32), meta, archs, fit_idx, query_idx, e.k_values))
         for k, v in zip(seconds, (t1 - t0, t2 - t1, t3 - t2)):
             seconds[k].append(round(v, 3))
         log.info("same-architecture sub-zoos seed %d: run methods %.1f s, NFN random init %.1f s, NFN trained %.1f s",
                  seed, t1 - t0, t2 - t1, t3 - t2)
     n_seeds = len(eval_seeds(cfg))
-    for method, runs in per_seed.items():
-        if len(runs) < n_seeds:
-            missing.append(f"{method}: {len(runs)} of {n_seeds} seeds")
+    for method, done in per_seed.items():
+        if len(done) < n_seeds:
+            missing.append(f"{method}: {len(done)} of {n_seeds} seeds")
+    first = recipes[eval_seeds(cfg)[0]]
+    trained_name = first.method("nfn", first.self_supervised)
     out = {
-        "ran": True, "note": E.SAME_ARCHITECTURE_NOTE, "subzoos": subzoos,
+        "ran": True, "note": SZ.SAME_ARCHITECTURE_NOTE, "subzoos": subzoos,
         "criteria": {"k": e.same_arch_subzoos, "min_tasks": e.same_arch_min_tasks,
                      "min_models": e.same_arch_min_models},
         "nfn": {"hidden_channels": e.nfn_hidden_channels, "layers": e.nfn_layers,
                 "random_init": "training-free: random-init HNP layers, pooled features standardized on train models "
                                "(raw weights)",
                 "trained": (f"{trained_name}: NFNEncoder trained per sub-zoo with the shared contrastive loop "
-                            f"({e.nfn_epochs} epochs, recipe {recipe}, canonical-form weights, train models only)"
+                            f"({e.nfn_epochs} epochs, each seed's self-supervised recipe, canonical-form weights, "
+                            f"train models only)"
                             if train_nfn else NFN_NOT_TRAINED if e.nfn_epochs == 0
                             else "not run under torchrun (single-process loop): training-free NFN only")},
-        "methods": {m: E.aggregate_seeds(runs) for m, runs in per_seed.items()},
+        "methods": {m: E.aggregate_seeds(done) for m, done in per_seed.items()},
+        "trivial_passes": {"threshold": E.TRIVIAL_THRESHOLD, "sections": E.trivial_passes(per_seed)},  # by sub-zoo
         "seconds_per_seed": seconds,
     }
     if missing:

@@ -458,6 +458,7 @@ class SymmetryAugmenter:
             K = int(round(math.sqrt(ea.shape[1])))
             for l in range(len(spec.layers)):  # weight edges only: identity shortcuts stay exact
                 (kh, kw) = spec.edge_window(l)
+                kh, kw = min(kh, K), min(kw, K)  # a flatten block wider than K sits summarized in K x K
                 lh, lw = (K - kh) // 2, (K - kw) // 2
                 block = ea[edge_off[l]:edge_off[l + 1]].view(-1, K, K)  # a view: writes go into ea
                 win = block[:, lh:lh + kh, lw:lw + kw]  # (n_edges, kh, kw): the real weights, no padding

@@ -154,15 +154,17 @@ class ResultsVisualizer:
         return _save(fig, save_as)
 
     def plot_curves(self, curves: Mapping[str, Mapping[str, Sequence[float]]], save_as: str | Path,
-                    xlabel: str, ylabel: str, title: str) -> str:
-        """Generic line plot: {label: {"x": [...], "y": [...], optional "std": [...]}}."""
+                    xlabel: str, ylabel: str, title: str, logx: bool = False) -> str:
+        """Generic line plot: {label: {"x": [...], "y": [...], optional "std": [...], optional "dashed": bool}}."""
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, c in curves.items():
             x, y = np.asarray(c["x"], float), np.asarray(c["y"], float)
-            ax.plot(x, y, marker="o", ms=3, label=label)
+            ax.plot(x, y, marker="" if c.get("dashed") else "o", ms=3, ls="--" if c.get("dashed") else "-", label=label)
             if c.get("std") is not None:
                 s = np.asarray(c["std"], float)
                 ax.fill_between(x, y - s, y + s, alpha=0.2)
+        if logx:
+            ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(title)

@@ -21,8 +21,13 @@ with the zoo's graphs:
 * a **flatten head** (``flatten=True``): the first linear layer's inputs are channel x position; its
   graph inputs are the C channel nodes of the last conv and one edge per (output neuron, channel)
   carries that channel's H x W block of columns as a kernel (``edge_kind`` conv, padded centred to
-  K x K; needs H, W <= K). Permuting a conv channel is then a node permutation, as for a GAP head,
-  and the position of a column is the slot of its weight in the edge feature;
+  K x K). Permuting a conv channel is then a node permutation, as for a GAP head, and the position
+  of a column is the slot of its weight in the edge feature. A map side larger than K (the classic
+  MNIST CNN's 7 x 7 map under K = 5) is summarized with ``flatten_summary=True``: each block is
+  resampled to K along that side by area (``area_resample``: every position's weight is split
+  between the slots its cell overlaps, so a block's sum, the response to a constant map, is kept).
+  The summary is a fixed linear map applied to each edge alone, so permutation (and, on canonical
+  weights, scaling) invariance stays exact; it cannot be inverted (``to_state_dict`` refuses it);
 * **pooling** is part of the layer (``spec_json``); max/avg pooling commutes with channel permutation
   and positive scaling, so it adds no nodes or edges;
 * an **identity shortcut** (``residual_from=s`` on layer j) adds, after all weight edges, one edge
@@ -62,6 +67,7 @@ EDGE_LINEAR, EDGE_CONV = 0, 1
 CACHE_FORMAT = 1  # bump when the cached layout or the graph contract changes
 
 __all__ = ["WeightToGraph", "canonicalize", "GraphStructure", "graph_structure", "extension_features",
+           "area_resample", "flatten_window",
            "NODE_INPUT", "NODE_HIDDEN", "NODE_OUTPUT", "EDGE_LINEAR", "EDGE_CONV", "POOL_KINDS"]
 POOL_KINDS = {"": 0, "max": 1, "avg": 2}  # ids of ``extension_features(...)["pool_kind"]``
 
@@ -108,7 +114,27 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _check_supported(spec: ArchitectureSpec, max_kernel: int) -> None:
+def area_resample(n: int, m: int) -> Tensor:
+    """(m, n) matrix resampling n cells to m <= n by area: entry (i, j) is the overlap of output cell i,
+    the interval [i n/m, (i+1) n/m), with input cell [j, j+1); columns sum to 1 (each input cell's value
+    is split, none lost). n == m gives the identity. Computed in float64 on the grid n*m, exactly."""
+    if not 1 <= m <= n:
+        raise ValueError(f"area_resample needs 1 <= m <= n, got n={n}, m={m}")
+    # on a grid of n*m fine cells, output cell i covers fine cells [i n, (i+1) n), input cell j [j m, (j+1) m)
+    fine = torch.arange(n * m)
+    counts = torch.zeros(m, n, dtype=torch.float64).index_put_((fine // n, fine // m), torch.ones(n * m,
+                                                                dtype=torch.float64), accumulate=True)
+    return (counts / m).float()
+
+
+def flatten_window(spec: ArchitectureSpec, i: int, max_kernel: int) -> tuple[int, int]:
+    """(kh, kw) that layer i's edges occupy in a K x K edge feature: ``spec.edge_window(i)``, with a
+    flatten head's map sides larger than K summarized to K."""
+    kh, kw = spec.edge_window(i)
+    return (min(kh, max_kernel), min(kw, max_kernel)) if spec.layers[i].flatten else (kh, kw)
+
+
+def _check_supported(spec: ArchitectureSpec, max_kernel: int, flatten_summary: bool = False) -> None:
     """Raise ValueError naming the layer if the converter cannot represent ``spec``."""
     if not isinstance(spec, ArchitectureSpec):
         raise TypeError(f"expected an architecture.ArchitectureSpec, got {type(spec).__name__}")
@@ -125,12 +151,13 @@ def _check_supported(spec: ArchitectureSpec, max_kernel: int) -> None:
                                  f"of this converter; use WeightToGraph(max_kernel={layer.kernel_size})")
         if layer.activation not in ACTIVATIONS:
             raise ValueError(f"{where}: unknown activation {layer.activation!r}")
-        if layer.flatten:
+        if layer.flatten and not flatten_summary:
             h, w = spec.edge_window(i)
             if max(h, w) > max_kernel:
-                raise ValueError(f"{where}: flatten head over a {h}x{w} map needs edge features of at least "
-                                 f"{max(h, w)}x{max(h, w)}; use WeightToGraph(max_kernel={max(h, w) | 1}) "
-                                 f"or pool the map further")
+                raise ValueError(f"{where}: flatten head over a {h}x{w} map, larger than the {max_kernel}x"
+                                 f"{max_kernel} edge features, and this converter does not summarize flatten "
+                                 f"heads (an encoder saved before flatten-head summaries); use an encoder saved "
+                                 f"by the current code (WeightToGraph(flatten_summary=True))")
 
 
 def extension_features(data: Data) -> dict[str, Tensor]:
@@ -215,13 +242,16 @@ class WeightToGraph:
     Args:
         max_kernel: K, the side of the padded kernel in ``edge_attr`` (odd; the zoo's largest kernel).
         canonicalize: put weights in the canonical form (``symmetry.canonicalize``) before conversion.
+        flatten_summary: summarize flatten heads over maps wider than K to K x K (module docstring);
+            False refuses them. Maps up to K x K are encoded exactly either way.
     """
 
-    def __init__(self, max_kernel: int = 5, canonicalize: bool = True):
+    def __init__(self, max_kernel: int = 5, canonicalize: bool = True, flatten_summary: bool = False):
         if max_kernel < 1 or max_kernel % 2 == 0:
             raise ValueError(f"max_kernel must be a positive odd number (kernels pad centred), got {max_kernel}")
         self.max_kernel = int(max_kernel)
         self.canonicalize = bool(canonicalize)
+        self.flatten_summary = bool(flatten_summary)
         self._structures: dict[str, GraphStructure] = {}
 
     @classmethod
@@ -230,7 +260,8 @@ class WeightToGraph:
         return cls(max_kernel=cfg.max_kernel, canonicalize=cfg.canonicalize)
 
     def __repr__(self) -> str:
-        return f"WeightToGraph(max_kernel={self.max_kernel}, canonicalize={self.canonicalize})"
+        return (f"WeightToGraph(max_kernel={self.max_kernel}, canonicalize={self.canonicalize}, "
+                f"flatten_summary={self.flatten_summary})")
 
     @property
     def edge_dim(self) -> int:
@@ -242,7 +273,7 @@ class WeightToGraph:
         key = spec.to_json()
         s = self._structures.get(key)
         if s is None:
-            _check_supported(spec, self.max_kernel)
+            _check_supported(spec, self.max_kernel, self.flatten_summary)
             s = self._structures[key] = graph_structure(spec)
         return s
 
@@ -267,6 +298,9 @@ class WeightToGraph:
             x[:, s.node_offsets[i + 1]:s.node_offsets[i + 2], 0] = params[f"layers.{i}.bias"]
             kh, kw = spec.edge_window(i)  # conv kernel, flatten block (H, W) or (1, 1)
             w = params[f"layers.{i}.weight"].reshape(B, -1, kh, kw)  # (B, out*in_graph, kh, kw)
+            if kh > K or kw > K:  # a flatten block wider than K (checked by structure()): its area summary
+                w = torch.einsum("ph,behw,qw->bepq", area_resample(kh, min(kh, K)), w, area_resample(kw, min(kw, K)))
+                kh, kw = w.shape[-2:]
             lh, lw = (K - kh) // 2, (K - kw) // 2  # centred; a linear weight lands on the centre slot
             ea[:, s.edge_offsets[i]:s.edge_offsets[i + 1], lh:lh + kh, lw:lw + kw] = w
         if s.num_residual_edges:
@@ -337,6 +371,9 @@ class WeightToGraph:
                              f"this converter (max_kernel={K}) needs ({s.num_edges}, {K * K})")
         sd: dict[str, Tensor] = {}
         for i, layer in enumerate(spec.layers):
+            if flatten_window(spec, i, K) != spec.edge_window(i):
+                raise ValueError(f"graph of {name}: layer {i} is a flatten head over a {spec.edge_window(i)} map "
+                                 f"summarized to {K}x{K}; its weights cannot be recovered from the graph")
             n_in = spec.graph_in_dim(i)
             block = ea[s.edge_offsets[i]:s.edge_offsets[i + 1]].reshape(layer.out_dim, n_in, K, K)
             kh, kw = spec.edge_window(i)

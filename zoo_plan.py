@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import architecture as A
-from tasks import TASKS, inputs_for_spec, load_task_data, shape_groups, train_size
+from tasks import TASKS, get_task, inputs_for_spec, load_task_data, shape_groups, train_size
 from zoo_training import SGD_MOMENTUM, init_params, pad_rows, single_thread, train_stacked
 
 log = logging.getLogger("weightzoo.zoo_plan")
@@ -118,71 +118,97 @@ def resnet_spec(input_shape: Sequence[int], width: int, blocks: int, n_out: int,
     return A.ArchitectureSpec(tuple(input_shape), tuple(layers), f"resnet-{width}-b{blocks}-k{kernel_size}-{activation}")
 
 
+DEFAULT_RUNS_PER_TASK = 6  # with 2 checkpoints per run: (6 - 1) * 2 = 10 same-task models from other runs (P@10 can be 1)
+
+
+def runs_per_task_counts(num_runs: int, tasks: Sequence[str], seed: int = 0) -> dict[str, int]:
+    """task -> runs: ``num_runs`` spread evenly over ``tasks`` (the remainder goes to a seeded choice of tasks)."""
+    base, extra = divmod(num_runs, len(tasks))
+    lucky = set(np.random.default_rng([seed, 10**6 + 1]).permutation(len(tasks))[:extra].tolist())
+    return {t: base + (i in lucky) for i, t in enumerate(tasks)}
+
+
+def _apportion(total: int, weights: Sequence[float]) -> list[int]:
+    """``total`` split in proportion to ``weights`` (largest remainders), summing to ``total``."""
+    w = np.asarray(weights, float)
+    if total == 0 or w.sum() == 0:
+        return [0] * len(w)
+    exact = total * w / w.sum()
+    out = np.floor(exact).astype(int)
+    out[np.argsort(-(exact - out), kind="stable")[: total - out.sum()]] += 1
+    return out.tolist()
+
+
 def plan_zoo(num_runs: int, seed: int = 0, group_size: int = 64, cnn_fraction: float = 0.1,
              card_task_fraction: float = 0.5, tasks: Sequence[str] | None = None,
              min_groups: int = 24, cnn_bn_fraction: float = 0.02, resnet_fraction: float = 0.02) -> list[GroupPlan]:
     """Deterministic plan of ``num_runs`` runs in groups (same args -> same plan on every machine).
 
-    ``cnn_fraction`` of the runs are CNNs (in groups a quarter of the MLP group size, at least 4: they cost more per
-    run, so smaller groups keep architectures varied and shards balanced); the rest are MLPs in
-    groups of ``group_size``. Group order is shuffled so shards ``g % n == i`` get a similar mix.
-    MLP groups shrink (to no fewer than 8 runs) to make at least ``min_groups`` of them: each group
-    is one architecture and one shape group, so a small zoo needs small groups to be varied.
+    Every task gets the same number of runs (``runs_per_task_counts``; ``num_runs`` = runs per task x tasks
+    gives exactly that many each), so every task has models from several runs. A group is one architecture and
+    one shape group; a shape group's runs are shuffled and cut into groups. ``cnn_fraction`` of all runs are
+    CNNs, on the 8x8 image tasks (in groups a quarter of the MLP group size, at least 4: they cost more per run,
+    so smaller groups keep architectures varied and shards balanced); the rest are MLPs in groups of
+    ``group_size``. MLP groups shrink (to no fewer than 8 runs) to make at least ``min_groups`` of them. Group
+    order is shuffled so shards ``g % n == i`` get a similar mix. Tasks may be any task names (``get_task``).
 
     ``cnn_bn_fraction`` of the runs are "cnn-bn" nets (``cnn_bn_spec``: Conv3x3 -> BatchNorm -> ReLU ->
     MaxPool2, x2, Flatten -> Linear -> ReLU -> Linear; a quarter of those groups average-pool instead) and
     ``resnet_fraction`` "resnet" nets (``resnet_spec``: a stem and 1-2 identity residual blocks, global
     average pooling, a linear head, one block on 10x10 MNIST; half of the groups with BatchNorm after every
     conv), both on every image task (8x8 digits and 10x10 MNIST), in CNN-sized groups. Their runs come out of
-    the MLP share.
+    the MLP share. Each family's runs are spread over its shape groups in proportion to their runs.
     """
-    task_names = list(tasks) if tasks is not None else list(TASKS)
-    unknown = sorted(set(task_names) - set(TASKS))
-    if unknown:
-        raise ValueError(f"unknown tasks {unknown}")
+    task_names = [get_task(t).name for t in (tasks if tasks is not None else TASKS)]
+    if len(set(task_names)) != len(task_names):
+        raise ValueError(f"tasks named twice: {sorted({t for t in task_names if task_names.count(t) > 1})}")
     for name, frac in (("cnn_fraction", cnn_fraction), ("cnn_bn_fraction", cnn_bn_fraction),
                        ("resnet_fraction", resnet_fraction)):
         if not 0 <= frac <= 1:
             raise ValueError(f"{name} must be in [0, 1], got {frac}")
-    groups_map = shape_groups({n: TASKS[n] for n in task_names})
+    specs = {n: get_task(n) for n in task_names}
+    counts = runs_per_task_counts(num_runs, task_names, seed)
+    groups_map = shape_groups(specs)
     sg_names = sorted(groups_map)
-    sg_weights = np.array([len(groups_map[g]) for g in sg_names], float)
-    image_sg = [g for g in sg_names
-                if all(TASKS[t].is_image and TASKS[t].num_features <= CNN_MAX_PIXELS for t in groups_map[g])]
-    img_weights = np.array([len(groups_map[g]) for g in image_sg], float)
-    family_sg = [g for g in sg_names if all(TASKS[t].is_image for t in groups_map[g])]  # digits and MNIST
-    fam_weights = np.array([len(groups_map[g]) for g in family_sg], float)
-    n_cnn = int(round(cnn_fraction * num_runs)) if image_sg else 0
-    n_bn = int(round(cnn_bn_fraction * num_runs)) if family_sg else 0
-    n_res = int(round(resnet_fraction * num_runs)) if family_sg else 0
-    if n_cnn + n_bn + n_res > num_runs:
-        raise ValueError(f"cnn_fraction + cnn_bn_fraction + resnet_fraction = "
-                         f"{cnn_fraction + cnn_bn_fraction + resnet_fraction:.3g} leaves no room in {num_runs} runs")
-
-    def split(n: int, size: int) -> list[int]:  # n runs in near-equal groups of at most ``size``
-        return [len(c) for c in np.array_split(np.arange(n), math.ceil(n / size))] if n else []
-
+    sg_runs = np.array([sum(counts[t] for t in groups_map[g]) for g in sg_names])
+    cnn_ok = np.array([all(specs[t].is_image and specs[t].num_features <= CNN_MAX_PIXELS for t in groups_map[g])
+                       for g in sg_names])
+    fam_ok = np.array([all(specs[t].is_image for t in groups_map[g]) for g in sg_names])  # digits and MNIST
+    n_cnn = int(round(cnn_fraction * num_runs)) if (sg_runs * cnn_ok).sum() else 0
+    n_bn = int(round(cnn_bn_fraction * num_runs)) if (sg_runs * fam_ok).sum() else 0
+    n_res = int(round(resnet_fraction * num_runs)) if (sg_runs * fam_ok).sum() else 0
+    if n_cnn > (sg_runs * cnn_ok).sum() or n_bn + n_res > (sg_runs * fam_ok).sum() - n_cnn:
+        raise ValueError(f"cnn_fraction {cnn_fraction}, cnn_bn_fraction {cnn_bn_fraction}, resnet_fraction "
+                         f"{resnet_fraction}: more CNN runs than the image tasks' {(sg_runs * fam_ok).sum()} runs")
+    per_sg = {"cnn": _apportion(n_cnn, sg_runs * cnn_ok), "cnn-bn": _apportion(n_bn, sg_runs * fam_ok),
+              "resnet": _apportion(n_res, sg_runs * fam_ok)}
     n_mlp = num_runs - n_cnn - n_bn - n_res
     mlp_size = max(1, min(group_size, max(8, math.ceil(n_mlp / max(1, min_groups)))))
     cnn_size = max(4, mlp_size // 4)
-    slots = [("mlp", n) for n in split(n_mlp, mlp_size)]
-    slots += [("cnn", n) for n in split(n_cnn, cnn_size)]
-    slots += [("cnn-bn", n) for n in split(n_bn, cnn_size)] + [("resnet", n) for n in split(n_res, cnn_size)]
+
+    def split(items: list, size: int) -> list[list]:  # items in near-equal groups of at most ``size``
+        return [c.tolist() for c in np.array_split(np.array(items, dtype=object), math.ceil(len(items) / size))
+                ] if items else []
+
+    slots: list[tuple[str, str, list[str]]] = []  # (family, shape group, tasks of its runs)
+    for si, g in enumerate(sg_names):
+        runs = [t for t in groups_map[g] for _ in range(counts[t])]
+        if sum(per_sg[f][si] for f in per_sg) > len(runs):
+            raise ValueError(f"shape group {g}: {sum(per_sg[f][si] for f in per_sg)} CNN runs planned, it has "
+                             f"{len(runs)} runs (lower cnn_fraction, cnn_bn_fraction or resnet_fraction)")
+        runs = [runs[i] for i in np.random.default_rng([seed, 10**6 + 2, si]).permutation(len(runs))]
+        for family in ("cnn", "cnn-bn", "resnet"):
+            take, runs = runs[: per_sg[family][si]], runs[per_sg[family][si]:]
+            slots += [(family, g, c) for c in split(take, cnn_size)]
+        slots += [("mlp", g, c) for c in split(runs, mlp_size)]
     order = np.random.default_rng([seed, 10**6]).permutation(len(slots))
     plans: list[GroupPlan] = []
     run_index = 0
     for gi, k in enumerate(order):
-        family, size = slots[k]
+        family, sg, members = slots[k]
         cnn = family != "mlp"
         rng = np.random.default_rng([seed, gi])
-        if family == "cnn":
-            sg = image_sg[rng.choice(len(image_sg), p=img_weights / img_weights.sum())]
-        elif cnn:
-            sg = family_sg[rng.choice(len(family_sg), p=fam_weights / fam_weights.sum())]
-        else:
-            sg = sg_names[rng.choice(len(sg_names), p=sg_weights / sg_weights.sum())]
-        members = groups_map[sg]
-        t0 = TASKS[members[0]]
+        t0 = specs[members[0]]
         act = ACTIVATION_CHOICES[rng.integers(len(ACTIVATION_CHOICES))]
         bn_layers: tuple[int, ...] = ()
         if family == "cnn":
@@ -204,14 +230,14 @@ def plan_zoo(num_runs: int, seed: int = 0, group_size: int = 64, cnn_fraction: f
         else:
             spec = A.mlp_spec(t0.num_features, MLP_HIDDEN[rng.integers(len(MLP_HIDDEN))], t0.num_classes, act)
         frac = float(TRAIN_FRACTIONS[rng.integers(len(TRAIN_FRACTIONS))])
-        min_n = min(int(round(frac * train_size(t))) for t in members)
+        min_n = min(int(round(frac * train_size(t))) for t in set(members))
         bs = int(min(BATCH_SIZES[rng.integers(len(BATCH_SIZES))], max(4, min_n // 2)))  # >= 2 steps per epoch
         plan = GroupPlan(gi, spec, sg, bs, frac, family=family, bn_layers=bn_layers)
-        for _ in range(size):
+        for task in members:
             adam = bool(rng.random() < 0.5)
             plan.runs.append(RunConfig(
-                run_index=run_index, run_id=f"r{run_index:07d}", group_index=gi,
-                task=members[rng.integers(len(members))], seed=int(rng.integers(2**31 - 1)),
+                run_index=run_index, run_id=f"r{run_index:07d}", group_index=gi, task=task,
+                seed=int(rng.integers(2**31 - 1)),
                 lr=(_log_uniform(rng, 1e-3, 1e-2) if adam else _log_uniform(rng, 1e-2, 1e-1)) * (3.0 if cnn else 1.0),
                 weight_decay=0.0 if rng.random() < 0.25 else _log_uniform(rng, 1e-5, 1e-3),
                 init_scale=_log_uniform(rng, 0.5, 2.0), optimizer="adam" if adam else "sgd",
@@ -247,7 +273,7 @@ def model_card(spec: A.ArchitectureSpec, run: RunConfig, batch_size: int, train_
             f"{batch_size}) on {int(round(train_fraction * 100))}% of the training split; checkpoint at epoch "
             f"{epoch} of {epochs}.")
     if run.name_task_in_card:
-        t = TASKS[run.task]
+        t = get_task(run.task)
         text += f" Task: {t.name} ({t.description})."
     return text
 
@@ -264,10 +290,20 @@ def group_pool(plan: GroupPlan) -> tuple[torch.Tensor, torch.Tensor, dict[str, t
     return torch.cat(Xs), torch.cat(Ys), rows
 
 
-def _train_group_worker(args: tuple) -> tuple[list[dict], dict[str, dict[str, torch.Tensor]]]:
+def _train_group_worker(args: tuple) -> tuple[list[dict], dict[str, dict[str, np.ndarray]]]:
+    """A group trained in a worker process. The weights go back as NumPy arrays, pickled by value: torch
+    tensors would travel as shared-memory file descriptors, one per tensor, and a zoo of a few thousand
+    models exhausts the parent's descriptor limit (``received 0 items of ancdata``)."""
     plan, epochs, ckpts = args
     with single_thread():
-        return train_group(plan, epochs, ckpts)
+        rows, weights = train_group(plan, epochs, ckpts)
+    return rows, {mid: {k: v.numpy() for k, v in sd.items()} for mid, sd in weights.items()}
+
+
+def _from_worker(result: tuple[list[dict], dict[str, dict[str, np.ndarray]]]
+                 ) -> tuple[list[dict], dict[str, dict[str, torch.Tensor]]]:
+    rows, weights = result
+    return rows, {mid: {k: torch.from_numpy(v) for k, v in sd.items()} for mid, sd in weights.items()}
 
 
 def train_groups(plans: Sequence[GroupPlan], epochs: int, ckpts: Sequence[int], workers: int
@@ -281,7 +317,9 @@ def train_groups(plans: Sequence[GroupPlan], epochs: int, ckpts: Sequence[int], 
     jobs = [(p, epochs, list(ckpts)) for p in plans]
     if workers <= 1 or len(plans) <= 1:
         for j in jobs:
-            yield _train_group_worker(j)
+            with single_thread():
+                result = train_group(*j)
+            yield result
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
@@ -297,7 +335,7 @@ def train_groups(plans: Sequence[GroupPlan], epochs: int, ckpts: Sequence[int], 
         futures = {i: ex.submit(_train_group_worker, jobs[i]) for i in order}
         try:
             for i in range(len(jobs)):  # results in plan order, whatever order they finish in
-                yield futures.pop(i).result()
+                yield _from_worker(futures.pop(i).result())
         except BaseException:  # a failed group (or the caller stopping): do not train the queued ones first
             ex.shutdown(wait=True, cancel_futures=True)
             raise
@@ -346,7 +384,7 @@ def train_group(plan: GroupPlan, epochs: int, checkpoint_epochs: Sequence[int]
         checkpoint_epochs=checkpoint_epochs, eval_sets={"test": (te_pad, te_mask)}, bn_layers=plan.bn_layers)
     rows, weights = [], {}
     for m, r in enumerate(runs):
-        t = TASKS[r.task]
+        t = get_task(r.task)
         for e in sorted(res.params):
             if not all(bool(torch.isfinite(v[m]).all()) for v in res.params[e].values()):
                 log.warning("run %s (%s, lr %.3g, %s) diverged by epoch %d; its checkpoints from there are dropped",

@@ -9,7 +9,9 @@ sweep), and save/load times.
 
 Part 2 (``query FILE``): a small index of real checkpoint files embedded by the GNN encoder
 (default CPU size, random init: speed does not depend on training); times
-``ModelIndex.query(path)`` = read checkpoint + canonical graph + encoder + search + metadata.
+``ModelIndex.query(path)`` = hash + read checkpoint + canonical graph + encoder + search + metadata,
+querying hidden-permuted copies of the indexed files (content not in the index, so each is embedded;
+an indexed file's own content would be answered from its stored vector).
 
 Prints the figures and writes them as JSON to benchmarks/out/bench_retrieval.json.
 
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import architecture as A  # noqa: E402
 import retrieval as R  # noqa: E402
+from symmetry import permute_hidden  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -130,7 +133,7 @@ def scale_benchmark(args: argparse.Namespace) -> dict:
         exact.search(q[i:i + 1], k)
         exact_single.append(time.perf_counter() - t)
 
-    inner = faiss.downcast_index(index._index.index)
+    inner = faiss.downcast_index(index.vectors.faiss_index.index)
     sweep = {}
     tuned = index.params.get("ef_search")
     for ef in sorted({16, 24, 32, 48, 64, 96, 128, tuned}):
@@ -206,11 +209,15 @@ def query_file_benchmark(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         folder = Path(tmp) / "ckpts"
         folder.mkdir()
+        queries = Path(tmp) / "queries"  # hidden-permuted copies, not indexed: each query is read and embedded
+        queries.mkdir()
+        g = torch.Generator().manual_seed(1)
         for i in range(args.file_models):
             spec = specs[i % len(specs)]
             sd = {k: 0.3 * torch.randn(s) for k, s in spec.param_shapes().items()}
-            save_file(sd, str(folder / f"model{i:04d}.safetensors"))
-            (folder / f"model{i:04d}.safetensors.spec.json").write_text(json.dumps({"spec": spec.to_dict()}))
+            for where, weights in ((folder, sd), (queries, permute_hidden(spec, sd, g))):
+                save_file(weights, str(where / f"model{i:04d}.safetensors"))
+                (where / f"model{i:04d}.safetensors.spec.json").write_text(json.dumps({"spec": spec.to_dict()}))
         enc = G.build_encoder("gnn", hidden_dim=64, global_dim=128, projection_dim=64, message_passing_steps=3)
         enc_path = Path(tmp) / "encoder.pt"
         G.save_encoder(str(enc_path), enc)
@@ -219,7 +226,7 @@ def query_file_benchmark(args: argparse.Namespace) -> dict:
         R.index_folder(folder, emb, Path(tmp) / "db")
         index_s = time.perf_counter() - t
         index = R.ModelIndex.load(Path(tmp) / "db")  # loads the recorded encoder on the first file query
-        files = sorted(folder.glob("*.safetensors"))
+        files = sorted(queries.glob("*.safetensors"))
         index.query(files[0], k=10)  # warm-up (loads the encoder)
         lat, top1 = [], 0
         stages = {"read": [], "embed": [], "search": []}
@@ -227,7 +234,7 @@ def query_file_benchmark(args: argparse.Namespace) -> dict:
             t = time.perf_counter()
             res = index.query(f, k=10)
             lat.append(time.perf_counter() - t)
-            top1 += res[0]["model_id"] == f.name
+            top1 += res[0]["model_id"].rpartition("@")[0] == f.name  # the original (ids: file@content-hash)
             t = time.perf_counter()
             rec = R.load_checkpoint(f)
             stages["read"].append(time.perf_counter() - t)

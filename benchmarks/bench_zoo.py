@@ -37,7 +37,7 @@ import tasks as T  # noqa: E402
 import zoo_plan as ZP  # noqa: E402
 import zoo_training as ZT  # noqa: E402
 
-DIGITS_TASKS = [n for n, t in T.TASKS.items() if t.dataset == "digits"]
+DIGITS_TASKS = [n for n, t in T.TASKS.items() if t.dataset == "digits"]  # every digits task of the registry
 MLP_ONLY = dict(cnn_bn_fraction=0.0, resnet_fraction=0.0)  # the throughput workload: digits MLPs only
 
 
@@ -70,7 +70,8 @@ def bench_batched(num_runs: int, epochs: int, workers: int, group_size: int, out
             "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "runs_per_min_wall": round(num_runs / wall * 60, 1),
             "runs_per_cpu_min": round(num_runs / cpu * 60, 1),
             "mean_final_test_acc": round(float(zoo.metadata["test_acc"].mean()), 4),
-            "mean_final_test_acc_by_family": acc}
+            "mean_final_test_acc_by_family": acc, "tasks": int(zoo.metadata["task"].nunique()),
+            "mean_train_examples_per_run": round(float(zoo.metadata["n_train"].mean()), 1)}
 
 
 def _plans(num_runs: int, group_size: int) -> list:
@@ -120,17 +121,20 @@ def bench_per_model_loop(num_runs: int, epochs: int, of_runs: int, group_size: i
             "mean_final_test_acc": round(float(np.mean(accs)), 4)}
 
 
-def bench_mixed_zoo(num_models: int, epochs: int, workers: int, out_dir: Path) -> dict:
-    """A zoo as the experiment makes it (all tasks, MLPs + CNNs): time and accuracy per task family."""
+def bench_mixed_zoo(num_tasks: int | None, epochs: int, workers: int, out_dir: Path) -> dict:
+    """A zoo as the experiment makes it (``num_tasks`` tasks or all, the default runs per task and checkpoints,
+    MLPs + CNNs): time and accuracy per task family."""
     cpu0, t0 = _busy_cpu(), time.time()
-    zoo = D.ModelZooDataset.create_synthetic_model_zoo(out_dir / "mixed", num_models=num_models, epochs=epochs,
-                                                       reuse=False, workers=workers)
+    zoo = D.ModelZooDataset.create_synthetic_model_zoo(
+        out_dir / "mixed", epochs=epochs, tasks=T.task_subset(num_tasks) if num_tasks else None, reuse=False,
+        workers=workers)
     wall = time.time() - t0
     cpu = _busy_cpu() - cpu0
     m = zoo.metadata
     final = m[m["is_final"]].assign(kind=lambda d: d["arch_family"].str[:3])
     fam = final.groupby(["task_family", "kind"])["test_acc"].agg(["mean", "count"]).round(4)
-    return {"models": len(zoo), "runs": int(m["run_id"].nunique()), "epochs": epochs, "workers": workers,
+    return {"models": len(zoo), "runs": int(m["run_id"].nunique()), "tasks": int(m["task"].nunique()),
+            "epochs": epochs, "workers": workers,
             "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
             "final_test_acc_by_family": {f"{a}|{b}": {"mean": r["mean"], "runs": int(r["count"])}
                                          for (a, b), r in fam.iterrows()},
@@ -179,7 +183,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3,
                    help="repeats of the generation, and alternating repeats of the loop / in-process training")
     a = p.parse_args()
-    n_batched, n_loop, n_mixed, epochs = (128, 4, 300, 50) if a.quick else (512, 16, 3000, 50)
+    n_batched, n_loop, epochs = (128, 4, 50) if a.quick else (512, 16, 50)
+    n_mixed_tasks = 42 if a.quick else None  # None: the default zoo (every task)
     res: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                              "loadavg_start": os.getloadavg()}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,7 +196,8 @@ def main() -> None:
         print(f"batched: {b['runs']} digits MLPs x {epochs} epochs in {b['wall_s']} s wall "
               f"(best of {b['wall_s_all_repeats']}) "
               f"({b['runs_per_min_wall']}/min), {b['cpu_s']} CPU s -> {b['runs_per_cpu_min']}/CPU-min, "
-              f"~{b['runs_per_cpu_min'] * a.cores:.0f}/min on {a.cores} quiet cores; acc {b['mean_final_test_acc']}")
+              f"~{b['runs_per_cpu_min'] * a.cores:.0f}/min on {a.cores} quiet cores; acc {b['mean_final_test_acc']}; "
+              f"{b['tasks']} digits tasks, {b['mean_train_examples_per_run']} training examples per run")
         # the loop and the in-process batched training alternate --repeats times; each keeps its fastest
         # repeat (the one least disturbed by other load: on a shared machine the same loop varied 1.5x here)
         loops, inproc = [], []
@@ -216,8 +222,9 @@ def main() -> None:
               f"{bi['runs_per_cpu_min']}/CPU-min, "
               f"{train_ratio:.1f}x the loop")
         if not a.skip_mixed:
-            res["mixed_zoo"] = mz = bench_mixed_zoo(n_mixed, epochs, a.workers, tmp)
-            print(f"mixed zoo: {mz['models']} models ({mz['runs']} runs) in {mz['wall_s']} s wall, {mz['cpu_s']} CPU s")
+            res["mixed_zoo"] = mz = bench_mixed_zoo(n_mixed_tasks, D.DEFAULT_ZOO_EPOCHS, a.workers, tmp)
+            print(f"mixed zoo: {mz['models']} models ({mz['runs']} runs of {mz['tasks']} tasks, {mz['epochs']} epochs) "
+                  f"in {mz['wall_s']} s wall, {mz['cpu_s']} CPU s")
             for k, v in mz["final_test_acc_by_family"].items():
                 print(f"  {k:40s} {v['mean']:.3f} ({v['runs']} runs)")
             src = tmp / "mixed"

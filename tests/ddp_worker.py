@@ -53,7 +53,7 @@ def make_toy_zoo(n_tasks: int = 4, runs_per_task: int = 6, ckpts: int = 2, seed:
                 sd = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in run.items()}
                 i = len(rows)
                 graphs.append(conv.to_graph(spec, sd, model_idx=i))
-                rows.append({"model_id": f"m{i}", "run_id": f"t{t}r{r}", "task": f"task{t}",
+                rows.append({"model_id": f"m{i}", "run_id": f"t{t}r{r}", "task": f"task{t}", "shape_group": "g",
                              "task_family": f"fam{t % 2}", "arch_id": spec.arch_id, "lr": 1e-3 * (1 + r // 2),
                              "weight_decay": 0.0, "init_scale": 1.0, "optimizer": "adam", "batch_size": 32,
                              "train_fraction": 1.0, "seed": r % 2, "epoch": c, "is_final": c == ckpts - 1,
@@ -168,8 +168,7 @@ def train(args: argparse.Namespace, dist) -> None:
                                       show_progress=False)
     opt = torch.optim.AdamW(fw.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
-    val_fn = make_retrieval_val_fn(loaders.val_embed, meta["task"].to_numpy()[split.val],
-                                   meta["run_id"].to_numpy()[split.val], dist.device, k=3)
+    val_fn = make_retrieval_val_fn(loaders.validation, dist.device, k=3)
 
     def kill(epoch: int, history: dict) -> None:
         if args.kill_after and epoch == args.kill_after:

@@ -53,7 +53,7 @@ def test_config_precedence_and_save(tmp_path):
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"encoder": {"hidden_dim": 48}, "train": {"epochs": 7}}))
     cfg = config.parse_args(["--small", "--config", str(f), "--epochs", "9"])
-    assert cfg.zoo.num_models == config.SMALL_PRESET["zoo"]["num_models"]  # from --small
+    assert cfg.zoo.zoo_tasks == config.SMALL_PRESET["zoo"]["zoo_tasks"]  # from --small
     assert cfg.encoder.hidden_dim == 48  # file beats preset
     assert cfg.train.epochs == 9  # flag beats file
     assert cfg.experiment_name == "small"  # a quick run never overwrites results/default ...

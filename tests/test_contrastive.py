@@ -118,8 +118,7 @@ def test_training_lowers_loss_improves_retrieval_and_keeps_the_best(toy, tmp_pat
     graphs, meta, split = toy
     loaders = D.build_loaders(graphs, meta, split, "supcon", 16, D.make_view_fn("supcon", SymmetryAugmenter()), 0)
     fw, opt = _framework(loaders, "supcon", weak=0.5, lr=1e-2)
-    val_fn = C.make_retrieval_val_fn(loaders.val_embed, meta.task.to_numpy()[split.val],
-                                     meta.run_id.to_numpy()[split.val], torch.device("cpu"), k=3)
+    val_fn = C.make_retrieval_val_fn(loaders.validation, torch.device("cpu"), k=3)
     history, best = fw.train(loaders.train, loaders.val, 8, opt, checkpoint_dir=tmp_path, val_fn=val_fn)
     assert history["train_loss"][-1] < history["train_loss"][0]
     assert history["train_task_loss"][0] > 0

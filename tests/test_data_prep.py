@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from collections import Counter
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,49 @@ def test_worker_processes_make_the_same_zoo(tmp_path):
     for i in range(len(inproc)):
         for k, v in inproc.state_dict(i).items():
             assert torch.equal(v, pooled.state_dict(i)[k]), (i, k)
+
+
+def test_default_plan_gives_every_task_enough_runs_for_the_metrics():
+    """P@10 (relevant = same task, the query's own run excluded) can reach 1 only with (runs - 1) x checkpoints
+    >= 10 same-task models; the within-task Kendall tau needs >= 5 final checkpoints of a task."""
+    import config
+
+    for cfg in (config.ExperimentConfig(), config.parse_args(["--small"])):
+        z = cfg.zoo
+        tasks = T.task_subset(z.zoo_tasks) if z.zoo_tasks else list(T.TASKS)
+        runs = z.runs_per_task * z.zoo_scale
+        assert (runs - 1) * z.checkpoints_per_run >= 10 and runs >= cfg.eval.within_task_min_models
+        assert len(ZP.checkpoint_schedule(z.zoo_epochs, z.checkpoints_per_run)) == z.checkpoints_per_run
+        plans = ZP.plan_zoo(runs * len(tasks), z.zoo_seed, z.zoo_group_size, z.cnn_fraction, z.card_task_fraction,
+                            tasks, D.DEFAULT_MIN_GROUPS, z.cnn_bn_fraction, z.resnet_fraction)
+        per_task = Counter(r.task for p in plans for r in p.runs)
+        assert per_task == {t: runs for t in tasks}
+        fams = Counter(p.family for p in plans for _ in p.runs)
+        assert abs(fams["cnn"] / sum(fams.values()) - z.cnn_fraction) < 0.01 and fams["cnn-bn"] and fams["resnet"]
+        for p in plans:  # a group is one shape group and one architecture that fits it
+            assert {T.get_task(r.task).shape_group for r in p.runs} == {p.shape_group}
+            assert p.spec.num_outputs == T.get_task(p.runs[0].task).num_classes
+    assert (D.DEFAULT_ZOO_EPOCHS, D.DEFAULT_CHECKPOINTS_PER_RUN, ZP.DEFAULT_RUNS_PER_TASK) == (
+        config.ZooConfig().zoo_epochs, config.ZooConfig().checkpoints_per_run, config.ZooConfig().runs_per_task)
+    # --zoo_scale 9: 30k+ checkpoints, every task equally, in groups the shards split evenly
+    big = ZP.plan_zoo(9 * ZP.DEFAULT_RUNS_PER_TASK * len(T.TASKS))
+    assert 2 * sum(len(p.runs) for p in big) >= 30_000
+    assert set(Counter(r.task for p in big for r in p.runs).values()) == {9 * ZP.DEFAULT_RUNS_PER_TASK}
+    shard_runs = [sum(len(p.runs) for p in big if p.group_index % 8 == i) for i in range(8)]
+    assert max(shard_runs) < 1.5 * min(shard_runs)
+
+
+def test_plan_spreads_runs_evenly_and_refuses_impossible_mixes():
+    plans = ZP.plan_zoo(23, seed=1, group_size=4, cnn_fraction=0.25, tasks=TINY_TASKS)
+    per_task = Counter(r.task for p in plans for r in p.runs)
+    assert sorted(per_task) == sorted(T.canonical_name(t) for t in TINY_TASKS) and set(per_task.values()) == {3, 4}
+    assert sum(len(p.runs) for p in plans if p.family == "cnn") == 6  # 25 % of 23, on the 8x8 image tasks
+    with pytest.raises(ValueError, match="more CNN runs than the image tasks"):
+        ZP.plan_zoo(20, tasks=["digits", "iris"], cnn_fraction=0.6)
+    with pytest.raises(T.TaskNameError, match="digits\+rot45"):
+        ZP.plan_zoo(8, tasks=["digits+rot45"])
+    with pytest.raises(ValueError, match="num_models or runs_per_task, not both"):
+        D.ModelZooDataset.create_synthetic_model_zoo(None, num_models=8, runs_per_task=2, tasks=["iris"])
 
 
 def test_cli_generate_and_info(tmp_path, capsys):

@@ -55,7 +55,7 @@ def test_split_errors(zoo):
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         D.select_heldout_tasks(meta, 1.0, 0)
     with pytest.raises(ValueError, match="lacks column"):
-        D.select_heldout_tasks(meta, 0.25, 0)  # the toy zoo has no shape groups
+        D.select_heldout_tasks(meta.drop(columns=["shape_group"]), 0.25, 0)
 
 
 def test_heldout_tasks_are_drawn_per_shape_group(zoo):

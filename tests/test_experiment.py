@@ -15,9 +15,9 @@ import torch
 import report
 
 ROOT = Path(__file__).resolve().parents[1]
-# smaller than --small: a 300-model zoo trained 5 epochs, 2 seeds of 3 encoder epochs, one baseline
-# (val_fraction 0.4 leaves >= 2 validation runs per task, so the validation P@10 has relevant items)
-TINY = ["--small", "--num_models", "300", "--zoo_epochs", "5", "--eval_seeds", "2", "--epochs", "3", "--val_fraction", "0.4",
+# smaller than --small: 4 runs of each of its tasks trained 5 epochs, 2 seeds of 3 encoder epochs, one baseline
+# (val_fraction 0.5 leaves 2 validation runs per task, so the validation P@10 has relevant items)
+TINY = ["--small", "--runs_per_task", "4", "--zoo_epochs", "5", "--eval_seeds", "2", "--epochs", "3", "--val_fraction", "0.5",
         "--methods", "pca", "--symmetry_queries", "20", "--merge_pairs", "1", "--merge_alphas", "3", "--transfer_steps", "10",
         "--transfer_k", "2", "--same_arch_subzoos", "0"]
 
@@ -81,6 +81,30 @@ def test_markdown_numbers_equal_json(small_run):
                 assert cell == report.fmt(value), f"{proto}/{method}/{col}: md {cell} != json {value}"
                 checked += 1
     assert checked > 20
+
+
+def test_report_states_the_zoo_the_splits_the_choices_and_the_references(small_run):
+    res = json.loads((small_run / "results.json").read_text())
+    md = (small_run / "results.md").read_text()
+    z = res["zoo"]
+    assert f"**{z['num_tasks']} tasks from {z['num_datasets']} sources** ({', '.join(z['sources'])})" in md
+    assert sum(len(v) for v in z["tasks_by_shape_group"].values()) == z["num_tasks"] == len(z["tasks"])
+    assert z["card_task_fraction"] == 0.0
+    assert "## How these numbers were chosen" in md and "io_slots" in md
+    assert set(res["split"]["seeds"]) == {str(s) for s in res["seeds"]}
+    tables = _md_tables(md)
+    for proto in res["headline_protocols"]:
+        names = [row[0] for row in tables[proto][1:]]
+        assert {"shape_only", "random (chance)", "constant"} <= set(names), (proto, names)
+        assert any(n.endswith("[untrained]") for n in names) and not any("oracle" in n for n in names)
+    assert "validation" in tables and "val_P@10" in tables["validation"][0]
+    # every constant/shape-only pass recorded in the JSON is noted in the report
+    sa = res["same_architecture"]
+    for passes in (res["trivial_passes"], sa["trivial_passes"]):
+        assert passes["threshold"] == 0.85
+        for section, hits in passes["sections"].items():
+            for h in hits:
+                assert f"`{h['method']}` (reads no function) reaches {h['metric']} {h['max']:.3f}" in md, section
 
 
 def test_same_architecture_table_equals_json(small_run):
@@ -172,6 +196,14 @@ def test_resume_after_sigkill_in_the_second_seed_equals_an_uninterrupted_run(tmp
     resumed, straight = _without_timings(runs / "killed" / "results.json"), _without_timings(runs / "straight" / "results.json")
     assert json.loads(resumed)["stages"] == json.loads(straight)["stages"]
     assert resumed == straight  # every number, bit for bit
+
+    # each seed drew its own split, the same for every method: the std of a deterministic baseline is the
+    # split's variance (it was 0 with one split for all seeds)
+    res = json.loads(straight)
+    held = {s: tuple(v["test_unseen_tasks"]) + tuple(v["unseen_kind_tasks"]) for s, v in res["split"]["seeds"].items()}
+    assert len(held) == 2 and len(set(held.values())) == 2, held
+    shape = res["methods"]["shape_only"]["retrieval"]["within_shape_group"]["P@10"]
+    assert shape["n"] == 2 and shape["std"] > 0, shape
 
     # last.pt alone rebuilds the encoder: model_args + the best weights = the saved encoder file
     ckpt = C.load_checkpoint(first)

@@ -128,9 +128,9 @@ def test_save_load_round_trip(name, extra, graphs, tmp_path):
     path = tmp_path / f"{name}.pt"
     G.save_encoder(str(path), enc)
     raw = torch.load(path, weights_only=True)
-    assert set(raw) == {"name", "kwargs", "state_dict"} and raw["name"] == name
+    assert set(raw) == {"name", "kwargs", "state_dict", "graph"} and raw["name"] == name
     loaded = G.load_encoder(str(path)).eval()
-    assert type(loaded) is type(enc) and loaded.hparams == enc.hparams
+    assert type(loaded) is type(enc) and loaded.hparams == enc.hparams and loaded.flatten_summary
     batch = Batch.from_data_list(graphs)
     with torch.no_grad():
         assert torch.equal(enc(batch), loaded(batch))

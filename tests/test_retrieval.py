@@ -134,10 +134,10 @@ def test_gnn_embedder_finds_the_permuted_trained_model(trained_models):
 def test_add_then_query_without_rebuild(records):
     first, second = records[:20], records[20:]
     index = R.ModelIndex.build(first, stat_embed, index_type="flat")
-    faiss_obj = index._index
+    faiss_obj = index.vectors.faiss_index
     added = index.add(second)
     assert added == [r.model_id for r in second] and len(index) == len(records)
-    assert index._index is faiss_obj  # appended, not rebuilt
+    assert index.vectors.faiss_index is faiss_obj  # appended, not rebuilt
     for r in second:
         assert index.query((r.spec, r.state_dict), k=1)[0]["model_id"] == r.model_id
     assert index.model_ids() == [r.model_id for r in records]
@@ -156,6 +156,34 @@ def test_add_embeddings_validates():
     with pytest.raises(ValueError, match="zero embedding"):
         index.add_embeddings(np.zeros((1, 8), np.float32), plain_rows(1))
     assert len(index) == 0
+
+
+def test_vector_index_and_catalogue_stand_alone(tmp_path):
+    """The two halves ModelIndex composes work on their own: vectors by id, rows by fid and filters."""
+    import catalogue as C
+    import vector_index as V
+
+    x = clustered(50, 8)
+    vec = V.VectorIndex(8, index_type="flat")
+    vec.add(V.unit_rows(x, 8), np.arange(100, 150))
+    sims, ids = vec.search(x[7], 3)
+    assert ids[0, 0] == 107 and sims[0, 0] == pytest.approx(1.0, abs=1e-6)
+    vec.write(str(tmp_path / "v.faiss"))
+    back = V.VectorIndex.read(str(tmp_path / "v.faiss"), vec.state())
+    np.testing.assert_array_equal(back.ids(), np.arange(100, 150))
+    np.testing.assert_allclose(back.reconstruct(120), x[20] / np.linalg.norm(x[20]), atol=1e-6)
+    with pytest.raises(ValueError, match="non-finite embeddings"):
+        V.unit_rows(np.full((1, 8), np.inf), 8)
+
+    cat = C.Catalogue()
+    with cat.con:
+        cat.insert([100, 101, 102], plain_rows(3))
+    where, params = cat.where({"dataset": ["ds0", "ds2"]}, None)
+    assert sorted(cat.fids_where(where, params).tolist()) == [100, 102] and cat.matching([101, 102], where, params) == {102}
+    cat.write(tmp_path / "c.sqlite")
+    again = C.Catalogue.read(tmp_path / "c.sqlite")
+    assert again.model_ids() == ["v0", "v1", "v2"] and again.rows_by_fid([101])[101]["dataset"] == "ds1"
+    assert again.next_fid() == 103 and again.spec(SPECS[0].arch_id) == SPECS[0]
 
 
 # ---------------------------------------------------------------------------- filters
@@ -212,7 +240,7 @@ def test_approximate_index_recall_and_filtered_overfetch(kind, tmp_path):
     assert recall >= 0.9, (recall, index.tuning)
     assert index.query("v123", k=1)[0]["model_id"] == "v123"
     # a filter matching many rows takes the over-fetch path; the result equals exact filtered search
-    where, params = index._where({"dataset": "ds1"}, None)
+    where, params = index.catalogue.where({"dataset": "ds1"}, None)
     hits = index._filtered_search(x[5], 10, where, params, exact_limit=100)
     allowed = np.array([i % 4 == 1 for i in range(n)])
     sims = np.where(allowed, xn @ xn[5], -np.inf)
@@ -280,6 +308,7 @@ KILL_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import numpy as np
     import retrieval as R
+    import vector_index as V
 
     stage = sys.argv[2]
     index = R.ModelIndex.load(sys.argv[1])
@@ -292,13 +321,13 @@ KILL_SCRIPT = textwrap.dedent("""
         time.sleep(60)
 
     if stage == "data":  # killed while the FAISS file is half written
-        real = R.faiss.write_index
+        real = V.faiss.write_index
         def write_index(idx, path):
             real(idx, path)
             with open(path, "r+b") as f:
                 f.truncate(os.path.getsize(path) // 2)
             pause()
-        R.faiss.write_index = write_index
+        V.faiss.write_index = write_index
     else:  # killed after the new version folder is complete, before the CURRENT swap
         real_replace = os.replace
         def replace(src, dst):
@@ -333,7 +362,7 @@ def test_kill_during_save_leaves_the_previous_index(index, records, tmp_path, st
     assert back.query(records[3].model_id, k=1)[0]["model_id"] == records[3].model_id
     back.add(make_records(2, seed=9, prefix="after"))  # the next save cleans up the leftovers
     back.save(db)
-    assert len([p for p in db.iterdir() if p.name != "CURRENT"]) == 1
+    assert len([p for p in db.iterdir() if p.name not in ("CURRENT", "WEIGHTZOO_INDEX")]) == 1
     assert len(R.ModelIndex.load(db)) == len(records) + 2
 
 
@@ -342,9 +371,9 @@ def test_kill_during_save_leaves_the_previous_index(index, records, tmp_path, st
 def test_rank_shards_cover_every_model_once_in_step(records, world):
     chunks = [list(R.iter_record_chunks(records, chunk_size=4, rank=r, world_size=world)) for r in range(world)]
     assert len({len(c) for c in chunks}) == 1  # same number of chunks on every rank (collectives stay in step)
-    ids = [rec.model_id for c in chunks for recs, _ in c for rec in recs]
+    ids = [rec.model_id for c in chunks for recs, _, _ in c for rec in recs]
     assert sorted(ids) == sorted(r.model_id for r in records)
-    assert all(len(recs) <= 4 for c in chunks for recs, _ in c)
+    assert all(len(recs) <= 4 for c in chunks for recs, _, _ in c)
 
 
 # ---------------------------------------------------------------------------- checkpoint folders
@@ -378,8 +407,14 @@ def write_folder(folder: Path, records: list[R.ModelRecord]) -> dict[str, str]:
     nan_sd["layers.0.weight"][0, 0] = float("nan")
     save_file(nan_sd, str(bad / "nan.safetensors"))
     save_file({"0.weight": torch.randn(4, 3, 5)}, str(bad / "conv1d.safetensors"))
-    return {"truncated.safetensors": "truncated", "empty.pt": "empty", "garbage.pt": "not a readable",
+    return {"truncated.safetensors": "truncated", "empty.pt": "empty", "garbage.pt": "not a zip archive",
             "nan.safetensors": "NaN", "conv1d.safetensors": "unsupported"}
+
+
+def file_id(root: Path, rel: str) -> str:
+    """The model id of the checkpoint ``root/rel``: its relative path @ 12 hex digits of its content hash."""
+    f = root / rel
+    return f"{rel}@{R.content_sha256(f, R.sidecar_path(f))[:12]}"
 
 
 def test_folder_build_reports_bad_files_and_indexes_the_rest(tmp_path, caplog):
@@ -394,21 +429,24 @@ def test_folder_build_reports_bad_files_and_indexes_the_rest(tmp_path, caplog):
         assert words.lower() in errors[name].lower(), (name, errors[name])
         assert name in caplog.text
     for i, r in enumerate(recs):
-        mid = f"{'a' if i % 2 else 'b'}/{r.model_id}.{'pt' if i == 3 else 'safetensors'}"
+        rel = f"{'a' if i % 2 else 'b'}/{r.model_id}.{'pt' if i == 3 else 'safetensors'}"
+        mid = file_id(tmp_path / "ckpts", rel)
         row = index.get(mid)
         assert row["task"] == r.meta["task"] and row["test_acc"] == pytest.approx(r.meta["test_acc"])
-        assert row["path"].endswith(mid) and row["arch_id"] == r.spec.arch_id
+        assert row["path"] == str(tmp_path / "ckpts" / rel) and row["arch_id"] == r.spec.arch_id
         assert index.query(row["path"], k=1)[0]["model_id"] == mid  # query by file
     # adding the folder again indexes only what is new
     extra = make_records(2, seed=4, prefix="late")
     write_folder(tmp_path / "ckpts" / "late", extra)
     added = index.add(tmp_path / "ckpts", skip_existing=True)
-    assert sorted(added) == sorted(f"late/{'a' if i % 2 else 'b'}/{r.model_id}.safetensors"
+    assert sorted(added) == sorted(file_id(tmp_path / "ckpts", f"late/{'a' if i % 2 else 'b'}/{r.model_id}.safetensors")
                                    for i, r in enumerate(extra))
 
 
 def test_cli_index_query_info(tmp_path, capsys):
     """The real script in a subprocess (index); query table, JSON, filters and info in-process via main()."""
+    from safetensors.torch import save_file
+
     import gnn_encoder as G
 
     recs = make_records(8, seed=5)
@@ -424,7 +462,7 @@ def test_cli_index_query_info(tmp_path, capsys):
                               capture_output=True, text=True, timeout=300, check=True)
 
     out = cli("index", str(tmp_path / "ckpts"), "--encoder", str(enc_path), "--db", str(db), "--chunk-size", "3")
-    assert "indexed 8 models (5 skipped)" in out.stdout
+    assert "added 8, updated 0, unchanged 0, skipped 5;" in out.stdout and "holds 8 models" in out.stdout
     assert "truncated.safetensors" in out.stderr and "conv1d.safetensors" in out.stderr
     query_file = tmp_path / "ckpts" / "a" / f"{recs[1].model_id}.safetensors"
     assert R.main(["query", str(query_file), "-k", "3", "--db", str(db)]) == 0  # a fresh load, as the CLI
@@ -432,20 +470,27 @@ def test_cli_index_query_info(tmp_path, capsys):
     assert lines[0].split() == ["rank", "model", "similarity", "task", "architecture", "test_acc"]
     assert len(lines) == 2 + 3
     first = lines[2].split()
-    assert first[0] == "1" and first[1] == f"a/{recs[1].model_id}.safetensors" and float(first[2]) > 0.9999
+    query_id = file_id(tmp_path / "ckpts", f"a/{recs[1].model_id}.safetensors")
+    assert first[0] == "1" and first[1] == query_id and float(first[2]) > 0.9999
     assert first[3] == recs[1].meta["task"] and first[4] == recs[1].spec.name
 
     assert R.main(["query", str(query_file), "-k", "10", "--db", str(db), "--same-arch", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res[0]["model_id"] == f"a/{recs[1].model_id}.safetensors"
+    assert res[0]["model_id"] == query_id
     assert len(res) == 2 and all(r["arch_id"] == recs[1].spec.arch_id for r in res)  # 8 models over 4 archs
     assert R.main(["info", "--db", str(db)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["num_models"] == 8 and info["embedder"]["encoder_sha256"] == R.file_sha256(enc_path)
     # the index embeds queries with the encoder it was built with; a changed encoder is refused
     enc_path.write_bytes(enc_path.read_bytes() + b"x")
-    with pytest.raises(ValueError, match="changed since the index was built"):
-        R.main(["query", str(query_file), "--db", str(db)])
+    assert R.main(["query", str(query_file), "--db", str(db)]) == 0  # indexed content: its stored vector
+    capsys.readouterr()
+    new_file = tmp_path / "new.safetensors"  # content not in the index: must be embedded
+    save_file(permute_hidden(recs[1].spec, recs[1].state_dict, torch.Generator().manual_seed(2)), str(new_file))
+    (tmp_path / "new.safetensors.spec.json").write_text(json.dumps({"spec": recs[1].spec.to_dict()}))
+    assert R.main(["query", str(new_file), "--db", str(db)]) == 1
+    err = capsys.readouterr().err
+    assert "changed since the index was built" in err and err.count("\n") == 1
 
 
 def test_build_from_a_zoo_and_neighbours_match_exact(records):

@@ -11,6 +11,7 @@ import torch
 import architecture as A
 import baselines as B
 import evaluation as E
+import subzoos as SZ
 from conftest import train_small
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,18 +38,18 @@ def test_select_subzoos_on_hand_made_metadata() -> None:
     meta, fit, qry = _frame()
     # C: 3 tasks < 4; D: 9 models < 20; E: no query model; G: no query with a relevant model;
     # B before A (same size, more tasks)
-    sel = E.select_same_architecture_subzoos(meta, fit, qry, k=10, min_tasks=4, min_models=20)
+    sel = SZ.select_same_architecture_subzoos(meta, fit, qry, k=10, min_tasks=4, min_models=20)
     assert [s["arch_id"] for s in sel] == ["B", "A", "F"]
     b = sel[0]
     # B's query runs 2, 5, 8 have tasks t2, t5, t2: run 5 is the only t5 run, so 6 of 9 query rows count
     assert b == {"arch_id": "B", "arch_name": "net-B", "n_models": 30, "n_tasks": 6,
                  "tasks": [f"t{i}" for i in range(6)], "n_fit": 21, "n_queries": 6}
     assert sel[1]["n_queries"] == 9 and sel[2]["n_queries"] == 6  # A: t2, t0, t3 all recur; F: runs 2, 5 (8 runs)
-    assert [s["arch_id"] for s in E.select_same_architecture_subzoos(meta, fit, qry, 2, 4, 20)] == ["B", "A"]
+    assert [s["arch_id"] for s in SZ.select_same_architecture_subzoos(meta, fit, qry, 2, 4, 20)] == ["B", "A"]
     # relaxed criteria: C (45 models, 3 tasks) is the largest
-    assert E.select_same_architecture_subzoos(meta, fit, qry, 1, 3, 20)[0]["arch_id"] == "C"
-    assert E.select_same_architecture_subzoos(meta, fit, qry, 0, 4, 20) == []
-    assert E.select_same_architecture_subzoos(meta, fit, qry, 5, 7, 20) == []
+    assert SZ.select_same_architecture_subzoos(meta, fit, qry, 1, 3, 20)[0]["arch_id"] == "C"
+    assert SZ.select_same_architecture_subzoos(meta, fit, qry, 0, 4, 20) == []
+    assert SZ.select_same_architecture_subzoos(meta, fit, qry, 5, 7, 20) == []
 
 
 # ----------------------------------------------------------------------------- protocol (hand-made)
@@ -56,29 +57,29 @@ def test_subzoo_retrieval_equals_direct_evaluation_and_ignores_other_architectur
     meta, fit, qry = _frame()
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((len(meta), 8)).astype(np.float32)
-    out = E.same_architecture_retrieval(emb, meta, ["A", "B"], fit, qry, (1, 5, 10))
+    out = SZ.same_architecture_retrieval(emb, meta, ["A", "B"], fit, qry, (1, 5, 10))
     for a in ("A", "B"):
-        rows = E.subzoo_rows(meta, a)
+        rows = SZ.subzoo_rows(meta, a)
         direct = E.RetrievalEvaluator((1, 5, 10)).evaluate_knn_retrieval(
             emb[rows], meta["task"].to_numpy()[rows], query_idx=np.flatnonzero(np.isin(rows, qry)),
             exclude_same=meta["run_id"].to_numpy()[rows])
-        for key in (*E.SUBZOO_METRICS, "n_queries"):
+        for key in (*SZ.SUBZOO_METRICS, "n_queries"):
             assert out[a][key] == pytest.approx(direct[key]), (a, key)
-    for key in E.SUBZOO_METRICS:
+    for key in SZ.SUBZOO_METRICS:
         assert out["mean"][key] == pytest.approx((out["A"][key] + out["B"][key]) / 2)
     # per-architecture embeddings (NFN's form) give the same numbers
-    per_arch = {a: emb[E.subzoo_rows(meta, a)] for a in ("A", "B")}
-    assert E.same_architecture_retrieval(per_arch, meta, ["A", "B"], fit, qry, (1, 5, 10)) == out
+    per_arch = {a: emb[SZ.subzoo_rows(meta, a)] for a in ("A", "B")}
+    assert SZ.same_architecture_retrieval(per_arch, meta, ["A", "B"], fit, qry, (1, 5, 10)) == out
     # models of other architectures never enter a sub-zoo's database
     other = emb.copy()
     other[meta["arch_id"].to_numpy() != "A"] = emb[0]  # would tie with A's first model everywhere
-    assert E.same_architecture_retrieval(other, meta, ["A"], fit, qry)["A"] == out["A"]
+    assert SZ.same_architecture_retrieval(other, meta, ["A"], fit, qry)["A"] == out["A"]
 
 
 def test_subzoo_retrieval_oracle_and_chance_by_hand() -> None:
     meta, fit, qry = _frame()
     oracle = pd.get_dummies(meta["task"]).to_numpy(np.float32)  # same task <=> same embedding
-    out = E.same_architecture_retrieval(oracle, meta, ["B"], fit, qry, (1, 10))
+    out = SZ.same_architecture_retrieval(oracle, meta, ["B"], fit, qry, (1, 10))
     assert out["B"]["P@1"] == 1.0 and out["B"]["mAP"] == 1.0 and out["B"]["MRR"] == 1.0
     # B: 10 runs of 3 checkpoints, run r has task t(r % 6); query runs 2, 5, 8. Runs 2 and 8 (t2) find each
     # other: 3 relevant among the 27 models of the other runs; run 5 (t5) has no other run: not counted
@@ -86,7 +87,7 @@ def test_subzoo_retrieval_oracle_and_chance_by_hand() -> None:
     assert out["B"]["chance_P"] == pytest.approx(3 / 27)
     assert out["B"]["P@10"] == pytest.approx(3 / 10)  # all 3 relevant in the top 10
     with pytest.raises(KeyError, match="no embeddings for architecture B"):
-        E.same_architecture_retrieval({"A": oracle[:30]}, meta, ["B"], fit, qry)
+        SZ.same_architecture_retrieval({"A": oracle[:30]}, meta, ["B"], fit, qry)
 
 
 # ----------------------------------------------------------------------------- real trained models
@@ -115,7 +116,7 @@ def test_protocol_with_training_free_nfn_on_real_models(two_task_subzoo) -> None
     nfn = B.NFNBaseline(hidden_channels=8, min_models=1, seed=0).fit([recs[i] for i in fit])
     emb = nfn.embed(recs)
     assert emb.shape[0] == 16 and np.isfinite(emb).all()
-    out = E.same_architecture_retrieval({spec.arch_id: emb}, meta, [spec.arch_id], fit, qry, (1, 5))
+    out = SZ.same_architecture_retrieval({spec.arch_id: emb}, meta, [spec.arch_id], fit, qry, (1, 5))
     r = out[spec.arch_id]
     # 8 queries; each sees 14 models (its own run's other checkpoint removed... and itself), 6 of its task
     assert r["n_queries"] == 8 and r["chance_P"] == pytest.approx(6 / 14)
@@ -160,5 +161,5 @@ def test_train_nfn_subzoo_with_the_shared_loop(two_task_subzoo) -> None:
     emb, hist = S.train_nfn_subzoo(cfg, zoo, graphs, rows, fit, "supcon", 0, torch.device("cpu"))
     assert emb.shape == (16, 16) and np.isfinite(emb).all()
     assert len(hist["train_loss"]) == 4 and hist["train_loss"][-1] < hist["train_loss"][0]
-    out = E.same_architecture_retrieval(emb, meta, [spec.arch_id], fit, qry, (1, 5))
+    out = SZ.same_architecture_retrieval(emb, meta, [spec.arch_id], fit, qry, (1, 5))
     assert out[spec.arch_id]["n_queries"] == 8
