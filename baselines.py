@@ -859,7 +859,7 @@ BASELINES: dict[str, type] = {
 
 
 # Training-free fingerprints of a network's function (the strongest that ran is every headline table's reference).
-TRAINING_FREE_FINGERPRINTS: tuple[str, ...] = ("input_profile", "probe_fingerprint")
+TRAINING_FREE_FINGERPRINTS: tuple[str, ...] = ("input_profile", "probe_fingerprint", "probe_fingerprint_data")
 
 
 def make_baseline(name: str, **kwargs: Any) -> Baseline:
