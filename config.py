@@ -100,7 +100,7 @@ class EncoderConfig:
     probe_saliency: bool = _f(True, "input neurons carry the input gradient (saliency) on the probes")
     fingerprint_weight: float = _f(1.0, "weight of the raw probe fingerprint kept in the GNN embedding beside the "
                                         "learned part (0 = learned part only)")
-    metric_dims: list = _f([256, 512], "metric head (within-group whitening fit after training) sizes tried; chosen on "
+    metric_dims: list = _f([64, 128, 256, 512], "metric head (within-group whitening fit after training) sizes tried; chosen on "
                                        "val-unseen tasks (empty = no metric head)")
     metric_regs: list = _f([0.1], "metric head ridge values tried (times the mean within-group variance)")
     learned_weights: list = _f([0.0, 0.5, 1.0], "weights of the GNN's learned part beside the fingerprint tried "
