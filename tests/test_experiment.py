@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # smaller than --small: 4 runs of each of its tasks trained 5 epochs, 2 seeds of 3 encoder epochs, one baseline
 # (val_fraction 0.5 leaves 2 validation runs per task, so the validation P@10 has relevant items)
 TINY = ["--small", "--runs_per_task", "4", "--zoo_epochs", "5", "--eval_seeds", "2", "--epochs", "3", "--val_fraction", "0.5",
+        "--batch_size", "32",
         "--methods", "pca", "--symmetry_queries", "20", "--merge_pairs", "1", "--merge_alphas", "3", "--transfer_steps", "10",
         "--transfer_k", "2", "--same_arch_subzoos", "0"]
 
