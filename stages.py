@@ -573,7 +573,8 @@ def train_nfn_subzoo(cfg: ExperimentConfig, zoo, graphs, rows: np.ndarray, fit_r
     enc.set_input_scales(B.nfn_batch_from_flat(spec, torch.stack([to_flat(graphs[i]) for i in fit_rows])))
     empty = np.zeros(0, np.int64)
     sub = D.Split(np.asarray(fit_rows), empty, empty, empty, test_unseen_tasks=tuple(heldout_tasks))
-    train = dataclasses.replace(cfg.train, batch_size=min(cfg.train.batch_size, len(fit_rows)))
+    # one architecture: one shape group, so batches need no grouping
+    train = dataclasses.replace(cfg.train, batch_size=min(cfg.train.batch_size, len(fit_rows)), batch_within="")
     view_fn = _view_fn(cfg, recipe)
     fit = fit_contrastive(enc, graphs, zoo.metadata, sub, recipe, train, single_process(device), seed=seed,
                           epochs=e.nfn_epochs, view_fn=view_fn, transform=to_flat)
