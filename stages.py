@@ -335,12 +335,13 @@ def _metric_head_stage(cfg: ExperimentConfig, graphs, zoo, split: D.Split, encod
     if fp_dim:
         x[:, fp_dim:] *= choice["learned_weight"]
     head = choice["head"]
+    plain = method.replace("[", "(").replace("]", ")")  # ablation names: not trained-encoder names "model [recipe]"
     out = {method: head(torch.from_numpy(x)).numpy() if head is not None else x,
-           f"{method} without metric head": raw}
+           f"{plain} without metric head": raw}
     if fp_dim and head is not None:  # the same head fit on the fingerprint alone: what the GNN adds
         fp_head = MetricHead(fp_dim, choice["dim"]).fit(torch.from_numpy(sel_raw[sel_split.train, :fp_dim]),
                                                         groups[sel_split.train], choice["reg"])
-        out[f"probe fingerprint part + metric head [{column}] (no GNN)"] = \
+        out[f"probe fingerprint part + metric head on {column} (no GNN)"] = \
             fp_head(torch.from_numpy(raw[:, :fp_dim])).numpy()
     rec.results.setdefault("metric_head", {}).setdefault(method, {})[str(seed)] = {
         k: v for k, v in choice.items() if k not in ("head", "embeddings")}
