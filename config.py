@@ -178,7 +178,7 @@ class EvalConfig:
     nfn_epochs: int = _f(0, "contrastive epochs of the per-sub-zoo NFN encoder (0 = training-free NFN only)")
     nfn_hidden_channels: int = _f(16, "channels of the NFN HNP layers")
     nfn_layers: int = _f(2, "NFN HNP layers")
-    scaling_tasks: list = _f([8, 32, 128, 0], "--experiment scaling: numbers of training tasks (0 = every seen task)")
+    scaling_tasks: list = _f([8, 32, 96, 0], "--experiment scaling: numbers of training tasks (0 = every seen task)")
     scaling_recipes: list = _f(["supcon"], "--experiment scaling: view recipes the encoder trains with (supcon: the "
                                            "one trained on task labels; add e.g. checkpoint for a self-supervised one)")
     scaling_epochs: int = _f(2, "--experiment scaling: encoder epochs over the full training set (a smaller set "

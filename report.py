@@ -579,13 +579,16 @@ SCALING_HEADING = "Scaling: unseen-task P@10 against the number of training task
 
 
 def scaling_table(sc: Mapping) -> dict[str, dict]:
-    """{method: {"n = <tasks>": "mean ± std" of P@10}}; training-free methods have one value for every n."""
-    ns = sorted({n for v in sc["summary"].values() for n in v["n"]})
+    """{method: {"n = <tasks>": "mean ± std" of P@10}}; training-free methods have one value for every size."""
+    trained = [v for v in sc["summary"].values() if not v["flat"]]
+    cols = {k: (f"n = {k}" if k != "all" else f"all (n = {n:.0f})") for k, n in zip(trained[0]["sizes"], trained[0]["n"])} \
+        if trained else {}
     rows = {}
     for m, v in sc["summary"].items():
         p = v["P@10"]
-        rows[m] = {f"n = {n}": (f"{p['mean']:.3f} ± {p['std']:.3f}" if v["flat"] else
-                                f"{p['mean'][v['n'].index(n)]:.3f} ± {p['std'][v['n'].index(n)]:.3f}") for n in ns}
+        rows[m] = {c: (f"{p['mean']:.3f} ± {p['std']:.3f}" if v["flat"] else
+                       f"{p['mean'][v['sizes'].index(k)]:.3f} ± {p['std'][v['sizes'].index(k)]:.3f}")
+                   for k, c in cols.items()}
     return rows
 
 
@@ -597,8 +600,9 @@ def scaling_lines(r: Mapping) -> list[str]:
     epochs = seeds[0]["epochs"]
     L = [f"## {SCALING_HEADING}", "", sc["note"], "",
          f"Encoder `{sc['encoder']}`, recipes {', '.join(sc['recipes'])}; {len(seeds)} seeds (mean ± std); "
-         f"{seeds[0]['n_seen_tasks']} seen tasks per seed (n = {max(int(n) for n in epochs)} is all of them); "
-         "training epochs per n: " + ", ".join(f"{n}: {e}" for n, e in epochs.items())
+         f"seen tasks per seed: {', '.join(str(s['n_seen_tasks']) for s in seeds)} (each seed holds out its own unseen "
+         "kind; \"all\" is every seen task); training epochs per size (first seed): "
+         + ", ".join(f"{n}: {e}" for n, e in epochs.items())
          + (" (the full training set's optimizer steps for every n)" if sc["equal_steps"] else "") + ".", "",
          md_table(scaling_table(sc)), ""]
     if "scaling" in r.get("figures", {}):

@@ -90,20 +90,21 @@ def run_scaling(cfg: ExperimentConfig, zoo: ModelZooDataset, graphs: list, dist:
             graphs, None, 256, dist.rank, dist.world_size, untrained.transform), dist.device)}
         if dist.is_master:
             flat.update(S.baseline_embeddings(cfg, zoo, split, seed, rec).embeddings)
-        out: dict[str, Any] = {"heldout_tasks": held, "test_unseen_tasks": list(split.test_unseen_tasks), "n_seen_tasks": len(seen), "train_tasks": {}, "epochs": {},
-                               "steps": {}, "batch_size": {},
+        out: dict[str, Any] = {"heldout_tasks": held, "test_unseen_tasks": list(split.test_unseen_tasks),
+                               "n_seen_tasks": len(seen), "train_tasks": {}, "epochs": {}, "steps": {}, "batch_size": {},
                                "flat": {m: unseen_retrieval(e, meta, split, ev.k_values) for m, e in flat.items()}
                                if dist.is_master else {}, "curves": {}}
         full_steps = ev.scaling_epochs * (len(split.train) // t.batch_size)  # the full training's optimizer steps
         for n in counts:
+            key = size_label(n, len(seen))
             sub = restrict_split(split, meta, order[:n])
             # a training set smaller than a batch trains in one batch (a multiple of the world size)
             tn = dataclasses.replace(t, batch_size=min(t.batch_size, len(sub.train) // dist.world_size * dist.world_size))
             steps_per_epoch = len(sub.train) // max(1, tn.batch_size)
             epochs = max(ev.scaling_epochs, math.ceil(full_steps / max(1, steps_per_epoch))) \
                 if ev.scaling_equal_steps else ev.scaling_epochs
-            out["train_tasks"][str(n)], out["epochs"][str(n)] = order[:n], epochs
-            out["steps"][str(n)], out["batch_size"][str(n)] = epochs * steps_per_epoch, tn.batch_size
+            out["train_tasks"][key], out["epochs"][key] = order[:n], epochs
+            out["steps"][key], out["batch_size"][key] = epochs * steps_per_epoch, tn.batch_size
             for recipe in ev.scaling_recipes:
                 seed_everything(seed)
                 enc = S._make_encoder(cfg, zoo, sub, conv)
@@ -115,8 +116,9 @@ def run_scaling(cfg: ExperimentConfig, zoo: ModelZooDataset, graphs: list, dist:
                 emb = embed(fit.encoder.to(dist.device), D.embed_loader(graphs, None, 256, dist.rank, dist.world_size,
                                                                        enc.transform), dist.device)
                 if dist.is_master:
-                    out["curves"].setdefault(f"{name} [{recipe}]", {})[str(n)] = {
-                        **unseen_retrieval(emb, meta, split, ev.k_values), "train_models": int(len(sub.train))}
+                    out["curves"].setdefault(f"{name} [{recipe}]", {})[key] = {
+                        **unseen_retrieval(emb, meta, split, ev.k_values), "train_models": int(len(sub.train)),
+                        "train_tasks": n}
         per_seed[str(seed)] = out
     result = {"sizes_requested": list(ev.scaling_tasks), "recipes": list(ev.scaling_recipes),
               "equal_steps": ev.scaling_equal_steps, "encoder": name, "per_seed": per_seed,
@@ -129,19 +131,28 @@ def run_scaling(cfg: ExperimentConfig, zoo: ModelZooDataset, graphs: list, dist:
     return result
 
 
+def size_label(n: int, n_seen: int) -> str:
+    """A training-set size's key in the results: its task count, or "all" for every seen task (the number of
+    seen tasks differs between seeds: each holds out its own unseen kind)."""
+    return "all" if n == n_seen else str(n)
+
+
 def summarize(per_seed: dict[str, dict]) -> dict[str, dict]:
-    """method -> {"n": [...], metric: {"mean": [...], "std": [...]}, "flat": bool} over the seeds. The number of
-    seen tasks (hence "all") is the same for every seed: the held-out fraction is taken per shape group."""
+    """method -> {"sizes": [...], "n": [...], metric: {"mean": [...], "std": [...]}, "flat": bool} over the seeds.
+    ``sizes`` are the size labels every seed trained (a requested size at or above one seed's number of seen
+    tasks is that seed's "all" and is left out); ``n`` is each size's mean number of training tasks."""
     seeds = list(per_seed.values())
     out: dict[str, dict] = {}
     for method in seeds[0]["curves"]:
-        ns = sorted({int(n) for s in seeds for n in s["curves"][method]})
-        out[method] = {"n": ns, "flat": False}
+        common = set.intersection(*(set(s["curves"][method]) for s in seeds))
+        sizes = sorted(common, key=lambda k: (k == "all", int(k) if k != "all" else 0))
+        out[method] = {"sizes": sizes, "n": [float(np.mean([s["curves"][method][k]["train_tasks"] for s in seeds]))
+                                             for k in sizes], "flat": False}
         for m in METRICS:
-            vals = np.array([[s["curves"][method][str(n)][m] for n in ns] for s in seeds])  # (seeds, sizes)
+            vals = np.array([[s["curves"][method][k][m] for k in sizes] for s in seeds])  # (seeds, sizes)
             out[method][m] = {"mean": vals.mean(0).tolist(), "std": vals.std(0).tolist()}
     for method in seeds[0]["flat"]:
-        out[method] = {"n": [], "flat": True}
+        out[method] = {"sizes": [], "n": [], "flat": True}
         for m in METRICS:
             vals = np.array([s["flat"][method][m] for s in seeds])
             out[method][m] = {"mean": float(vals.mean()), "std": float(vals.std())}

@@ -27,6 +27,19 @@ def test_task_counts_read_zero_as_all_and_cap():
         SC.task_counts([-1], 10)
 
 
+def test_summary_keeps_the_sizes_every_seed_trained():
+    """Seeds hold out different unseen kinds, so "all" is another number of tasks per seed, and a requested size
+    at or above one seed's seen tasks is that seed's "all": only the sizes every seed has are averaged."""
+    def curve(n):
+        return {"P@1": n / 100, "P@10": n / 100, "mAP": n / 100, "train_tasks": n}
+
+    per_seed = {"1": {"curves": {"m": {"8": curve(8), "96": curve(96), "all": curve(120)}}, "flat": {}},
+                "2": {"curves": {"m": {"8": curve(8), "all": curve(90)}}, "flat": {}}}
+    s = SC.summarize(per_seed)["m"]
+    assert s["sizes"] == ["8", "all"] and s["n"] == [8.0, 105.0]
+    assert s["P@10"]["mean"] == pytest.approx([0.08, 1.05])
+
+
 def test_restrict_split_keeps_the_queries():
     meta = pd.DataFrame({"task": ["a", "a", "b", "b", "c", "c", "d", "d"], "run_id": [f"r{i // 2}{i}" for i in range(8)]})
     split = D.Split(np.array([0, 2, 4]), np.array([1, 3]), np.array([5]), np.array([6, 7]), test_unseen_tasks=("d",))
@@ -59,21 +72,22 @@ def test_scaling_run_holds_the_queries_and_grows_nested_training_sets(scaling_ru
     assert list(out["per_seed"]) == ["42", "43"]
     for seed, s in out["per_seed"].items():
         assert len(s["heldout_tasks"]) == 2 and s["n_seen_tasks"] == 6
-        small, full = s["train_tasks"]["2"], s["train_tasks"]["6"]
+        small, full = s["train_tasks"]["2"], s["train_tasks"]["all"]
         assert full[:2] == small and sorted(full) == sorted(set(meta["task"]) - set(s["heldout_tasks"]))
         assert {zoo.metadata["shape_group"][meta["task"] == t].iloc[0] for t in small} == {"in64-out10", "in4-out3"}
         curve = s["curves"]["gnn [supcon]"]
-        assert curve["2"]["train_models"] < curve["6"]["train_models"]
+        assert curve["2"]["train_models"] < curve["all"]["train_models"]
         # equal optimizer steps: fewer training models, more epochs (a batch no larger than the training set)
-        assert s["epochs"]["6"] == 1 and s["batch_size"]["6"] == 16 and s["steps"]["6"] == curve["6"]["train_models"] // 16
-        assert s["batch_size"]["2"] == min(16, curve["2"]["train_models"]) and s["steps"]["2"] >= s["steps"]["6"]
-        assert s["steps"]["2"] - s["steps"]["6"] < curve["2"]["train_models"] // s["batch_size"]["2"]  # one epoch
+        assert s["epochs"]["all"] == 1 and s["batch_size"]["all"] == 16 and s["steps"]["all"] == curve["all"]["train_models"] // 16
+        assert s["batch_size"]["2"] == min(16, curve["2"]["train_models"]) and s["steps"]["2"] >= s["steps"]["all"]
+        assert s["steps"]["2"] - s["steps"]["all"] < curve["2"]["train_models"] // s["batch_size"]["2"]  # one epoch
         for v in [*curve.values(), *s["flat"].values()]:
             assert 0 <= v["P@10"] <= 1 and 0 <= v["P@1"] <= 1
         assert set(s["flat"]) == {"gnn [untrained]", "input_profile", "constant", "shape_only", "random (chance)"}
     summary = out["summary"]
-    assert summary["gnn [supcon]"]["n"] == [2, 6] and not summary["gnn [supcon]"]["flat"]
-    p = [out["per_seed"][s]["curves"]["gnn [supcon]"]["6"]["P@10"] for s in ("42", "43")]
+    assert summary["gnn [supcon]"]["sizes"] == ["2", "all"] and summary["gnn [supcon]"]["n"] == [2.0, 6.0]
+    assert not summary["gnn [supcon]"]["flat"]
+    p = [out["per_seed"][s]["curves"]["gnn [supcon]"]["all"]["P@10"] for s in ("42", "43")]
     assert summary["gnn [supcon]"]["P@10"]["mean"][1] == pytest.approx(np.mean(p))
     assert summary["input_profile"]["flat"] and summary["input_profile"]["P@10"]["std"] >= 0
 
