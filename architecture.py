@@ -405,14 +405,14 @@ def finish_layer(h: torch.Tensor, i: int, layer: LayerSpec, saved: dict[int, tor
     return h
 
 
-def forward(spec: ArchitectureSpec, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Functional forward pass: ``x`` (B, *input_shape) -> logits (B, num_outputs).
-
-    Per layer: conv/linear, + shortcut (``residual_from``), activation, pooling (``pool``).
+def forward_layers(spec: ArchitectureSpec, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+    """Functional forward pass keeping every layer's output: ``x`` (B, *input_shape) -> one tensor per layer,
+    (B, C, H, W) for conv layers and (B, out) for linear ones, each after its shortcut, activation and pooling;
+    the last is the logits (B, num_outputs). Probes read the hidden layers' responses here.
     """
     sources = shortcut_sources(spec)
     saved = {-1: x} if -1 in sources else {}  # outputs that a later shortcut adds
-    h = x
+    h, outs = x, []
     for i, layer in enumerate(spec.layers):
         w, b = params[f"layers.{i}.weight"], params[f"layers.{i}.bias"]
         if layer.kind == "conv2d":
@@ -422,7 +422,16 @@ def forward(spec: ArchitectureSpec, params: Mapping[str, torch.Tensor], x: torch
                 h = h.flatten(1) if layer.flatten else h.mean(dim=(2, 3))
             h = F.linear(h, w, b)
         h = finish_layer(h, i, layer, saved, sources)
-    return h
+        outs.append(h)
+    return outs
+
+
+def forward(spec: ArchitectureSpec, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Functional forward pass: ``x`` (B, *input_shape) -> logits (B, num_outputs).
+
+    Per layer: conv/linear, + shortcut (``residual_from``), activation, pooling (``pool``).
+    """
+    return forward_layers(spec, params, x)[-1]
 
 
 class SpecNet(nn.Module):

@@ -318,6 +318,58 @@ class InputProfile(Baseline):
         return E
 
 
+class ProbeFingerprint(Baseline):
+    """Training-free functional fingerprint: each model's centred log-softmax outputs on fixed probe inputs of
+    its input size, output o in slot o (``probes.fingerprint``), concatenated; cosine kNN compares functions.
+
+    ``kinds=("gauss",)`` (``probe_fingerprint``): seeded Gaussian probes in the standardized input space;
+    ``kinds=("data",)`` (``probe_fingerprint_data``): unlabeled, untransformed source inputs of that size
+    (``probes.source_inputs``; sizes without a source dataset fall back to Gaussian probes, with a warning).
+    Models run through ``architecture.forward`` batched per architecture (``probes.model_responses``); ``fit``
+    only records the input sizes (nothing is learned).
+    """
+
+    name = "probe_fingerprint"
+
+    def __init__(self, num_probes: int = 128, kinds: Sequence[str] = ("gauss",), seed: int = 0, out_slots: int = 10):
+        super().__init__()
+        self.num_probes, self.kinds, self.seed, self.out_slots = num_probes, tuple(kinds), seed, out_slots
+
+    def _fit(self, recs: list) -> None:
+        from probes import ProbeSet, source_inputs
+
+        sizes = sorted({int(np.prod(r.spec.input_shape)) for r in recs})
+        self.probe_set_ = ProbeSet(self.num_probes, self.kinds, sizes, self.seed)
+        for n in sizes if "data" in self.kinds else ():
+            X = source_inputs(n, self.num_probes, self.seed)
+            if X is not None:  # else Gaussian probes stand in (ProbeSet warns)
+                self.probe_set_.set_data(n, X)
+
+    @torch.no_grad()
+    def _embed(self, recs: list) -> np.ndarray:
+        from probes import fingerprint, model_responses
+
+        out = np.zeros((len(recs), self.probe_set_.total * self.out_slots), dtype=np.float32)
+        for arch, idx in arch_groups(recs).items():
+            spec = recs[idx[0]].spec
+            layers = [_layers(recs[i], i) for i in idx]  # validated (weight, bias) per layer
+            params = {f"layers.{l}.{k}": torch.stack([m[l][j] for m in layers])
+                      for l in range(len(spec.layers)) for j, k in enumerate(("weight", "bias"))}
+            X = self.probe_set_.inputs(int(np.prod(spec.input_shape)))
+            lp = model_responses(spec, params, X, saliency=False).log_probs
+            out[idx] = fingerprint(lp, len(self.kinds), self.out_slots, normalize=False).numpy()
+        return out
+
+
+class ProbeFingerprintData(ProbeFingerprint):
+    """:class:`ProbeFingerprint` on unlabeled, untransformed source inputs (``kinds=("data",)``)."""
+
+    name = "probe_fingerprint_data"
+
+    def __init__(self, num_probes: int = 128, kinds: Sequence[str] = ("data",), seed: int = 0, out_slots: int = 10):
+        super().__init__(num_probes, kinds, seed, out_slots)
+
+
 # --------------------------------------------------------------------------------------
 # metadata baselines
 # --------------------------------------------------------------------------------------
@@ -798,6 +850,8 @@ BASELINES: dict[str, type] = {
     "statnn": StatNN,
     "shape_only": ShapeOnly,
     "input_profile": InputProfile,
+    "probe_fingerprint": ProbeFingerprint,
+    "probe_fingerprint_data": ProbeFingerprintData,
     "metadata_tfidf": MetadataTfidf,
     "metadata_minilm": MetadataMiniLM,
     "nfn": NFNBaseline,
@@ -805,7 +859,7 @@ BASELINES: dict[str, type] = {
 
 
 # Training-free fingerprints of a network's function (the strongest that ran is every headline table's reference).
-TRAINING_FREE_FINGERPRINTS: tuple[str, ...] = ("input_profile", "probe_fingerprint")
+TRAINING_FREE_FINGERPRINTS: tuple[str, ...] = ("input_profile", "probe_fingerprint", "probe_fingerprint_data")
 
 
 def make_baseline(name: str, **kwargs: Any) -> Baseline:

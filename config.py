@@ -75,6 +75,9 @@ class AugmentConfig:
     rescale_high: float = _f(2.0, "largest per-neuron scaling factor of the rescale view (log-uniform)")
     erase_fraction: float = _f(0.0, "length of one random contiguous span of weights zeroed per view, as a fraction "
                                     "of all weights and biases (seed 004's erasing; 0 disables)")
+    pair_views: str = _f("symmetry", "views of the pair recipes (checkpoint, seed, supcon): symmetry (exact, "
+                                     "function-preserving) or perturb (also noise, edge dropout, pruning)",
+                         choices=["symmetry", "perturb"])
 
 
 @dataclass
@@ -92,13 +95,25 @@ class EncoderConfig:
     canonical_order: bool = _f(False, "WeightNet: add embeddings of each hidden neuron's canonical rank in its layer")
     io_slots: int = _f(4, "GNN readout (gnn, nonequivariant_gnn): numbers per input/output position slot "
                           "(0 = attention pooling only)")
+    num_probes: int = _f(128, "GNN encoders: probe inputs per kind and input size whose responses are node features "
+                         "(probes.py; 0 = no probe features)")
+    probe_kinds: list = _f(["gauss", "data"], "probe kinds: gauss (seeded Gaussian), data (unlabeled source inputs), "
+                                              "learned (ProbeGen-style generator trained with the encoder)")
+    probe_saliency: bool = _f(True, "input neurons carry the input gradient (saliency) on the probes")
+    fingerprint_weight: float = _f(1.0, "weight of the raw probe fingerprint kept in the GNN embedding beside the "
+                                        "learned part (0 = learned part only)")
+    metric_dims: list = _f([64, 128, 256, 512], "metric head (within-group whitening fit after training) sizes tried; chosen on "
+                                       "val-unseen tasks (empty = no metric head)")
+    metric_regs: list = _f([0.1], "metric head ridge values tried (times the mean within-group variance)")
+    learned_weights: list = _f([0.0, 0.5, 1.0], "weights of the GNN's learned part beside the fingerprint tried "
+                                                "with the metric head (0 = fingerprint alone), chosen on val-unseen")
 
 
 @dataclass
 class TrainConfig:
     """Contrastive training (contrastive_learning.py, dataloader.py)."""
 
-    epochs: int = _f(5, "training epochs of the encoder")
+    epochs: int = _f(2, "training epochs of the encoder (2: the default run on 2 CPU cores, 3 seeds x 2 recipes; more on a GPU)")
     batch_size: int = _f(32, "graphs per global batch (two views each); small batches give more steps per CPU-second")
     learning_rate: float = _f(1e-3, "AdamW learning rate")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
@@ -111,8 +126,14 @@ class TrainConfig:
                           choices=["symmetry", "noise", "checkpoint", "seed", "supcon"])
     compare_recipes: list = _f(["noise", "checkpoint", "supcon"],
                                "view recipes compared on validation (seen tasks) before training")
-    compare_epochs: int = _f(1, "training epochs per recipe in the comparison (0 skips the comparison)")
+    compare_epochs: int = _f(0, "training epochs per recipe in the comparison (0 skips it: view_recipe is trained, "
+                                "and supcon beside it with train_supcon)")
+    train_supcon: bool = _f(True, "without a comparison, also train the weakly supervised supcon recipe beside "
+                                  "view_recipe")
     hard_negative_beta: float = _f(0.0, "hardness weighting of cross-family negatives (0 = plain NT-Xent)")
+    batch_within: str = _f("shape_group", "draw every training batch within one value of this metadata column "
+                                          "(shape_group: negatives differ in function, not in node counts; '' = mixed)",
+                           choices=["shape_group", ""])
     val_fraction: float = _f(0.34, "fraction of each seen task's training runs used for validation (the "
                                    "validation P@10 needs >= 2 val runs per task: 2 of the zoo's 6)")
     test_fraction: float = _f(0.15, "fraction of each seen task's training runs held out for testing")
@@ -128,7 +149,8 @@ class TrainConfig:
 class EvalConfig:
     """Evaluation protocols (evaluation.py, baselines.py)."""
 
-    methods: list = _f(["pca", "statnn", "shape_only", "input_profile", "metadata_tfidf"],
+    methods: list = _f(["pca", "statnn", "shape_only", "input_profile", "probe_fingerprint", "probe_fingerprint_data",
+                        "metadata_tfidf"],
                        "baselines evaluated beside the trained encoder (shape_only, a constant and a random "
                        "embedding are always evaluated: every table's references)")
     eval_seeds: int = _f(3, "repetitions (seeds) for every reported number; each seed draws its own split")

@@ -211,7 +211,8 @@ class ContrastiveLearner(nn.Module):
         self.num_tasks, self.gather_negatives = int(num_tasks), gather_negatives
         self.head = None
         if weak_supervision > 0:
-            dim = embedding_dim if embedding_dim is not None else getattr(encoder, "global_dim", None)
+            dim = embedding_dim if embedding_dim is not None else getattr(encoder, "embedding_dim",
+                                                                          getattr(encoder, "global_dim", None))
             if dim is None:
                 dim = (getattr(encoder, "hparams", None) or {}).get("global_dim")
             if dim is None:
@@ -666,7 +667,7 @@ def split_digest(split: Split) -> str:
 # the TrainConfig fields that change what fit_contrastive trains (DataLoader workers change nothing); the
 # reconstruction ones only count when it is on (checkpoints of trainings without it stay resumable)
 FIT_FIELDS = ("batch_size", "learning_rate", "weight_decay", "temperature", "weak_supervision", "weak_targets",
-              "hard_negative_beta", "grad_clip", "lr_schedule")
+              "hard_negative_beta", "grad_clip", "lr_schedule", "batch_within")
 RECON_FIELDS = ("recon_beta", "decoder_dim")
 
 
@@ -678,7 +679,8 @@ def fit_contrastive(encoder: nn.Module, graphs: Sequence[Any], meta_df: Any, spl
 
     From ``train``: batch size, AdamW (learning rate, weight decay) and its ``lr_schedule``,
     NT-Xent temperature and hard-negative beta, weak supervision, gradient clipping and
-    DataLoader workers; ``epochs`` overrides ``train.epochs``. Model selection: the validation
+    DataLoader workers, batches within one ``batch_within`` group (:class:`dataloader.GroupedBatchSampler`);
+    ``epochs`` overrides ``train.epochs``. Model selection: the validation
     protocol's P@10 (:func:`make_retrieval_val_fn`: val runs of seen tasks and val-unseen models searched
     within their shape group among the train, val and val-unseen models) when the split has validation
     rows, else the last epoch. Pass ``dataloader.selection_subset`` data: nothing else is read then. ``view_fn`` (``dataloader.make_view_fn``) draws each view; ``transform`` turns a
@@ -699,7 +701,7 @@ def fit_contrastive(encoder: nn.Module, graphs: Sequence[Any], meta_df: Any, spl
         recon = Reconstruction.for_encoder(encoder, train.decoder_dim)
         view_fn = with_targets(view_fn)
     loaders = build_loaders(graphs, meta_df, split, recipe, train.batch_size, view_fn, seed, train.num_workers,
-                            dist.rank, dist.world_size, transform)
+                            dist.rank, dist.world_size, transform, train.batch_within)
     model_args = config = last = resume_from = None
     if checkpoint is not None:
         model_args, last = checkpoint.model_args, Path(checkpoint.directory) / CHECKPOINT_NAME
@@ -764,3 +766,49 @@ def compare_view_recipes(make_encoder: Callable[[], nn.Module], graphs: Sequence
     ss = [r for r in results if results[r]["kind"] == "self-supervised"]
     return {"metric": f"val_P@{VAL_K}", "epochs": epochs, "recipes": results, "chosen": chosen,
             "chosen_self_supervised": max(ss, key=lambda r: results[r]["val_metric"]) if ss else None}
+
+
+# =========================================================================== metric head (closed-form training)
+def choose_metric_head(raw: np.ndarray, meta_df: Any, split: Split, groups: Sequence, dims: Sequence[int],
+                       regs: Sequence[float], k: int = VAL_K, learned_from: int | None = None,
+                       learned_weights: Sequence[float] = (1.0,)) -> dict[str, Any]:
+    """Fit a :class:`encoder_blocks.MetricHead` on ``raw[split.train]`` (embeddings (N, D) of the whole zoo, one
+    ``groups`` label per row: training tasks, or runs for a label-free head) for every (dim, reg) of the grid and
+    choose on the validation protocol (``evaluation.validation_retrieval`` over ``split.selection_rows``): its
+    val-unseen P@k when the split has val-unseen tasks (a head fit on the training tasks' labels would flatter
+    their val runs), else val_P@k; no head (the raw embedding) is a candidate too. With ``learned_from`` (the first
+    column of the learned part, after the fingerprint), every ``learned_weights`` value scales those columns first
+    (0: the fingerprint alone). Returns ``{"head" (None: no head), "dim", "reg", "learned_weight", "embeddings"
+    (N, dim or D), "scores" {candidate: P@k}, "metric"}``. Only train, val and val-unseen rows are read."""
+    from encoder_blocks import MetricHead
+    from evaluation import validation_retrieval
+
+    raw = np.asarray(raw, dtype=np.float32)
+    db = split.selection_rows
+    pos = {int(r): i for i, r in enumerate(db)}
+    seen, unseen = ([pos[int(r)] for r in rows] for rows in (split.val, split.val_unseen))
+    if not seen and not unseen:
+        raise ValueError("choose_metric_head needs val or val-unseen models to choose on")
+    metric = f"val_unseen_P@{k}" if unseen else f"val_P@{k}"
+    cols = {c: np.asarray(meta_df[c])[db] for c in ("task", "shape_group", "run_id")}
+
+    def score(z: np.ndarray) -> float:
+        return validation_retrieval(z[db], cols["task"], cols["shape_group"], cols["run_id"], seen, unseen, k)[metric]
+
+    groups = np.asarray(groups)
+    train = np.asarray(split.train, dtype=np.int64)
+    best: dict[str, Any] = {}
+    scores: dict[str, float] = {}
+    for alpha in (learned_weights if learned_from is not None else (1.0,)):
+        x = raw.copy()
+        x[:, learned_from or raw.shape[1]:] *= alpha
+        for dim, reg in [(0, 0.0)] + [(d, r) for d in dims if d <= min(len(train), raw.shape[1]) for r in regs]:
+            head = MetricHead(raw.shape[1], int(dim)).fit(torch.from_numpy(x[train]), groups[train], float(reg)) \
+                if dim else None
+            z = head(torch.from_numpy(x)).numpy() if head is not None else x
+            name = (f"learned{alpha}_" if learned_from is not None else "") + (f"dim{dim}_reg{reg}" if dim else "none")
+            scores[name] = score(z)
+            if not best or scores[name] > best["score"]:
+                best = {"head": head, "dim": int(dim), "reg": float(reg), "learned_weight": float(alpha),
+                        "embeddings": z, "score": scores[name]}
+    return {**best, "scores": scores, "metric": metric}

@@ -519,8 +519,54 @@ class ShardedSampler(Sampler):
         return len(range(self.rank, self.n, self.world_size))
 
 
+class GroupedBatchSampler(Sampler):
+    """Global batches drawn within one group (e.g. ``shape_group``), deterministic in (seed, epoch), sharded.
+
+    In a mixed batch most negatives differ in input/output sizes and are told apart by node counts
+    alone; within one shape group every negative has to be separated by what the network computes.
+    Each epoch shuffles every group's members, cuts them into global batches of ``batch_size`` (a
+    group's tail shorter than a batch is dropped, unless the group has no full batch: then its members,
+    rounded down to a multiple of ``world_size``, form one smaller batch, if at least 2 per rank), and
+    shuffles the batches; rank r gets positions ``r::world_size`` of each global batch, as
+    ``(epoch, i)`` keys. Call ``set_epoch(e)`` before each epoch.
+    """
+
+    def __init__(self, groups: Sequence, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True):
+        if batch_size < 2 or batch_size % world_size:
+            raise ValueError(f"batch_size must be >= 2 and divisible by world size {world_size}, got {batch_size}")
+        _, self.group = np.unique(np.asarray(groups), return_inverse=True)
+        self.batch_size, self.seed, self.rank, self.world_size, self.shuffle = batch_size, seed, rank, world_size, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _batches(self) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        out = []
+        for g in range(int(self.group.max()) + 1 if len(self.group) else 0):
+            members = np.flatnonzero(self.group == g)
+            if self.shuffle:
+                members = rng.permutation(members)
+            n_full = len(members) // self.batch_size
+            if n_full:
+                out += list(members[: n_full * self.batch_size].reshape(n_full, self.batch_size))
+            elif len(members) // self.world_size >= 2:
+                out.append(members[: len(members) // self.world_size * self.world_size])
+        return [out[i] for i in rng.permutation(len(out))] if self.shuffle else out
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for b in self._batches():
+            yield [(self.epoch, int(i)) for i in b[self.rank::self.world_size]]
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
 # --------------------------------------------------------------------------- views
-def make_view_fn(recipe: str, augmenter: Any | None, canonical: bool = True) -> ViewFn | None:
+def make_view_fn(recipe: str, augmenter: Any | None, canonical: bool = True, pair_views: str = "perturb"
+                 ) -> ViewFn | None:
     """The per-view transform of a recipe, at graph level (``SymmetryAugmenter.augment_graph``).
 
     * "symmetry": exact symmetries only (a copy of ``augmenter`` with noise, edge dropout and
@@ -530,16 +576,19 @@ def make_view_fn(recipe: str, augmenter: Any | None, canonical: bool = True) -> 
       the *same* embedding: the control recipe.
     * "noise": ``augmenter.augment_graph`` as configured (weight noise, edge dropout, pruning,
       and the symmetries).
-    * "checkpoint" / "seed" / "supcon": the same perturbations when an augmenter is given, else
-      None (graphs unchanged; the positive pair is two different networks).
+    * "checkpoint" / "seed" / "supcon": the same perturbations when an augmenter is given and
+      ``pair_views`` is "perturb", its exact symmetries only with "symmetry" (function-preserving
+      views), else None (graphs unchanged; the positive pair is two different networks).
     """
     check_recipe(recipe)
+    if pair_views not in ("perturb", "symmetry"):
+        raise ValueError(f"pair_views must be perturb|symmetry, got {pair_views!r}")
     if augmenter is None:
         if recipe in ("symmetry", "noise"):
             raise ValueError(f"view recipe {recipe!r} needs a SymmetryAugmenter")
         return None
     aug = augmenter
-    if recipe == "symmetry":
+    if recipe == "symmetry" or (recipe not in ("symmetry", "noise") and pair_views == "symmetry"):
         aug = dataclasses.replace(augmenter, noise_std=0.0, edge_dropout=0.0, prune_fraction=0.0)
 
     def view(data: Data, gen: torch.Generator) -> Data:
@@ -588,12 +637,14 @@ def embed_loader(graphs: Sequence[Data], indices: Sequence[int] | None, batch_si
 
 def build_loaders(graphs: Sequence[Data], meta_df: pd.DataFrame, split: Split, recipe: str, batch_size: int,
                   view_fn: ViewFn | None, seed: int, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                  transform: Callable[[Data], Any] | None = None) -> Loaders:
+                  transform: Callable[[Data], Any] | None = None, batch_within: str = "") -> Loaders:
     """Train/val pair loaders and the validation protocol's data (:class:`ValidationSet`).
 
     ``batch_size`` is the *global* batch (graphs per step over all ranks); each rank loads
     ``batch_size // world_size`` (must divide). Training drops the incomplete last batch (in-batch
-    negatives need full batches, and DDP needs equal batches on every rank).
+    negatives need full batches, and DDP needs equal batches on every rank). ``batch_within`` names a
+    metadata column (e.g. "shape_group"): every batch is then drawn within one of its values
+    (:class:`GroupedBatchSampler`); "" draws batches from the whole split.
     """
     check_recipe(recipe)
     if batch_size < 2:
@@ -606,8 +657,14 @@ def build_loaders(graphs: Sequence[Data], meta_df: pd.DataFrame, split: Split, r
     task = meta_df["task"].to_numpy()
     vocab = TaskVocab(sorted(set(task[split.train])), split.heldout_tasks)
 
+    if batch_within:
+        _require_columns(meta_df, [batch_within], "batch_within")
+
     def pair_loader(idx: np.ndarray, shuffle: bool, tail: str) -> DataLoader:
         ds = ContrastivePairDataset(graphs, meta_df, idx, recipe, view_fn, seed, vocab, transform)
+        if batch_within:
+            bs = GroupedBatchSampler(meta_df[batch_within].to_numpy()[idx], batch_size, seed, rank, world_size, shuffle)
+            return DataLoader(ds, batch_sampler=bs, collate_fn=collate_pairs, num_workers=num_workers)
         sampler = ShardedSampler(len(ds), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, tail=tail)
         return DataLoader(ds, batch_size=local_bs, sampler=sampler, collate_fn=collate_pairs,
                           num_workers=num_workers, drop_last=tail == "drop")
@@ -633,5 +690,5 @@ def build_loaders(graphs: Sequence[Data], meta_df: pd.DataFrame, split: Split, r
     info = {"recipe": recipe, "n_train": int(len(split.train)), "n_val": int(len(val_idx)),
             "n_val_unseen": int(len(split.val_unseen)), "n_train_tasks": len(vocab),
             "train_anchors_without_partner": train.dataset.pairs.n_self,
-            "global_batch_size": batch_size, "world_size": world_size}
+            "global_batch_size": batch_size, "world_size": world_size, "batch_within": batch_within or "whole split"}
     return Loaders(train, val, validation, vocab, info)

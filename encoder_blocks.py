@@ -4,6 +4,7 @@
 * ``standardize_inputs``: weights and biases at unit RMS per (graph, layer), log-RMS kept as a feature;
 * ``NodeEncoder``: initial node states (bias, type, activation, layer position, IO position, pooling);
 * ``FactorizedEdgeConv``: one message-passing step with edge states, on ``edge_incidence`` index structures;
+* ``MetricHead``: a closed-form linear metric on embeddings (within-group whitening);
 * ``projection_head``: the contrastive projection head.
 
 Speed (the hot path is the per-edge work; a digits MLP 64-32-10 has 2,368 edges and 106 nodes):
@@ -27,6 +28,7 @@ import warnings
 from typing import Any, NamedTuple
 
 import torch
+import numpy as np
 from torch import Tensor, nn
 from torch_geometric.data import Batch, Data
 from torch_geometric.nn import MessagePassing
@@ -152,13 +154,16 @@ class NodeEncoder(nn.Module):
     are encoded exactly as without these tables (and encoders saved before them load with zero tables).
     (The tables are looked up for plain batches too, with index 0: DDP needs every parameter in every step.)
 
+    With ``probe_dim > 0`` the node's probe features ``f["probe"]`` (N, probe_dim) (probes.py) are added
+    through one linear map per node type (input / hidden / output: their numbers mean different things).
+
     Shapes: graph with N nodes, E edges -> (N, hidden_dim).
     """
 
     _EXTENSION_TABLES = ("pool_kind", "pool_size", "edge_flags")
 
     def __init__(self, hidden_dim: int, max_layers: int, max_io_positions: int, max_neurons: int = 0,
-                 max_pool_size: int = 8):
+                 max_pool_size: int = 8, probe_dim: int = 0):
         super().__init__()
         self.max_layers, self.max_io_positions, self.max_neurons = max_layers, max_io_positions, max_neurons
         self.bias = nn.Linear(2, hidden_dim)  # [standardized bias, log-RMS of the incoming weights]
@@ -175,6 +180,9 @@ class NodeEncoder(nn.Module):
             self.pool_kind = nn.Embedding(len(POOL_KINDS), hidden_dim, padding_idx=0)  # none / max / avg
             self.pool_size = nn.Embedding(max_pool_size + 1, hidden_dim, padding_idx=0)  # window k (0: none)
             self.edge_flags = nn.Embedding(16, hidden_dim, padding_idx=0)  # 4 bits, see the class docstring
+        # probe features (probes.py), one projection per node type: their two numbers per probe mean different
+        # things for inputs (saliency), hidden neurons (responses) and outputs (log-probabilities)
+        self.probe = nn.ModuleList([nn.Linear(probe_dim, hidden_dim) for _ in range(3)]) if probe_dim > 0 else None
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         missing = [n for n in self._EXTENSION_TABLES if f"{prefix}{n}.weight" not in state_dict]
@@ -201,6 +209,17 @@ class NodeEncoder(nn.Module):
                  + 4 * zeros.scatter_reduce(0, dst, flat, "amax") + 8 * zeros.scatter_reduce(0, src, flat, "amax"))
         return self.pool_kind(f["pool_kind"]) + self.pool_size(pool_size) + self.edge_flags(flags)
 
+    def _probe_embedding(self, probe: Tensor | None, node_type: Tensor) -> Tensor:
+        """(N, hidden_dim) projection of the probe features (N, probe_dim), by node type."""
+        if probe is None or probe.size(1) != self.probe[0].in_features:
+            got = None if probe is None else tuple(probe.shape)
+            raise ValueError(f"this node encoder reads probe features of width {self.probe[0].in_features}, got {got}")
+        out = probe.new_zeros(probe.size(0), self.probe[0].out_features)
+        for t, lin in enumerate(self.probe):
+            m = node_type == t
+            out[m] = lin(probe[m])
+        return out
+
     def forward(self, f: dict) -> Tensor:
         node_type, layer, io_pos = f["node_type"], f["layer_index"], f["io_position"]
         from_end = f["num_layers_node"] - layer
@@ -221,6 +240,8 @@ class NodeEncoder(nn.Module):
         h = (self.bias(f["x_std"]) + self.node_type(node_type) + self.activation(f["activation"]) + self.kind(kind)
              + self.layer_pos(layer) + self.layer_from_end(from_end) + self.io(io_idx))
         h = h + self._extension_embedding(f, n)
+        if self.probe is not None:
+            h = h + self._probe_embedding(f.get("probe"), node_type)
         if self.neuron is not None:
             ni = f["neuron_index"]
             if ni is None:
@@ -446,7 +467,66 @@ class FactorizedEdgeConv(MessagePassing):
         return s
 
 
-def projection_head(global_dim: int, projection_dim: int) -> nn.Module:
-    """The contrastive projection head (SimCLR style): Linear-SiLU-Linear."""
-    return nn.Sequential(nn.Linear(global_dim, global_dim), nn.SiLU(), nn.Linear(global_dim, projection_dim))
+class MetricHead(nn.Module):
+    """A fixed linear metric on embeddings, fit in closed form: within-group whitening (WCCN).
+
+    ``fit(z, groups)`` centres the embeddings, keeps their top ``metric_dim`` principal components and
+    whitens the within-group scatter there (groups: the training tasks, or, with no label at all, the
+    training runs: the checkpoints of one run), with ridge ``reg * mean eigenvalue`` added; after it,
+    ``forward(z) = (z - mean) @ transform``. Directions along which members of one group vary (seed,
+    architecture, training progress) are shrunk, directions that separate groups kept: on the default
+    zoo this is what let a fit on training tasks transfer to unseen ones. Buffers only (saved with
+    the encoder); ``is_fit`` is False until ``fit`` ran.
+
+    Shapes: z (B, in_dim) -> (B, metric_dim).
+    """
+
+    def __init__(self, in_dim: int, metric_dim: int):
+        super().__init__()
+        if not 0 < metric_dim:
+            raise ValueError(f"metric_dim must be > 0, got {metric_dim}")
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("transform", torch.zeros(in_dim, metric_dim))
+        self.register_buffer("fitted", torch.tensor(False))
+
+    @property
+    def is_fit(self) -> bool:
+        return bool(self.fitted)
+
+    @torch.no_grad()
+    def fit(self, z: Tensor, groups: Any, reg: float = 0.1) -> "MetricHead":
+        """Fit on embeddings z (n, in_dim) with one group label per row (any hashable labels)."""
+        in_dim, k = self.transform.shape
+        z = torch.as_tensor(z, dtype=torch.float64, device="cpu")
+        _, g = np.unique(np.asarray(groups), return_inverse=True)
+        if z.shape != (len(g), in_dim) or k > min(z.shape):
+            raise ValueError(f"MetricHead.fit: z {tuple(z.shape)} for {len(g)} labels; needs (n, {in_dim}) with "
+                             f"n >= metric_dim {k}")
+        if reg <= 0:
+            raise ValueError(f"MetricHead.fit: reg must be > 0, got {reg}")
+        mean = z.mean(0)
+        v = torch.linalg.svd(z - mean, full_matrices=False).Vh[:k].T  # (in_dim, k) principal directions
+        y = (z - mean) @ v  # (n, k)
+        gi = torch.from_numpy(g)
+        centroids = torch.zeros(int(gi.max()) + 1, k, dtype=y.dtype).index_add_(0, gi, y)
+        centroids /= torch.bincount(gi).unsqueeze(1).to(y.dtype)
+        r = y - centroids[gi]
+        within = r.T @ r / len(y)  # (k, k) within-group scatter
+        within += reg * within.diagonal().mean() * torch.eye(k, dtype=y.dtype)
+        w, u = torch.linalg.eigh(within)
+        self.mean.copy_(mean.float())
+        self.transform.copy_((v @ (u / w.sqrt())).float())
+        self.fitted.fill_(True)
+        return self
+
+    def forward(self, z: Tensor) -> Tensor:
+        if not self.is_fit:
+            raise RuntimeError("MetricHead used before fit()")
+        return (z - self.mean) @ self.transform
+
+
+def projection_head(global_dim: int, projection_dim: int, hidden_dim: int | None = None) -> nn.Module:
+    """The contrastive projection head (SimCLR style): Linear-SiLU-Linear, hidden width ``global_dim`` unless given."""
+    hidden_dim = global_dim if hidden_dim is None else hidden_dim
+    return nn.Sequential(nn.Linear(global_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, projection_dim))
 

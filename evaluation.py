@@ -386,6 +386,22 @@ def validation_retrieval(embeddings: np.ndarray, task: Sequence, shape_group: Se
     return out
 
 
+def retrieval_by_shape_group(embeddings: np.ndarray, metadata: Any, query_sets: Mapping[str, Sequence[int]],
+                             k: int = 10, protocols: Sequence[str] = HEADLINE_PROTOCOLS) -> dict[str, dict[str, float]]:
+    """P@k of ``protocols`` (of :func:`retrieval_protocols`, database the whole zoo) with the queries of one
+    shape group at a time: {protocol: {shape_group: P@k}}, every shape group of ``metadata`` present, NaN
+    where that group has no query of the protocol with a relevant item (e.g. no test-unseen task there)."""
+    sg = np.asarray(metadata["shape_group"])
+    out: dict[str, dict[str, float]] = {p: {} for p in protocols}
+    for g in sorted(set(sg.tolist())):
+        sets = {name: np.asarray(q, np.int64)[sg[np.asarray(q, np.int64)] == g] for name, q in query_sets.items()}
+        r = retrieval_protocols(embeddings, metadata, sets, None, (k,), protocols=protocols) \
+            if any(len(q) for q in sets.values()) else {}
+        for p in protocols:
+            out[p][str(g)] = float(r[p][f"P@{k}"]) if p in r else float("nan")
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # clustering
 # --------------------------------------------------------------------------------------------
@@ -676,7 +692,8 @@ def evaluate_embeddings(
     Retrieval (database: the whole zoo) uses the full embedding; clustering, probes and the
     distance-performance correlation see at most ``max_probe_dims`` dimensions (:func:`reduce_dims`).
 
-    Returns {"retrieval": {protocol: metrics}, ["validation": ...], "clustering" and
+    Returns {"retrieval": {protocol: metrics}, "retrieval_by_shape_group": {protocol: {shape group: P@10}}
+    (:func:`retrieval_by_shape_group`), ["validation": ...], "clustering" and
     "clustering_unseen_tasks" (k-means within each shape group, :func:`clustering_within_groups`; unseen =
     test-unseen and unseen-kind queries), "properties": {target: {probe: metrics + "within_kendall_final"
     (tau within task over final checkpoints) and "within_kendall_task_epoch" (within task and epoch)}},
@@ -690,7 +707,8 @@ def evaluate_embeddings(
     assert len(np.intersect1d(tr, te)) == 0, "fit and query rows overlap"
     col = {c: np.asarray(metadata[c]) for c in ("task", "shape_group", "run_id", "epoch", "is_final")}
     tasks, groups = col["task"], col["shape_group"]
-    out: dict[str, Any] = {"retrieval": retrieval_protocols(emb, metadata, sets, None, k_values)}
+    out: dict[str, Any] = {"retrieval": retrieval_protocols(emb, metadata, sets, None, k_values),
+                           "retrieval_by_shape_group": retrieval_by_shape_group(emb, metadata, sets)}
     if validation is not None:
         db = np.asarray(validation["database"], np.int64)
         pos = {int(r): i for i, r in enumerate(db)}

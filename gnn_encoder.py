@@ -34,22 +34,34 @@ Why the embedding is *exactly* invariant (ModelEmbedder and WeightNet):
   batch, and the canonical map is cheap and exact; the price is a discontinuity where a
   neuron's incoming norm is near zero (dead neurons), which trained networks rarely hit.
 
-The shared building blocks (graph fields, node encoder, factorized message passing) are in
+Probe features (``probes > 0``, probes.py): the GNNs run every graph's network on the encoder's probe
+inputs (a ``ProbeSet`` saved in the encoder file) inside ``forward``, so augmented views and checkpoints
+embedded by retrieval.py get features computed from their own weights, never stale ones. Each neuron's
+responses become node features (hidden neurons normalised per neuron, so rescaling and sign flips leave
+them exactly unchanged; outputs carry the log-probabilities; inputs the saliency), and with
+``fingerprint_weight > 0`` the embedding is ``[fingerprint_weight * fingerprint, learned_weight * learned
+part]``: the training-free functional fingerprint stays in reach of the embedding, and the learned part is
+trained (through the projection head, which reads both) to add what the fingerprint misses. A
+``MetricHead`` (within-group whitening, fit in closed form after training) may follow; ``set_metric``
+attaches it and the learned part's weight, both saved with the encoder.
+
+The shared building blocks (graph fields, node encoder, factorized message passing, metric head) are in
 encoder_blocks.py; WeightNet is in weightnet.py.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch_geometric.data import Batch, Data
 from torch_geometric.utils import scatter, softmax
 
-from encoder_blocks import (NODE_HIDDEN, NODE_INPUT, NODE_OUTPUT, FactorizedEdgeConv, NodeEncoder, edge_incidence,
-                            graph_fields, projection_head, standardize_inputs)
+from encoder_blocks import (NODE_HIDDEN, NODE_INPUT, NODE_OUTPUT, FactorizedEdgeConv, MetricHead, NodeEncoder,
+                            edge_incidence, graph_fields, projection_head, standardize_inputs)
+from probes import ProbeSet, probe_features
 from weightnet import WeightNet
 
 
@@ -165,6 +177,14 @@ class ModelEmbedder(nn.Module):
         io_slots: numbers per input/output position slot in the readout (0: no slots; see
             :class:`HierarchicalPool`). Measured on the default zoo (seed 42, 3 supcon epochs):
             within-shape-group P@10 0.253 -> 0.345 untrained and 0.256 -> 0.342 trained with 4 slots.
+        probes: probe inputs per kind and input size (0: no probe features; the arguments below are then unused).
+        probe_kinds, probe_sizes, probe_seed: the :class:`probes.ProbeSet` (kinds, input feature counts stored,
+            seed of the Gaussian probes); data probes are set after building (``probe_set.set_data``).
+        probe_saliency: input neurons carry the input gradient on the probes (else zeros).
+        out_slots: output slots of the fingerprint (outputs beyond are binned).
+        fingerprint_weight: weight of the fingerprint in the embedding (0: the learned part alone).
+        metric_dim: size of a metric head (0: none; set by :meth:`set_metric`, recorded for loading).
+        learned_weight: weight of the learned part beside the fingerprint (set by :meth:`set_metric`).
     """
 
     name = "gnn"
@@ -173,31 +193,56 @@ class ModelEmbedder(nn.Module):
 
     def __init__(self, hidden_dim: int = 64, global_dim: int = 128, projection_dim: int = 64,
                  message_passing_steps: int = 3, dropout: float = 0.0, edge_dim: int = 25, max_layers: int = 16,
-                 max_io_positions: int = 1024, io_slots: int = 4):
+                 max_io_positions: int = 1024, io_slots: int = 4, probes: int = 0,
+                 probe_kinds: Sequence[str] = ("gauss",), probe_sizes: Sequence[int] = (), probe_seed: int = 0,
+                 probe_saliency: bool = True, out_slots: int = 10, fingerprint_weight: float = 0.0,
+                 metric_dim: int = 0, learned_weight: float = 1.0):
         super().__init__()
         self.hparams: dict[str, Any] = dict(
             hidden_dim=hidden_dim, global_dim=global_dim, projection_dim=projection_dim,
             message_passing_steps=message_passing_steps, dropout=dropout, edge_dim=edge_dim, max_layers=max_layers,
             max_io_positions=max_io_positions, io_slots=io_slots)
+        if probes > 0:  # recorded only when on: files of encoders without probes stay as they were
+            self.hparams.update(probes=probes, probe_kinds=list(probe_kinds), probe_sizes=[int(n) for n in probe_sizes],
+                                probe_seed=probe_seed, probe_saliency=probe_saliency, out_slots=out_slots,
+                                fingerprint_weight=fingerprint_weight, metric_dim=metric_dim,
+                                learned_weight=learned_weight)
+        elif fingerprint_weight or metric_dim or learned_weight != 1.0:
+            raise ValueError("fingerprint_weight, learned_weight and metric_dim need probe features (probes > 0)")
         if message_passing_steps < 1:
             raise ValueError(f"message_passing_steps must be >= 1, got {message_passing_steps}")
         self.edge_dim = edge_dim
-        self.node_encoder = NodeEncoder(hidden_dim, max_layers, max_io_positions, self._max_neurons)
+        self.probe_set = ProbeSet(probes, probe_kinds, probe_sizes, probe_seed) if probes > 0 else None
+        self.probe_saliency, self.out_slots, self.fingerprint_weight = probe_saliency, out_slots, float(fingerprint_weight)
+        self.learned_weight = float(learned_weight)  # weight of the learned part beside the fingerprint (set_metric)
+        probe_dim = 2 * self.probe_set.total if self.probe_set is not None else 0
+        self.node_encoder = NodeEncoder(hidden_dim, max_layers, max_io_positions, self._max_neurons, probe_dim=probe_dim)
         self.convs = nn.ModuleList(
             [FactorizedEdgeConv(hidden_dim, edge_dim if i == 0 else hidden_dim, dropout) for i in range(message_passing_steps)]
         )
         self.pool = HierarchicalPool(hidden_dim, global_dim, max_layers, dropout, io_slots)
-        self.projector = projection_head(global_dim, projection_dim)
+        # the embedding: [fingerprint_weight * fingerprint (P * out_slots), learned part (global_dim)], or the
+        # learned part alone; the projection head reads all of it (the learned part learns what the fingerprint misses)
+        fp_dim = self.probe_set.total * out_slots if self.fingerprint_weight > 0 else 0
+        self.embedding_dim = fp_dim + global_dim
+        self.projector = projection_head(self.embedding_dim, projection_dim, global_dim)
+        self.metric = MetricHead(self.embedding_dim, metric_dim) if metric_dim > 0 else None
         # the raw-weight term of the first message must be as large as the node terms (std ~1 per unit
         # of standardized weight); the default init (U(+-1/sqrt(K*K))) makes it a small perturbation
         nn.init.normal_(self.convs[0].lin_edge.weight, std=1.0)
 
     def node_states(self, batch: Data | Batch) -> tuple[Tensor, dict]:
-        """Final node states (N, hidden_dim) and the parsed graph fields."""
+        """Final node states (N, hidden_dim) and the parsed graph fields (with ``fingerprint`` (B, P * out_slots)
+        when the encoder has probes)."""
         f = graph_fields(batch)
         if f["edge_attr"].size(-1) != self.edge_dim:
             raise ValueError(f"graphs have edge_attr of width {f['edge_attr'].size(-1)} but the encoder was built for "
                              f"edge_dim={self.edge_dim} (max_kernel {int(self.edge_dim ** 0.5)})")
+        if self.probe_set is not None:  # computed from these graphs' weights: views never see stale features
+            learned = "learned" in self.probe_set.kinds and torch.is_grad_enabled()
+            with torch.set_grad_enabled(learned):
+                pf = probe_features(self.probe_set, batch, self.out_slots, self.probe_saliency)
+            f["probe"], f["fingerprint"] = pf.node, pf.fingerprint
         e, f["x_std"], _ = standardize_inputs(f, self.node_encoder.max_layers)
         h = self.node_encoder(f)
         inc = edge_incidence(f["edge_index"], h.size(0))
@@ -207,15 +252,44 @@ class ModelEmbedder(nn.Module):
         return h, f
 
     def readout(self, h: Tensor, f: dict) -> Tensor:
-        """Node states (N, hidden_dim) and the fields of :meth:`node_states` -> the embedding (B, global_dim)."""
-        return self.pool(h, f)
+        """Node states (N, hidden_dim) and the fields of :meth:`node_states` -> the embedding before the metric
+        head, (B, embedding_dim): the pooled states, beside the unit-norm probe fingerprint when it is kept."""
+        z = self.pool(h, f)  # (B, global_dim)
+        if self.fingerprint_weight > 0:  # [w * fingerprint (unit norm), learned_weight * learned part (unit norm)]
+            z = torch.cat([self.fingerprint_weight * f["fingerprint"].to(z.dtype),
+                           self.learned_weight * nn.functional.normalize(z, dim=1)], 1)
+        return z
 
-    def forward(self, batch: Data | Batch) -> Tensor:
-        """Embed a batch of neuron graphs -> (B, global_dim)."""
+    def embed_raw(self, batch: Data | Batch) -> Tensor:
+        """The embedding before the metric head: (B, embedding_dim) (what the projection head reads)."""
         return self.readout(*self.node_states(batch))
 
+    def forward(self, batch: Data | Batch) -> Tensor:
+        """Embed a batch of neuron graphs -> (B, embedding_dim), or (B, metric_dim) once the metric head is fit."""
+        z = self.embed_raw(batch)
+        return self.metric(z) if self.metric is not None and self.metric.is_fit else z
+
+    def set_metric(self, head: MetricHead | None, learned_weight: float | None = None) -> None:
+        """Attach a fit metric head (``forward`` then returns its output), or None to drop it, and optionally set
+        the weight of the learned part in the embedding it reads; both are recorded in hparams (saved)."""
+        if head is not None and (not head.is_fit or head.transform.shape[0] != self.embedding_dim):
+            raise ValueError(f"set_metric needs a fit MetricHead over {self.embedding_dim} dims")
+        if self.probe_set is None and (head is not None or learned_weight is not None):
+            raise ValueError("a metric head needs an encoder with probe features (probes > 0)")
+        self.metric = head
+        if learned_weight is not None:
+            if self.fingerprint_weight <= 0:
+                raise ValueError("learned_weight applies beside a fingerprint (fingerprint_weight > 0)")
+            self.learned_weight = float(learned_weight)
+        if self.probe_set is not None:
+            self.hparams.update(metric_dim=0 if head is None else int(head.transform.shape[1]),
+                                learned_weight=self.learned_weight)
+
     def project(self, z: Tensor) -> Tensor:
-        """Contrastive projection head: (B, global_dim) -> (B, projection_dim)."""
+        """Contrastive projection head: (B, embedding_dim) -> (B, projection_dim)."""
+        if self.metric is not None and self.metric.is_fit:
+            raise RuntimeError("project() reads embed_raw(); this encoder's metric head is fit, so forward() returns "
+                               "metric embeddings: train before fitting the metric head")
         return self.projector(z)
 
 
@@ -231,12 +305,12 @@ class NonEquivariantGNN(ModelEmbedder):
 
     def __init__(self, hidden_dim: int = 64, global_dim: int = 128, projection_dim: int = 64,
                  message_passing_steps: int = 3, dropout: float = 0.0, edge_dim: int = 25, max_layers: int = 16,
-                 max_io_positions: int = 1024, max_neurons: int = 1024, io_slots: int = 4):
+                 max_io_positions: int = 1024, max_neurons: int = 1024, io_slots: int = 4, **probe_kwargs: Any):
         if max_neurons < 1:
             raise ValueError(f"max_neurons must be >= 1, got {max_neurons}")
         self._max_neurons = max_neurons  # read by ModelEmbedder.__init__ (instance attribute shadows the class's)
         super().__init__(hidden_dim, global_dim, projection_dim, message_passing_steps, dropout, edge_dim, max_layers,
-                         max_io_positions, io_slots)
+                         max_io_positions, io_slots, **probe_kwargs)  # probes, probe_kinds, ... as ModelEmbedder
         self.hparams["max_neurons"] = max_neurons
 
 
@@ -255,11 +329,14 @@ def build_encoder(name: str, **kwargs: Any) -> nn.Module:
 
 def encoder_kwargs(hidden_dim: int, global_dim: int, projection_dim: int, message_passing_steps: int,
                    dropout: float, name: str = "gnn", attention_heads: int = 4, canonical_order: bool = False,
-                   io_slots: int = 0) -> dict:
+                   io_slots: int = 0, probes: int = 0, probe_kinds: Sequence[str] = ("gauss",),
+                   probe_saliency: bool = True, fingerprint_weight: float = 0.0,
+                   probe_sizes: Sequence[int] = ()) -> dict:
     """The :func:`build_encoder` kwargs for encoder ``name`` from the fields of ``config.EncoderConfig``.
 
     Example (``c = cfg.encoder``): ``build_encoder(c.model, **encoder_kwargs(c.hidden_dim, c.global_dim,
     c.projection_dim, c.message_passing_steps, c.dropout, c.model, c.attention_heads, c.canonical_order))``.
+    Probe features (``probes`` > 0, with the input sizes ``probe_sizes`` of the zoo) apply to the GNNs only.
     """
     kw: dict[str, Any] = dict(hidden_dim=hidden_dim, global_dim=global_dim, projection_dim=projection_dim,
                               message_passing_steps=message_passing_steps, dropout=dropout)
@@ -269,6 +346,9 @@ def encoder_kwargs(hidden_dim: int, global_dim: int, projection_dim: int, messag
         raise ValueError(f"canonical_order applies to weightnet only, not to {name!r}")
     if name in ("gnn", "nonequivariant_gnn"):  # like attention_heads for the GNNs, io_slots does not apply to weightnet
         kw["io_slots"] = io_slots
+        if probes > 0:
+            kw.update(probes=probes, probe_kinds=list(probe_kinds), probe_saliency=probe_saliency,
+                      fingerprint_weight=fingerprint_weight, probe_sizes=sorted(int(n) for n in probe_sizes))
     return kw
 
 

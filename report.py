@@ -242,12 +242,51 @@ def trivial_notes(results: Mapping, section: str, where: str = "here") -> list[s
             f"networks compute." for h in hits]
 
 
+FOUR_PROTOCOLS = ("seen_tasks", "unseen_tasks", "unseen_kinds", "cross_architecture_within_shape_group")
+
+
+def headline_methods(results: Mapping) -> dict[str, str]:
+    """The four methods of the issue-16 comparison present in ``results``: {role: method}. "trained" is the
+    weakly supervised GNN (supcon) if trained, else the first trained one; "self-supervised" the label-free one."""
+    methods = list(results.get("methods", {}))
+    trained = [m for m in methods if m.endswith("]") and "[" in m and "untrained" not in m and not is_oracle(m)
+               and not m.startswith("probe fingerprint part")]
+    out = {}
+    sup = [m for m in trained if m.endswith("[supcon]")]
+    if sup or trained:
+        out["trained"] = (sup or trained)[0]
+    ss = [m for m in trained if not m.endswith("[supcon]")]
+    if ss:
+        out["self-supervised"] = ss[0]
+    for role, cand in (("untrained", [m for m in methods if m.endswith("[untrained]")]),
+                       ("probe_fingerprint", ["probe_fingerprint"]), ("input_profile", ["input_profile"])):
+        if cand and cand[0] in methods:
+            out[role] = cand[0]
+    return out
+
+
+def by_shape_group(results: Mapping, protocol: str, methods: list[str]) -> dict[str, dict]:
+    """{shape group: {method: aggregated P@10}} of one protocol (evaluation.retrieval_by_shape_group)."""
+    out: dict[str, dict] = {}
+    for m in methods:
+        for g, v in (_get(results, "methods", m, "retrieval_by_shape_group", protocol) or {}).items():
+            out.setdefault(g, {})[m] = v
+    return out
+
+
 def render_figures(results: Mapping, fig_dir: Path) -> dict[str, str]:
     """Draw every figure whose data is in ``results``; returns {name: path}."""
     from visualization import ResultsVisualizer
 
     viz = ResultsVisualizer(results)
     figs: dict[str, str] = {}
+    four = list(dict.fromkeys(headline_methods(results).values()))
+    for proto in FOUR_PROTOCOLS:  # grouped bars: one group per shape group, one bar per method
+        table = by_shape_group(results, proto, four)
+        if table:
+            figs[f"p10_by_shape_group_{proto}"] = viz.plot_retrieval_metrics(
+                table, fig_dir / f"p10_by_shape_group_{proto}.png", metric_names=four,
+                title=f"P@10 per shape group: {proto}")
     for proto in tuple(results.get("headline_protocols", HEADLINE)) + ("within_shape_group",):
         table = retrieval_table(results, proto)
         if table:
@@ -342,7 +381,7 @@ def render_markdown(results: Mapping) -> str:
     skipped = {**r.get("skipped_methods", {}), **r.get("failed_methods", {})}
     if skipped:
         L += ["Methods not reported: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()), ""]
-    L += choices_lines(r) + recipe_lines(r)
+    L += choices_lines(r) + recipe_lines(r) + comparison_lines(r)
     if r.get("methods"):
         L += retrieval_lines(r) + clustering_and_property_lines(r)
     L += same_architecture_lines(r) + hyperreps_lines(r) + extra_protocol_lines(r) + scaling_lines(r)
@@ -753,3 +792,101 @@ def analysis_lines(r: Mapping) -> list[str]:
     if failed:
         out.append(f"- Stages that did not finish: {', '.join(failed)} (see the Stages table).")
     return out or ["- No metric was produced."]
+
+
+def comparison_lines(r: Mapping) -> list[str]:
+    """The issue-16 section: the trained, untrained and self-supervised GNNs against the probe fingerprint and the
+    input profile on seen tasks, unseen (test-unseen) tasks and across architectures within shape group, overall
+    and per shape group, the ablations, then every target with its measured value, met or missed."""
+    roles = headline_methods(r)
+    if not roles:
+        return []
+    rows = {f"{m} ({role})": {p: _get(r, "methods", m, "retrieval", p, "P@10") for p in FOUR_PROTOCOLS}
+            for role, m in roles.items()}
+    for m in r.get("methods", {}):
+        if "without metric head" in m or m.startswith("probe fingerprint part") or m == "probe_fingerprint_data":
+            rows[f"{m} (ablation / reference)"] = {p: _get(r, "methods", m, "retrieval", p, "P@10") for p in FOUR_PROTOCOLS}
+    L = ["## Trained vs untrained vs probe fingerprint vs input profile (P@10 within shape group)", "",
+         "unseen_tasks are the test-unseen tasks only: val-unseen tasks chose every setting (epoch, metric head) and "
+         "are in no table. Ablations: the trained GNN's embedding before its metric head, and the probe-fingerprint "
+         "part of it through the same metric head without the GNN's learned part.", "",
+         md_table({k: {p: v for p, v in row.items() if v is not None} for k, row in rows.items()}, list(FOUR_PROTOCOLS)),
+         ""] + metric_head_lines(r)
+    four = list(dict.fromkeys(roles.values()))
+    for proto in FOUR_PROTOCOLS:
+        table = by_shape_group(r, proto, four)
+        if table:
+            L += [f"### Per shape group: {proto}", "", md_table(table, four, first="shape group"), ""]
+            fig = r.get("figures", {}).get(f"p10_by_shape_group_{proto}")
+            if fig:
+                L += [f"![{proto} per shape group]({fig})", ""]
+    return L + target_lines(r, roles)
+
+
+def metric_head_lines(r: Mapping) -> list[str]:
+    """What each trained GNN's embedding is, per seed: the metric head and the learned part's weight chosen on
+    validation (learned weight 0: the GNN's learned part was dropped and the embedding is its probe fingerprint)."""
+    mh = r.get("metric_head") or {}
+    rows = {f"{m}, seed {s}": {"metric head dims": c["dim"] or "none", "ridge": c["reg"] if c["dim"] else "-",
+                                "learned part weight": c["learned_weight"], c["metric"]: c["score"]}
+            for m, seeds in mh.items() for s, c in seeds.items()}
+    if not rows:
+        return []
+    cols = list(dict.fromkeys(k for row in rows.values() for k in row))
+    return ["Each trained GNN's embedding as chosen on validation (learned part weight 0 = the GNN's learned part "
+            "dropped: the embedding is then its raw probe fingerprint, through the metric head if any):", "",
+            md_table(rows, cols, first="encoder"), ""]
+
+
+def _p10(r: Mapping, method: str | None, proto: str) -> float | None:
+    return _mean(_get(r, "methods", method, "retrieval", proto, "P@10")) if method else None
+
+
+def target_lines(r: Mapping, roles: Mapping[str, str]) -> list[str]:
+    """Issue 16's "must show" list: measured value and met / MISSED for each target this run can measure."""
+    tr, ss, fp = roles.get("trained"), roles.get("self-supervised"), roles.get("probe_fingerprint")
+    rows: dict[str, dict] = {}
+
+    def add(target: str, measured: str, ok: bool | None) -> None:
+        rows[target] = {"measured": measured, "status": "not measured" if ok is None else "met" if ok else "MISSED"}
+
+    u_tr, u_fp, u_ss = (_p10(r, m, "unseen_tasks") for m in (tr, fp, ss))
+    if u_tr is not None and u_fp is not None:
+        u_data = _p10(r, "probe_fingerprint_data", "unseen_tasks")
+        add("unseen-task P@10: trained >= 0.95 and >= probe_fingerprint + 0.03",
+            f"{tr} {u_tr:.3f}, probe_fingerprint {u_fp:.3f}" + (
+                f" (probe_fingerprint_data {u_data:.3f})" if u_data is not None else ""),
+            u_tr >= 0.95 and u_tr >= u_fp + 0.03)
+    if u_ss is not None and u_fp is not None:
+        add("self-supervised (no task label) >= probe_fingerprint, unseen tasks", f"{ss} {u_ss:.3f} vs {u_fp:.3f}",
+            u_ss >= u_fp)
+    c_tr, c_fp = (_p10(r, m, "cross_architecture_within_shape_group") for m in (tr, fp))
+    if c_tr is not None and c_fp is not None:
+        add("cross-architecture within shape group: trained >= probe_fingerprint", f"{c_tr:.3f} vs {c_fp:.3f}",
+            c_tr >= c_fp)
+    for key, what in (("within_kendall_final", "final checkpoints"), ("within_kendall", "all checkpoints")):
+        t_tr, t_fp = (_mean(_get(r, "methods", m, "properties", "test_acc", "ridge", key)) if m else None
+                      for m in (tr, fp))
+        if t_tr is not None and t_fp is not None:
+            add(f"within-task Kendall tau of test accuracy ({what}): trained >= 0.6 and > probe_fingerprint",
+                f"{t_tr:.3f} vs {t_fp:.3f}", t_tr >= 0.6 and t_tr > t_fp)
+    sym = _get(r, "symmetry_robustness", "methods") or {}
+    for m in (tr, ss):
+        v = sym.get(m) if m else None
+        if v is not None:
+            tie = v.get("max_abs_embedding_change", 1.0) < 1e-4
+            add(f"symmetry drop 0 (tie flips aside): {m}", f"P@10 drop {v['drop']['P@10']:+.4f}, largest embedding "
+                f"change {v.get('max_abs_embedding_change', float('nan')):.1e}", v["drop"]["P@10"] == 0 or tie)
+    total = _get(r, "timings", "total")
+    if total is not None:
+        add("default run <= 15 min on 2 cores (zoo included when trained in the run)",
+            f"{total / 60:.1f} min on {r.get('device')} (load: see log)", total <= 900)
+    ratios = [v["step_ratio"] for t in (_get(r, "transfer", "tasks") or {}).values()
+              for m, v in t["methods"].items() if m in (tr, ss)]
+    ratios = [x for x in ratios if x == x]
+    if ratios:
+        add("transfer: retrieved models need <= 0.5x the fine-tuning steps of random same-shape ones",
+            f"step ratio {np.mean(ratios):.2f} (mean over {len(ratios)} task(s))", float(np.mean(ratios)) <= 0.5)
+    add("bench_encoder.py training step with probe features >= 200 graphs/s", "benchmarks/bench_encoder.py --probes "
+        "(not part of this run)", None)
+    return ["### Issue #16 targets", "", md_table(rows, ["measured", "status"], first="target"), ""]

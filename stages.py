@@ -23,12 +23,14 @@ import evaluation as E
 import merging as M
 import subzoos as SZ
 from config import ExperimentConfig
-from contrastive_learning import Checkpointing, compare_view_recipes, embed, fit_contrastive
+from contrastive_learning import Checkpointing, choose_metric_head, compare_view_recipes, embed, fit_contrastive
 from data_prep import ModelZooDataset
+from encoder_blocks import MetricHead
 from gnn_encoder import build_encoder, encoder_kwargs, save_encoder, tune_cpu_allocator
 from report import RunRecorder, StageFailed, render_figures, render_markdown
 from retrieval import Embedder
 from runtime import DistInfo, barrier, cleanup_distributed, seed_everything, set_threads, setup_distributed, single_process
+from probes import source_inputs
 from symmetry import SymmetryAugmenter
 from tasks import inputs_for_spec, load_task_data, task_subset
 from weight_to_graph import WeightToGraph
@@ -188,9 +190,16 @@ def _make_encoder(cfg: ExperimentConfig, zoo: ModelZooDataset, split: D.Split, c
     """The configured trainable encoder, the transform from a graph to its input, and its build arguments."""
     e = cfg.encoder
     if e.model in GNN_MODELS:
+        probes = e.num_probes if e.model != "weightnet" else 0  # probe features: the neuron-graph GNNs
+        sizes = sorted({int(np.prod(s.input_shape)) for s in zoo.specs.values()}) if probes else []
         kw = encoder_kwargs(e.hidden_dim, e.global_dim, e.projection_dim, e.message_passing_steps, e.dropout,
-                            e.model, e.attention_heads, e.canonical_order, e.io_slots)
+                            e.model, e.attention_heads, e.canonical_order, e.io_slots, probes, e.probe_kinds,
+                            e.probe_saliency, e.fingerprint_weight, sizes)
         model = build_encoder(e.model, edge_dim=conv.edge_dim, **kw)
+        for n in sizes if probes and "data" in e.probe_kinds else ():
+            X = source_inputs(n, probes)  # unlabeled inputs of a source dataset of that size (None: Gaussian stands in)
+            if X is not None:
+                model.probe_set.set_data(n, X)
         return Encoder(model, None, {"name": e.model, "kwargs": dict(model.hparams)})
     length = B.max_flat_length(zoo)
     flat_weights = _flat_weights_fn(conv)
@@ -227,16 +236,16 @@ def compare_recipes(cfg: ExperimentConfig, zoo, graphs, splits: dict[int, D.Spli
     t = cfg.train
     if cfg.skip_training or t.compare_epochs == 0 or len(t.compare_recipes) == 0:
         rec.results["recipe_comparison"] = {"ran": False, "chosen": t.view_recipe}
-        return {s: Recipes(() if cfg.skip_training else (t.view_recipe,), t.view_recipe) for s in splits}
+        supcon = ("supcon",) if t.train_supcon and t.view_recipe != "supcon" else ()
+        return {s: Recipes(() if cfg.skip_training else (t.view_recipe,) + supcon, t.view_recipe) for s in splits}
     conv = WeightToGraph.from_config(cfg.graph)
-    aug = SymmetryAugmenter.from_config(cfg.augment)
     per_seed: dict[int, dict] = {}
     for seed, split in splits.items():
         sel_graphs, sel_meta, sel_split = D.selection_subset(graphs, zoo.metadata, split)
         transform = _make_encoder(cfg, zoo, split, conv).transform
         per_seed[seed] = compare_view_recipes(
             lambda: _make_encoder(cfg, zoo, split, conv).model, sel_graphs, sel_meta, sel_split, t.compare_recipes, t,
-            t.compare_epochs, lambda r: D.make_view_fn(r, aug, cfg.graph.canonicalize), dist, seed, transform)
+            t.compare_epochs, lambda r: _view_fn(cfg, r), dist, seed, transform)
     first = next(iter(per_seed.values()))
     rec.results["recipe_comparison"] = {
         "ran": True, "metric": first["metric"], "epochs": first["epochs"],
@@ -269,11 +278,11 @@ def train_and_embed(cfg: ExperimentConfig, zoo, graphs, split: D.Split, recipes:
     its best-epoch choice see only ``dataloader.selection_subset``) and embed the whole zoo with each and
     with the untrained encoder."""
     conv = WeightToGraph.from_config(cfg.graph)
-    aug = SymmetryAugmenter.from_config(cfg.augment)
     name = cfg.encoder.model
     seed_everything(seed)
     encoders = {f"{name} [untrained]": _make_encoder(cfg, zoo, split, conv)}
     sel_graphs, sel_meta, sel_split = D.selection_subset(graphs, zoo.metadata, split)  # all training may read
+    out = Methods(encoders=encoders)
     for recipe in recipes.to_train:
         method, tag = recipes.method(name, recipe), f"{name}_{recipe}_seed{seed}"
         seed_everything(seed)  # every recipe starts from the untrained encoder's initialisation
@@ -282,22 +291,67 @@ def train_and_embed(cfg: ExperimentConfig, zoo, graphs, split: D.Split, recipes:
         if dist.is_master:
             log.info("training %s, seed %d (checkpoints in %s)", method, seed, ckpt.directory)
         fit = fit_contrastive(enc.model, sel_graphs, sel_meta, sel_split, recipe, cfg.train, dist, seed=seed,
-                              view_fn=D.make_view_fn(recipe, aug, cfg.graph.canonicalize), transform=enc.transform,
-                              checkpoint=ckpt, show_progress=True)
+                              view_fn=_view_fn(cfg, recipe), transform=enc.transform, checkpoint=ckpt,
+                              show_progress=True)
         encoders[method] = Encoder(fit.encoder, enc.transform, enc.args)
+        if getattr(fit.encoder, "probe_set", None) is not None and cfg.encoder.metric_dims:  # a GNN with probes
+            raw = embed(fit.encoder, D.embed_loader(graphs, None, 256, dist.rank, dist.world_size), dist.device)
+            out.embeddings.update(_metric_head_stage(cfg, graphs, zoo, split, fit.encoder, raw, recipe, method, seed,
+                                                     rec))
         if dist.is_master:
             rec.results.setdefault("training", {}).setdefault(method, {})[str(seed)] = fit.history
-            if name in GNN_MODELS:  # the encoder file retrieval.py indexes with
+            if name in GNN_MODELS:  # the encoder file retrieval.py indexes with (metric head included)
                 save_encoder(str(ckpt_dir / f"{tag}.pt"), fit.encoder)
-    return embed_encoders(encoders, graphs, dist)
+    return embed_encoders(encoders, graphs, dist, out)
 
 
-def embed_encoders(encoders: dict[str, Encoder], graphs: list, dist: DistInfo) -> Methods:
-    """The encoders with their embeddings of the whole zoo (collective under DDP)."""
-    out = Methods(encoders=encoders)
+def embed_encoders(encoders: dict[str, Encoder], graphs: list, dist: DistInfo, out: Methods | None = None) -> Methods:
+    """The encoders with their embeddings of the whole zoo (collective under DDP); embeddings already in ``out``
+    (e.g. a metric head's) are kept."""
+    out = out if out is not None else Methods(encoders=encoders)
     for method, enc in encoders.items():
-        loader = D.embed_loader(graphs, None, 256, dist.rank, dist.world_size, enc.transform)
-        out.embeddings[method] = embed(enc.model.to(dist.device), loader, dist.device)
+        if method not in out.embeddings:
+            loader = D.embed_loader(graphs, None, 256, dist.rank, dist.world_size, enc.transform)
+            out.embeddings[method] = embed(enc.model.to(dist.device), loader, dist.device)
+    return out
+
+
+def _view_fn(cfg: ExperimentConfig, recipe: str) -> D.ViewFn | None:
+    return D.make_view_fn(recipe, SymmetryAugmenter.from_config(cfg.augment), cfg.graph.canonicalize,
+                          cfg.augment.pair_views)
+
+
+def _metric_head_stage(cfg: ExperimentConfig, graphs, zoo, split: D.Split, encoder: torch.nn.Module, raw: np.ndarray,
+                       recipe: str, method: str, seed: int, rec: RunRecorder) -> dict[str, np.ndarray]:
+    """Fit the metric head of a trained GNN with probe features on the train rows of its embeddings ``raw``
+    (N, D: the whole zoo): within-task whitening after supcon, within-run whitening (no label) after a
+    self-supervised recipe; size, ridge and the learned part's weight chosen on the validation protocol
+    (``contrastive_learning.choose_metric_head`` over ``dataloader.selection_subset`` rows only; no head when
+    none beats the raw embedding). Attaches it to ``encoder`` and returns the whole zoo's embeddings of the
+    method and of two ablations: without the head, and the fingerprint part alone through the same head fit
+    (no GNN)."""
+    column = "task" if recipe not in D.SELF_SUPERVISED_RECIPES else "run_id"
+    _, sel_meta, sel_split = D.selection_subset(graphs, zoo.metadata, split)
+    sel_raw, groups = raw[split.selection_rows], sel_meta[column].to_numpy()
+    c = cfg.encoder
+    fp_dim = raw.shape[1] - c.global_dim if encoder.fingerprint_weight > 0 else None  # learned part's first column
+    choice = choose_metric_head(sel_raw, sel_meta, sel_split, groups, c.metric_dims, c.metric_regs,
+                                learned_from=fp_dim, learned_weights=c.learned_weights)
+    encoder.set_metric(choice["head"], choice["learned_weight"] if fp_dim else None)
+    x = raw.copy()
+    if fp_dim:
+        x[:, fp_dim:] *= choice["learned_weight"]
+    head = choice["head"]
+    plain = method.replace("[", "(").replace("]", ")")  # ablation names: not trained-encoder names "model [recipe]"
+    out = {method: head(torch.from_numpy(x)).numpy() if head is not None else x,
+           f"{plain} without metric head": raw}
+    if fp_dim and head is not None:  # the same head fit on the fingerprint alone: what the GNN adds
+        fp_head = MetricHead(fp_dim, choice["dim"]).fit(torch.from_numpy(sel_raw[sel_split.train, :fp_dim]),
+                                                        groups[sel_split.train], choice["reg"])
+        out[f"probe fingerprint part + metric head on {column} (no GNN)"] = \
+            fp_head(torch.from_numpy(raw[:, :fp_dim])).numpy()
+    rec.results.setdefault("metric_head", {}).setdefault(method, {})[str(seed)] = {
+        k: v for k, v in choice.items() if k not in ("head", "embeddings")}
     return out
 
 
@@ -527,8 +581,9 @@ def train_nfn_subzoo(cfg: ExperimentConfig, zoo, graphs, rows: np.ndarray, fit_r
     enc.set_input_scales(B.nfn_batch_from_flat(spec, torch.stack([to_flat(graphs[i]) for i in fit_rows])))
     empty = np.zeros(0, np.int64)
     sub = D.Split(np.asarray(fit_rows), empty, empty, empty, test_unseen_tasks=tuple(heldout_tasks))
-    train = dataclasses.replace(cfg.train, batch_size=min(cfg.train.batch_size, len(fit_rows)))
-    view_fn = D.make_view_fn(recipe, SymmetryAugmenter.from_config(cfg.augment), cfg.graph.canonicalize)
+    # one architecture: one shape group, so batches need no grouping
+    train = dataclasses.replace(cfg.train, batch_size=min(cfg.train.batch_size, len(fit_rows)), batch_within="")
+    view_fn = _view_fn(cfg, recipe)
     fit = fit_contrastive(enc, graphs, zoo.metadata, sub, recipe, train, single_process(device), seed=seed,
                           epochs=e.nfn_epochs, view_fn=view_fn, transform=to_flat)
     return embed(fit.encoder, D.embed_loader(graphs, rows, 256, transform=to_flat), device), fit.history

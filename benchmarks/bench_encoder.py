@@ -35,8 +35,13 @@ Usage::
     python benchmarks/bench_encoder.py --no-tune-alloc       # without the glibc allocator tuning
     python benchmarks/bench_encoder.py --device cuda --bf16  # GPU, bf16 autocast
     python benchmarks/bench_encoder.py --workload zoo --encoders gnn --threads 1  # mixed zoo batches
+    python benchmarks/bench_encoder.py --encoders gnn --probes 32     # with probe features (issue #16: >= 200/s)
 
-Writes ``benchmarks/out/bench_encoder_[zoo_]<device>[_bf16][_notune][_threadsT].json``.
+``--probes N`` builds the GNNs with probe features (probes.py: N Gaussian and N data probes per input size,
+the fingerprint kept in the embedding): every step runs the batch's networks on the probes (forward and
+input saliency) before the message passing, as training does.
+
+Writes ``benchmarks/out/bench_encoder_[zoo_]<device>[_bf16][_notune][_threadsT][_probesN].json``.
 """
 from __future__ import annotations
 
@@ -61,9 +66,12 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from torch_geometric.data import Batch  # noqa: E402
 from torch_geometric.nn import MessagePassing  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 import architecture as A  # noqa: E402
 import gnn_encoder as G  # noqa: E402
 from contrastive_learning import build_optimizer  # noqa: E402
+from probes import source_inputs  # noqa: E402
 from weight_to_graph import WeightToGraph  # noqa: E402
 
 REFERENCES = ("plain_pyg_gnn", "plain_pyg_gnn_factorized")
@@ -155,6 +163,11 @@ def zoo_batch(batch_size: int, zoo_dir: str | Path = ROOT / "zoo" / "default", s
     return Batch.from_data_list([w2g.to_graph(zoo.spec(i), zoo.state_dict(i), model_idx=i) for i in idx])
 
 
+def _input_sizes(batch: Batch) -> set[int]:
+    """Input feature counts of a batch's architectures (the probe sizes an encoder needs)."""
+    return {int(np.prod(A.ArchitectureSpec.from_json(s).input_shape)) for s in set(batch.spec_json)}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -197,6 +210,15 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device) -> dict
     torch.manual_seed(0)
     if name in REFERENCES:
         enc = PlainPyGGNN(factorized=name.endswith("factorized"), **kwargs).to(device)
+    elif args.probes and name != "weightnet":  # probe features (probes.py): recomputed from the weights every step
+        sizes = sorted({n for b in batches for n in _input_sizes(b)})
+        enc = G.build_encoder(name, probes=args.probes, probe_kinds=args.probe_kinds, probe_sizes=sizes,
+                              fingerprint_weight=1.0, probe_saliency=not args.no_saliency, **kwargs)
+        for n in sizes if "data" in args.probe_kinds else ():
+            X = source_inputs(n, args.probes)
+            if X is not None:
+                enc.probe_set.set_data(n, X)
+        enc = enc.to(device)
     else:
         enc = G.build_encoder(name, **kwargs).to(device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
@@ -244,6 +266,8 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device) -> dict
                              torch.bfloat16 if args.bf16 else torch.float32, max(5, args.iters // 2))
     res = {
         "encoder": name, "workload": args.workload, "params": sum(p.numel() for p in enc.parameters()), **kwargs,
+        "probes": args.probes and name not in REFERENCES and name != "weightnet" and {
+            "per_kind": args.probes, "kinds": args.probe_kinds, "saliency": not args.no_saliency},
         "batch_graphs": args.batch_size, "batches": nb, "batch_edges": e,
         "batch_edges_all": [b.edge_index.size(1) for b in batches], "batch_nodes": [b.num_nodes for b in batches],
         "forward_graphs_per_s": args.batch_size / t_fwd, "forward_ms": t_fwd * 1e3,
@@ -275,6 +299,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="message_passing_steps; default: the workload's (3, 2)")
     p.add_argument("--batch_size", type=int, default=None, help="graphs per batch; default: the workload's (64, 32)")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--probes", type=int, default=0, help="GNNs with probe features: probes per kind (0: none)")
+    p.add_argument("--probe_kinds", nargs="+", default=["gauss", "data"], choices=["gauss", "data", "learned"])
+    p.add_argument("--no_saliency", action="store_true", help="with --probes: no input saliency")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
@@ -332,6 +359,7 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     tag = ("zoo_" if args.workload == "zoo" else "") + args.device + ("_bf16" if args.bf16 else "") + ("" if args.tune_alloc or args.device != "cpu" else "_notune")
     tag += f"_threads{torch.get_num_threads()}" if args.device == "cpu" else ""
+    tag += f"_probes{args.probes}" + ("_nosal" if args.no_saliency else "") if args.probes else ""
     path = Path(args.out) / f"bench_encoder_{tag}.json"
     path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path} (load average {load[0]:.1f})")

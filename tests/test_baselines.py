@@ -66,11 +66,13 @@ def split(records) -> tuple[list[Rec], list[Rec]]:
     return train, test
 
 
-FIT_EMBED = ["pca", "statnn", "shape_only", "input_profile", "metadata_tfidf"]
+FIT_EMBED = ["pca", "statnn", "shape_only", "input_profile", "probe_fingerprint", "probe_fingerprint_data",
+             "metadata_tfidf"]
 
 
 def test_registry_and_errors() -> None:
-    assert set(B.BASELINES) == {"pca", "statnn", "shape_only", "input_profile", "metadata_tfidf", "metadata_minilm", "nfn"}
+    assert set(B.BASELINES) == {"pca", "statnn", "shape_only", "input_profile", "probe_fingerprint",
+                                "probe_fingerprint_data", "metadata_tfidf", "metadata_minilm", "nfn"}
     assert set(B.TRAINABLE_BASELINES) == {"mlp", "pca_mlp", "nfn"}
     with pytest.raises(ValueError, match="unknown baseline"):
         B.make_baseline("nope")
@@ -336,3 +338,23 @@ def test_dataset_input_matches_list_input(split) -> None:
     n = zoo_test.loaded
     B.make_baseline("metadata_tfidf").fit(zoo_train).embed(zoo_test)
     assert zoo_test.loaded == n  # metadata baselines do not load weights
+
+
+def test_probe_fingerprint_is_the_function_on_fixed_probes(records, trained_models) -> None:
+    """Centred log-softmax of each model on the probes (the CNNs read the same probes reshaped); a permuted copy
+    (same function) gets the same fingerprint, a noisy copy a close one; data probes are digits inputs."""
+    from probes import gaussian_probes
+
+    b = B.make_baseline("probe_fingerprint", num_probes=16).fit(records)
+    E = b.embed(records)
+    assert E.shape == (len(records), 16 * 10)
+    X = gaussian_probes(64, 16, 0)
+    for i, r in enumerate(records):
+        lp = torch.log_softmax(A.forward(r.spec, r.state_dict, X.reshape(16, *r.spec.input_shape)), -1)
+        np.testing.assert_allclose(E[i], (lp - lp.mean(-1, keepdim=True)).flatten().numpy(), atol=1e-5)
+    for k in range(0, len(records), 3):  # original, permuted, noisy variants of one network
+        np.testing.assert_allclose(E[k], E[k + 1], atol=1e-4)
+        cos = E[k] @ E[k + 2] / np.linalg.norm(E[k]) / np.linalg.norm(E[k + 2])
+        assert 0.9 < cos < 1 - 1e-7
+    data = B.make_baseline("probe_fingerprint_data", num_probes=16).fit(records)
+    assert not np.allclose(data.embed(records[:1]), E[:1])

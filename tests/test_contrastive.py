@@ -308,3 +308,27 @@ def test_real_encoder_symmetry_views_are_identical_and_it_trains(toy):
     fw, opt = _framework(loaders, "noise", weak=0.5, encoder=enc)
     history, best = fw.train(loaders.train, loaders.val, 1, opt)
     assert np.isfinite(history["train_loss"][0]) and history["train_task_loss"][0] > 0
+
+
+def test_selection_reads_val_unseen_only_and_the_metric_head_is_chosen_there():
+    """The metric head's choice reads val-unseen models (train and val ones as distractors); the test-unseen
+    rows may hold anything without changing it."""
+    graphs, meta = make_toy_zoo(n_tasks=5, runs_per_task=4, ckpts=2, seed=2)
+    split = D.split_by_run(meta, 0.5, 0.0, heldout_tasks=["task4"], seed=0, val_unseen_tasks=["task3"])
+    rng = np.random.default_rng(0)
+    task = meta["task"].to_numpy()
+    centres = rng.normal(size=(5, 6))
+    raw = (centres[[int(t[-1]) for t in task]] + 0.3 * rng.normal(size=(len(meta), 6))).astype(np.float32)
+    raw[:, 4:] *= 8.0  # a nuisance that varies within every task: whitening should shrink it
+    raw[:, 4:] += 8.0 * rng.normal(size=(len(meta), 2)).astype(np.float32)
+    out = C.choose_metric_head(raw, meta, split, task, dims=[4, 6], regs=[0.1])
+    assert out["metric"] == "val_unseen_P@10" and set(out["scores"]) == {"none", "dim4_reg0.1", "dim6_reg0.1"}
+    assert out["head"] is not None and out["scores"][f"dim{out['dim']}_reg0.1"] == max(out["scores"].values())
+    assert out["scores"]["dim6_reg0.1"] > out["scores"]["none"]
+    scrambled = raw.copy()
+    scrambled[split.test_unseen] = rng.normal(size=(len(split.test_unseen), 6))
+    again = C.choose_metric_head(scrambled, meta, split, task, dims=[4, 6], regs=[0.1])
+    assert again["scores"] == out["scores"]  # the test-unseen rows are never read
+    weighted = C.choose_metric_head(raw, meta, split, task, dims=[6], regs=[0.1], learned_from=4,
+                                    learned_weights=[0.0, 1.0])
+    assert set(weighted["scores"]) == {f"learned{a}_{c}" for a in (0.0, 1.0) for c in ("none", "dim6_reg0.1")}

@@ -209,3 +209,37 @@ def test_train_config_choices_match_the_library():
     assert tuple(fields["weak_targets"].metadata["choices"]) == C.WEAK_TARGETS
     assert set(TrainConfig().compare_recipes) <= set(D.VIEW_RECIPES)
     assert TrainConfig().view_recipe in D.VIEW_RECIPES
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_grouped_batches_stay_within_one_group_and_shard(world):
+    groups = np.array(["a"] * 10 + ["b"] * 7 + ["c"] * 3)
+    samplers = [D.GroupedBatchSampler(groups, 4, seed=5, rank=r, world_size=world) for r in range(world)]
+    for s in samplers:
+        s.set_epoch(2)
+    per_rank = [list(s) for s in samplers]
+    assert len({len(p) for p in per_rank}) == 1 and len(per_rank[0]) == len(samplers[0])
+    batches = [sorted(i for p in per_rank for _, i in p[k]) for k in range(len(per_rank[0]))]
+    for b in batches:
+        assert len(set(groups[b])) == 1  # one group per global batch
+    sizes = sorted(len(b) for b in batches)
+    # a: 2 full batches (tail of 2 dropped), b: 1 (tail of 3 dropped), c: no full batch -> one batch of its 3
+    # models alone, or none with 2 ranks (1 model per rank is below the 2 a contrastive batch needs)
+    assert sizes == ([3, 4, 4, 4] if world == 1 else [4, 4, 4])
+    assert all(e == 2 for p in per_rank for batch in p for e, _ in batch)
+    again = D.GroupedBatchSampler(groups, 4, seed=5, rank=0, world_size=world)
+    again.set_epoch(2)
+    assert list(again) == per_rank[0]
+    again.set_epoch(3)
+    assert list(again) != per_rank[0]
+
+
+def test_training_batches_can_be_drawn_within_one_shape_group(zoo):
+    graphs, meta = zoo
+    split = D.split_by_run(meta, 0.2, 0.2, heldout_tasks=["task1"], seed=3)
+    groups = np.where(meta["task"].to_numpy() == "task0", "g0", "g1")  # task0 alone in its group
+    loaders = D.build_loaders(graphs, meta.assign(shape_group=groups), split, "supcon", 4, None, 0,
+                              batch_within="shape_group")
+    assert loaders.info["batch_within"] == "shape_group"
+    for v1, _, m in loaders.train:
+        assert v1.num_graphs == 4 and len(set(groups[m["index"].numpy()])) == 1

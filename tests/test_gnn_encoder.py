@@ -1,6 +1,7 @@
 """Encoders on real trained networks: exact symmetry invariance, batch independence, mixed batches, save/load."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch_geometric.data import Batch
@@ -13,12 +14,18 @@ from weight_to_graph import WeightToGraph
 from weightnet import WeightNet, canonical_rank
 
 SMALL = dict(hidden_dim=32, global_dim=48, projection_dim=16, message_passing_steps=2, dropout=0.0)
-INVARIANT = [("gnn", {}), ("weightnet", {}), ("weightnet", {"canonical_order": True})]
+# probe features on: Gaussian and data probes, the raw fingerprint kept in the embedding
+PROBED = dict(probes=6, probe_kinds=["gauss", "data"], probe_sizes=[64], fingerprint_weight=1.0)
+INVARIANT = [("gnn", {}), ("gnn", PROBED), ("weightnet", {}), ("weightnet", {"canonical_order": True})]
+WITH_PROBES = [(name, {}) for name in G.ENCODER_NAMES] + [("gnn", PROBED), ("nonequivariant_gnn", PROBED)]
 
 
 def _encoder(name: str, **extra) -> torch.nn.Module:
     torch.manual_seed(0)
-    return G.build_encoder(name, **{**SMALL, **extra})
+    enc = G.build_encoder(name, **{**SMALL, **extra})
+    if "data" in extra.get("probe_kinds", ()):
+        enc.probe_set.set_data(64, torch.randn(extra["probes"], 64, generator=torch.Generator().manual_seed(1)))
+    return enc
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -77,10 +84,10 @@ def test_nonequivariant_gnn_is_not_invariant(trained_models, converter, graphs):
     assert _rel(z, z_scaled).max() < 1e-4
 
 
-@pytest.mark.parametrize("name", G.ENCODER_NAMES)
+@pytest.mark.parametrize("name,extra", WITH_PROBES)
 @pytest.mark.parametrize("train_mode", [False, True])
-def test_batch_independence(name, train_mode, graphs):
-    enc = _encoder(name).train(train_mode)
+def test_batch_independence(name, extra, train_mode, graphs):
+    enc = _encoder(name, **extra).train(train_mode)
     with torch.no_grad():
         alone = torch.cat([enc(Batch.from_data_list([g])) for g in graphs])
         together = enc(Batch.from_data_list(graphs))
@@ -91,15 +98,18 @@ def test_batch_independence(name, train_mode, graphs):
     assert torch.allclose(alone[0], shuffled[-1], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", G.ENCODER_NAMES)
-def test_mixed_mlp_cnn_batch_forward_backward(name, graphs, trained_models):
+@pytest.mark.parametrize("name,extra", WITH_PROBES)
+def test_mixed_mlp_cnn_batch_forward_backward(name, extra, graphs, trained_models):
     specs = [spec for spec, _ in trained_models.values()]
     assert {s.is_cnn for s in specs} == {True, False} and len({len(s.layers) for s in specs}) > 1
-    enc = _encoder(name).train()
+    enc = _encoder(name, **extra).train()
     batch = Batch.from_data_list(graphs)
     z = enc(batch)
     p = enc.project(z)
-    assert z.shape == (len(graphs), SMALL["global_dim"]) and p.shape == (len(graphs), SMALL["projection_dim"])
+    dim = getattr(enc, "embedding_dim", SMALL["global_dim"])
+    assert z.shape == (len(graphs), dim) and p.shape == (len(graphs), SMALL["projection_dim"])
+    if extra:  # [fingerprint (2 kinds x 6 probes x 10 slots), learned part]; the probe projections are trained
+        assert dim == 2 * 6 * 10 + SMALL["global_dim"]
     p.square().sum().backward()
     grads = {n: q.grad for n, q in enc.named_parameters() if q.grad is not None}
     assert grads and all(torch.isfinite(g).all() for g in grads.values())
@@ -107,11 +117,13 @@ def test_mixed_mlp_cnn_batch_forward_backward(name, graphs, trained_models):
     assert any(n.startswith(("convs.0.lin_edge", "summary.0.lin_edge")) and g.abs().sum() > 0 for n, g in grads.items())
     # different architectures get different embeddings
     assert torch.cdist(z, z).add(torch.eye(len(graphs))).min() > 1e-4
+    if extra:
+        assert all(grads[f"node_encoder.probe.{t}.weight"].abs().sum() > 0 for t in range(3))
 
 
-@pytest.mark.parametrize("name", G.ENCODER_NAMES)
-def test_save_load_round_trip(name, graphs, tmp_path):
-    extra = {"canonical_order": True, "num_properties": 3} if name == "weightnet" else {}
+@pytest.mark.parametrize("name,extra", [(n, {"canonical_order": True, "num_properties": 3} if n == "weightnet" else {})
+                                        for n in G.ENCODER_NAMES] + [("gnn", PROBED)])
+def test_save_load_round_trip(name, extra, graphs, tmp_path):
     enc = _encoder(name, **extra).eval()
     path = tmp_path / f"{name}.pt"
     G.save_encoder(str(path), enc)
@@ -273,3 +285,71 @@ def test_load_encoder_reads_files_saved_before_io_slots(graphs, tmp_path):
     assert loaded.hparams["io_slots"] == 0
     with torch.no_grad():
         assert torch.equal(enc(Batch.from_data_list(graphs)), loaded(Batch.from_data_list(graphs)))
+
+
+def test_probe_encoder_file_carries_probes_and_metric_head(graphs, tmp_path):
+    """The encoder file holds the data probes and the fit metric head: a loaded copy embeds identically, with
+    no access to the source data; before the head is fit, forward is embed_raw and project works."""
+    from encoder_blocks import MetricHead
+
+    enc = _encoder("gnn", **PROBED).eval()
+    batch = Batch.from_data_list(graphs)
+    with torch.no_grad():
+        raw = enc(batch)
+        assert torch.equal(raw, enc.embed_raw(batch)) and enc.project(raw).shape == (len(graphs), 16)
+        head = MetricHead(enc.embedding_dim, 4).fit(raw.repeat(3, 1) + 0.01 * torch.randn(21, raw.shape[1]),
+                                                    list(range(7)) * 3, reg=0.5)
+    enc.set_metric(head)
+    assert enc.hparams["metric_dim"] == 4
+    path = tmp_path / "probed.pt"
+    G.save_encoder(str(path), enc)
+    loaded = G.load_encoder(str(path)).eval()
+    assert torch.equal(loaded.probe_set.data_in64, enc.probe_set.data_in64) and bool(loaded.probe_set.data_set_in64)
+    with torch.no_grad():
+        z = enc(batch)
+        assert z.shape == (len(graphs), 4) and torch.equal(z, loaded(batch))
+        torch.testing.assert_close(z, head(raw))
+    with pytest.raises(RuntimeError, match="metric head is fit"):
+        enc.project(raw)
+    with pytest.raises(ValueError, match="probe features"):
+        G.build_encoder("gnn", **SMALL, fingerprint_weight=1.0)
+
+
+def test_metric_head_is_within_group_whitening():
+    """MetricHead.fit against a float64 reference: PCA, then the within-group scatter (plus ridge) whitened."""
+    from encoder_blocks import MetricHead
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(60, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 8, generator=g, dtype=torch.float64)
+    groups = np.repeat(np.arange(6), 10)
+    head = MetricHead(8, 5).fit(z, groups, reg=0.3)
+    out = head(z.float()).double()
+    # reference: the within-group covariance of the outputs is (1 + ridge)^-1-shrunk identity in its eigenbasis
+    c = torch.zeros(5, 5, dtype=torch.float64)
+    for k in range(6):
+        r = out[groups == k] - out[groups == k].mean(0)
+        c += r.T @ r
+    c /= len(z)
+    ev = torch.linalg.eigvalsh(c)
+    assert (ev < 1 + 1e-4).all() and (ev > 0).all()
+    zc = z - z.mean(0)
+    v = torch.linalg.svd(zc, full_matrices=False).Vh[:5].T
+    y = zc @ v
+    w_ = torch.zeros(5, 5, dtype=torch.float64)
+    for k in range(6):
+        r = y[groups == k] - y[groups == k].mean(0)
+        w_ += r.T @ r
+    w_ /= len(z)
+    w_ += 0.3 * w_.diagonal().mean() * torch.eye(5, dtype=torch.float64)
+    e, u = torch.linalg.eigh(w_)
+    torch.testing.assert_close(out, y @ u / e.sqrt(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="before fit"):
+        MetricHead(8, 5)(z.float())
+
+
+def test_learned_probes_train_with_the_encoder(graphs):
+    enc = _encoder("gnn", probes=4, probe_kinds=["learned"], probe_sizes=[64], fingerprint_weight=1.0).train()
+    z = enc(Batch.from_data_list(graphs))
+    enc.project(z).square().sum().backward()
+    gen = [p.grad for p in enc.probe_set.generators.parameters()]
+    assert gen and all(g is not None and g.abs().sum() > 0 for g in gen)

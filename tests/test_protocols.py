@@ -221,7 +221,8 @@ def test_the_experiment_stages_hand_selection_only_the_selection_subset(toy_spli
     monkeypatch.setattr(S, "fit_contrastive", fake_fit)
     monkeypatch.setattr(S, "embed", lambda model, loader, device: np.zeros((len(loader.dataset), 2), np.float32))
     cfg = ExperimentConfig()
-    cfg.train.compare_recipes = ["noise", "checkpoint"]
+    cfg.train.compare_recipes, cfg.train.compare_epochs = ["noise", "checkpoint"], 1
+    cfg.encoder.num_probes = 0  # the toy zoo has no specs to draw probes for; probes change nothing read here
     zoo = SimpleNamespace(metadata=meta, version="toy")
     rec = RunRecorder(tmp_path, {}, write=False)
     one = single_process(torch.device("cpu"))
