@@ -8,7 +8,7 @@ ARGS ?=
 # OMP_NUM_THREADS=1 and with older-CPU kernels (.ci/run).
 NUMERICS_TESTS := tests/test_zoo_training.py tests/test_zoo_families.py tests/test_symmetry.py \
     tests/test_weight_to_graph.py tests/test_gnn_encoder.py tests/test_edge_kernels.py tests/test_merging.py \
-    tests/test_ddp.py
+    tests/test_ddp.py tests/test_probes.py tests/test_reconstruction.py
 
 .PHONY: install install-extra experiment test test-numerics clean
 
