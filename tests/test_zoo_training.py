@@ -161,7 +161,8 @@ def test_narrow_linear_equals_the_plain_product_with_its_gradients_in_float64():
     autograd's finite-difference check and equals the plain batched product's gradients, for a contiguous and a
     strided upstream gradient (the cross-entropy hands a transposed one)."""
     g = torch.Generator().manual_seed(0)
-    h, w, b = (torch.randn(*s, dtype=torch.float64, generator=g, requires_grad=True) for s in ((3, 5, 7), (3, 2, 7), (3, 2)))
+    h, w, b = (torch.randn(*s, dtype=torch.float64, generator=g, requires_grad=True)
+               for s in ((3, 5, 7), (3, 2, 7), (3, 2)))  # h (M, B, in), W (M, out, in), b (M, out)
     assert 2 < ZT.NARROW_OUT
     assert torch.autograd.gradcheck(ZT._NarrowLinear.apply, (h, w, b))
     out = ZT._NarrowLinear.apply(h, w, b)
