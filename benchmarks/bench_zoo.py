@@ -146,9 +146,11 @@ def bench_per_model_loop(per_group: int, epochs: int, of_runs: int, group_size: 
         accs.append(acc)  # test accuracy (the last set)
         weights.update({f"{run.run_id}-e{epochs:03d}/{k}": v.contiguous() for k, v in sd.items()})
         cpu_by_group.setdefault(plan.group_index, []).append(time.process_time() - c1)
+    c1 = time.process_time()
     save_file(weights, str(out_dir / "loop-weights.safetensors"))
+    save_per_run = (time.process_time() - c1) / len(sample)
     wall, cpu = time.time() - t0, time.process_time() - c0
-    est = sum(len(p.runs) * float(np.mean(cpu_by_group[p.group_index])) for p in plans)
+    est = sum(len(p.runs) * (float(np.mean(cpu_by_group[p.group_index])) + save_per_run) for p in plans)
     steps_all = [_steps_per_epoch(p, r) for p in plans for r in p.runs]
     return {"runs": len(sample), "of_runs": of_runs, "per_group": per_group, "epochs": epochs,
             "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
