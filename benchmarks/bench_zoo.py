@@ -13,6 +13,11 @@ The batched/loop ratio is given three ways: per CPU second of the whole generati
 start-up and saving included; the loop runs on one thread, so this compares work), per wall second
 with the loop credited ``--cores`` perfectly parallel copies, and for the training alone (the same
 groups trained in this process on one thread, data loaded first, as the loop is timed).
+
+The loop does the batched side's work per run (same runs' train subsets, batches, epochs, hyperparameters;
+train and test metrics at the checkpoint; weights written as a safetensors shard) on a stratified sample of
+the batched run list (a few runs of every group at evenly spaced quantiles of steps per epoch); the CPU time
+of the whole list is estimated group by group.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import architecture as A  # noqa: E402
 import data_prep as D  # noqa: E402
@@ -95,17 +101,37 @@ def bench_batched_in_process(num_runs: int, epochs: int, group_size: int) -> dic
             "runs_per_cpu_min": round(num_runs / cpu * 60, 1)}
 
 
-def bench_per_model_loop(num_runs: int, epochs: int, of_runs: int, group_size: int) -> dict:
-    """``num_runs`` of the batched benchmark's ``of_runs`` runs (spread evenly over its groups, so
-    architectures and batch sizes are represented), one model at a time (nn.Module + torch.optim,
-    one thread)."""
+def _loop_sample(plans: list, per_group: int) -> list[tuple]:
+    """``per_group`` runs of each group (a stratified sample of the batched run list): a group's runs sorted by
+    their steps per epoch, taken at evenly spaced quantiles, so the sample's task mix and run lengths follow the
+    group's (digits tasks differ ~10x in training examples: class subsets and binary splits are small)."""
+    out = []
+    for p in plans:
+        runs = sorted(p.runs, key=lambda r: (_steps_per_epoch(p, r), r.run_index))
+        k = min(per_group, len(runs))
+        out += [(p, runs[int((j + 0.5) * len(runs) / k)]) for j in range(k)]
+    return out
+
+
+def _steps_per_epoch(plan, run) -> int:
+    return int(round(plan.train_fraction * T.train_size(run.task))) // plan.batch_size
+
+
+def bench_per_model_loop(per_group: int, epochs: int, of_runs: int, group_size: int, out_dir: Path) -> dict:
+    """The batched benchmark's work, one model at a time (nn.Module + torch.optim, one thread) on a stratified
+    sample of its ``of_runs`` runs (``_loop_sample``): per run the same train subset, batches, epochs and
+    hyperparameters, then train and test accuracy and loss (as the zoo's checkpoint), the weights written
+    as a safetensors shard at the end (as the zoo's). The CPU time of all ``of_runs`` runs is estimated per
+    group (its runs x the mean CPU time of its sampled runs)."""
+    from safetensors.torch import save_file
+
     plans = _plans(of_runs, group_size)
-    every = [(p, r) for p in plans for r in p.runs]
-    runs = [every[i] for i in np.linspace(0, len(every) - 1, num_runs).round().astype(int)]
+    sample = _loop_sample(plans, per_group)
     torch.set_num_threads(1)
     t0, c0 = time.time(), time.process_time()
-    accs = []
-    for plan, run in runs:
+    accs, cpu_by_group, weights = [], {}, {}
+    for plan, run in sample:
+        c1 = time.process_time()
         Xtr, ytr, Xte, yte = T.load_task_data(run.task)
         X = T.inputs_for_spec(plan.spec, Xtr)
         g = torch.Generator().manual_seed(run.seed + 1)
@@ -113,11 +139,27 @@ def bench_per_model_loop(num_runs: int, epochs: int, of_runs: int, group_size: i
         sd = ZT.train_single_reference(plan.spec, ZT.init_params(plan.spec, run.seed, run.init_scale), X, ytr, rows,
                                        batch_size=plan.batch_size, epochs=epochs, lr=run.lr,
                                        weight_decay=run.weight_decay, optimizer=run.optimizer, batch_seed=run.seed + 2)
-        pred = A.forward(plan.spec, sd, T.inputs_for_spec(plan.spec, Xte)).argmax(1)
-        accs.append(float((pred == yte).float().mean()))
+        with torch.no_grad():
+            for Xs, ys in ((X[rows], ytr[rows]), (T.inputs_for_spec(plan.spec, Xte), yte)):
+                logits = A.forward(plan.spec, sd, Xs)
+                acc, _loss = float((logits.argmax(1) == ys).float().mean()), float(F.cross_entropy(logits, ys))
+        accs.append(acc)  # test accuracy (the last set)
+        weights.update({f"{run.run_id}-e{epochs:03d}/{k}": v.contiguous() for k, v in sd.items()})
+        cpu_by_group.setdefault(plan.group_index, []).append(time.process_time() - c1)
+    c1 = time.process_time()
+    save_file(weights, str(out_dir / "loop-weights.safetensors"))
+    save_per_run = (time.process_time() - c1) / len(sample)
     wall, cpu = time.time() - t0, time.process_time() - c0
-    return {"runs": len(runs), "epochs": epochs, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-            "runs_per_min_wall": round(len(runs) / wall * 60, 2), "runs_per_cpu_min": round(len(runs) / cpu * 60, 2),
+    est = sum(len(p.runs) * (float(np.mean(cpu_by_group[p.group_index])) + save_per_run) for p in plans)
+    steps_all = [_steps_per_epoch(p, r) for p in plans for r in p.runs]
+    return {"runs": len(sample), "of_runs": of_runs, "per_group": per_group, "epochs": epochs,
+            "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+            "runs_per_min_wall_sample": round(len(sample) / wall * 60, 2),
+            "runs_per_cpu_min_sample": round(len(sample) / cpu * 60, 2),
+            "runs_per_min_wall": round(of_runs / (est * wall / cpu) * 60, 2),  # the estimate at the sample's wall/CPU
+            "cpu_s_all_runs_estimated": round(est, 2), "runs_per_cpu_min": round(of_runs / est * 60, 2),
+            "mean_steps_per_epoch_sample": round(float(np.mean([_steps_per_epoch(p, r) for p, r in sample])), 2),
+            "mean_steps_per_epoch_all": round(float(np.mean(steps_all)), 2),
             "mean_final_test_acc": round(float(np.mean(accs)), 4)}
 
 
@@ -183,7 +225,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3,
                    help="repeats of the generation, and alternating repeats of the loop / in-process training")
     a = p.parse_args()
-    n_batched, n_loop, epochs = (128, 4, 50) if a.quick else (512, 16, 50)
+    n_batched, loop_per_group, epochs = (128, 1, 50) if a.quick else (512, 3, 50)
     n_mixed_tasks = 42 if a.quick else None  # None: the default zoo (every task)
     res: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                              "loadavg_start": os.getloadavg()}}
@@ -202,7 +244,7 @@ def main() -> None:
         # repeat (the one least disturbed by other load: on a shared machine the same loop varied 1.5x here)
         loops, inproc = [], []
         for _ in range(a.repeats):
-            loops.append(bench_per_model_loop(n_loop, epochs, n_batched, a.group_size))
+            loops.append(bench_per_model_loop(loop_per_group, epochs, n_batched, a.group_size, tmp))
             inproc.append(bench_batched_in_process(n_batched, epochs, a.group_size))
         res["per_model_loop"] = s = min(loops, key=lambda r: r["cpu_s"])
         res["batched_in_process"] = bi = min(inproc, key=lambda r: r["cpu_s"])
@@ -214,7 +256,10 @@ def main() -> None:
         res["speedup_batched_vs_loop_cpu"] = round(ratio, 1)
         res["speedup_batched_vs_loop_wall"] = round(wall_ratio, 1)
         res["speedup_training_only_cpu"] = round(train_ratio, 1)
-        print(f"per-model loop: {s['runs']} runs in {s['cpu_s']} CPU s (best of {s['cpu_s_all_repeats']}) -> "
+        print(f"per-model loop: {s['runs']} runs ({s['per_group']} per group, stratified by steps per epoch: "
+              f"{s['mean_steps_per_epoch_sample']} mean steps/epoch, all {s['of_runs']} runs "
+              f"{s['mean_steps_per_epoch_all']}) in {s['cpu_s']} CPU s (best of {s['cpu_s_all_repeats']}); "
+              f"all {s['of_runs']} runs estimated {s['cpu_s_all_runs_estimated']} CPU s -> "
               f"{s['runs_per_cpu_min']}/CPU-min; "
               f"batched/loop = {ratio:.1f}x per CPU second (whole generation), {wall_ratio:.1f}x per wall second "
               f"(loop credited {a.cores} parallel copies)")

@@ -154,3 +154,23 @@ def test_folded_checkpoint_computes_the_batchnorm_network_in_eval_mode(case):
         assert_accuracy_of(out_folded, yte, acc)
         # trained (measured 0.31-0.81 test accuracy): a bound at twice chance, far from where rounding moves it
         assert acc > 0.2, f"{case} model {m} did not train (test acc {acc:.2f}; chance 0.1)"
+
+
+def test_narrow_linear_equals_the_plain_product_with_its_gradients_in_float64():
+    """Layers with < NARROW_OUT outputs multiply with the outputs as rows and have their own backward: it passes
+    autograd's finite-difference check and equals the plain batched product's gradients, for a contiguous and a
+    strided upstream gradient (the cross-entropy hands a transposed one)."""
+    g = torch.Generator().manual_seed(0)
+    h, w, b = (torch.randn(*s, dtype=torch.float64, generator=g, requires_grad=True)
+               for s in ((3, 5, 7), (3, 2, 7), (3, 2)))  # h (M, B, in), W (M, out, in), b (M, out)
+    assert 2 < ZT.NARROW_OUT
+    assert torch.autograd.gradcheck(ZT._NarrowLinear.apply, (h, w, b))
+    out = ZT._NarrowLinear.apply(h, w, b)
+    ref = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))  # (M, B, out)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    for up in (torch.randn(3, 5, 2, dtype=torch.float64, generator=g),
+               torch.randn(2, 3, 5, dtype=torch.float64, generator=g).permute(1, 2, 0)):
+        got = torch.autograd.grad(ZT._NarrowLinear.apply(h, w, b), (h, w, b), up)
+        want = torch.autograd.grad(torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2)), (h, w, b), up)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
