@@ -41,7 +41,8 @@ import torch
 from safetensors.torch import save_file as st_save_file
 
 import architecture as A
-from checkpoint_import import CHECKPOINT_SUFFIXES, CheckpointError, read_checkpoint
+from checkpoint_folder import scan_checkpoints
+from checkpoint_import import CheckpointError, read_checkpoint
 from tasks import TASKS, TaskSpec, canonical_name, load_task_data, registry_hash, task_subset
 from zoo_plan import DEFAULT_RUNS_PER_TASK, checkpoint_schedule, plan_zoo, train_groups
 
@@ -391,18 +392,24 @@ class ModelZooDataset:
 
     # --- user checkpoints ------------------------------------------------------------
     @classmethod
-    def from_checkpoints(cls, folder: str | Path, recursive: bool = True
+    def from_checkpoints(cls, folder: str | Path, recursive: bool = True, follow_symlinks: bool = False
                          ) -> tuple["ModelZooDataset", list["CheckpointError"]]:
         """Load every .safetensors/.pt/.pth file under ``folder`` (nothing in a file is executed).
 
-        Returns the zoo of the files that load and one ``CheckpointError`` per file that does not.
+        Files are found as the model database finds them (``checkpoint_folder.scan_checkpoints``): links are
+        not followed unless ``follow_symlinks`` (and then only links that stay inside ``folder``); a link,
+        dangling link or unreadable folder is reported, not loaded. Returns the zoo of the files that load and
+        one ``CheckpointError`` per file that does not.
         """
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: not a directory")
-        pattern = "**/*" if recursive else "*"
-        files = sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
-        rows, weights, specs, errors = [], {}, {}, []
+        files, problems = scan_checkpoints(folder, follow_symlinks)
+        if not recursive:
+            files = [p for p in files if p.parent == folder]
+            problems = [e for e in problems if Path(e.source).parent == folder]
+        rows, weights, specs = [], {}, {}
+        errors = [CheckpointError(e.source, e.cause) for e in problems]
         for p in files:
             try:
                 spec, sd, warns, extra_meta = read_checkpoint(p)

@@ -468,8 +468,8 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray, groups: Sequence 
     """R2, MSE, Spearman and Kendall tau, overall and within groups.
 
     Within-group numbers are the mean over groups (e.g. tasks) with at least ``min_group_size``
-    items of the per-group correlation (groups whose truth or prediction is constant are left out
-    and not counted). Overall rank correlations are inflated when groups differ in level (tasks of
+    items of the per-group correlation (:func:`within_group_rank_corr`: groups whose truth is constant are
+    left out, a prediction constant within a group scores 0 there). Overall rank correlations are inflated when groups differ in level (tasks of
     different difficulty); the within-group ones are not.
     Returns {"R2", "MSE", "spearman", "kendall", and if groups: "within_kendall",
     "within_spearman", "n_groups"}; NaN where undefined.
@@ -486,20 +486,26 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray, groups: Sequence 
 
 def within_group_rank_corr(y_true: np.ndarray, y_pred: np.ndarray, groups: Sequence,
                            min_group_size: int = 5) -> dict[str, float]:
-    """Mean over groups of the per-group Kendall tau and Spearman rho (groups with fewer than
-    ``min_group_size`` items, or a constant truth or prediction, are left out and not counted).
-    A group label None leaves that item out. Returns {"kendall", "spearman", "n_groups"} (NaN if none)."""
+    """Mean over groups of the per-group Kendall tau and Spearman rho.
+
+    Every method is scored on the same groups: those with at least ``min_group_size`` items whose truth
+    varies. A prediction that is constant within such a group ranks nothing there and scores 0 for it; it
+    is not left out (leaving it out scored an embedding only on the groups it happens to separate: one-hot
+    input shapes, constant within a task except where MLPs and CNNs meet, reached 0.52 over those groups
+    and 0.25 over all). A group label None leaves that item out. Returns {"kendall", "spearman",
+    "n_groups"} (NaN if no group qualifies)."""
     yt, yp, g = np.asarray(y_true, np.float64), np.asarray(y_pred, np.float64), np.asarray(groups, dtype=object)
     assert g.shape == yt.shape == yp.shape, f"groups must be {yt.shape}, got {g.shape}"
     taus, rhos = [], []
     for val in sorted({v for v in g.tolist() if v is not None}, key=str):  # a fixed order: a fixed float sum
         m = g == val
-        if m.sum() < min_group_size:
+        if m.sum() < min_group_size or np.ptp(yt[m]) == 0:
             continue
-        tau = _corr(stats.kendalltau, yt[m], yp[m])
-        if np.isnan(tau):
+        if np.ptp(yp[m]) == 0:
+            taus.append(0.0)
+            rhos.append(0.0)
             continue
-        taus.append(tau)
+        taus.append(_corr(stats.kendalltau, yt[m], yp[m]))
         rhos.append(_corr(stats.spearmanr, yt[m], yp[m]))
     return {"kendall": float(np.mean(taus)) if taus else float("nan"),
             "spearman": float(np.mean(rhos)) if rhos else float("nan"), "n_groups": float(len(taus))}

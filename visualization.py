@@ -7,6 +7,7 @@ simply not drawn (the report says which stages did not run).
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -24,6 +25,11 @@ def _mean_std(v) -> tuple[float, float]:
     if isinstance(v, Mapping):
         return float(v["mean"]), float(v.get("std", 0.0))
     return float(v), 0.0
+
+
+def _set_title(ax, title: str, width: int = 60) -> None:
+    """A title wrapped to the figure's width (a long one is not cut at the edge)."""
+    ax.set_title("\n".join(textwrap.wrap(title, width)) or title)
 
 
 def _save(fig, save_as: str | Path) -> str:
@@ -59,7 +65,7 @@ class ResultsVisualizer:
         ax.set_xticklabels(methods, rotation=30, ha="right")
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("score")
-        ax.set_title(title)
+        _set_title(ax, title)
         ax.legend(fontsize=8, ncol=len(names))
         return _save(fig, save_as)
 
@@ -76,7 +82,7 @@ class ResultsVisualizer:
         ax.set_xlabel("k")
         ax.set_ylabel("precision@k")
         ax.set_ylim(0, 1.05)
-        ax.set_title(title)
+        _set_title(ax, title)
         ax.legend(fontsize=8)
         return _save(fig, save_as)
 
@@ -103,7 +109,7 @@ class ResultsVisualizer:
             fig.colorbar(sc, ax=ax)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(title)
+        _set_title(ax, title)
         return _save(fig, save_as)
 
     # --- properties ------------------------------------------------------------
@@ -116,7 +122,7 @@ class ResultsVisualizer:
         ax.plot([lo, hi], [lo, hi], "k--", lw=1)
         ax.set_xlabel("true")
         ax.set_ylabel("predicted")
-        ax.set_title(title)
+        _set_title(ax, title)
         return _save(fig, save_as)
 
     # --- training --------------------------------------------------------------
@@ -132,7 +138,7 @@ class ResultsVisualizer:
             ax2 = ax1.twinx()
             ax2.plot(*zip(*vals), "s-", color="tab:orange", label=val_name)
             ax2.set_ylabel(val_name, color="tab:orange")
-        ax1.set_title(title)
+        _set_title(ax1, title)
         return _save(fig, save_as)
 
     def plot_symmetry_robustness(self, robustness: Mapping[str, Mapping], save_as: str | Path,
@@ -149,7 +155,7 @@ class ResultsVisualizer:
         ax.set_xticklabels(methods, rotation=30, ha="right")
         ax.set_ylim(0, 1.05)
         ax.set_ylabel(metric)
-        ax.set_title("Symmetry robustness")
+        _set_title(ax, "Symmetry robustness")
         ax.legend(fontsize=8)
         return _save(fig, save_as)
 
@@ -167,6 +173,6 @@ class ResultsVisualizer:
             ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_title(title)
+        _set_title(ax, title)
         ax.legend(fontsize=8)
         return _save(fig, save_as)

@@ -310,3 +310,25 @@ def test_from_checkpoints_loads_good_and_reports_each_bad_file(tmp_path, two_tra
     x = model_inputs(cspec)
     assert torch.allclose(A.forward(zoo.spec(i), zoo.state_dict(i), x), A.forward(cspec, csd, x))
     assert len(zoo.version) == 64
+
+
+def test_from_checkpoints_reports_links_and_follows_only_links_inside(tmp_path, two_trained):
+    """A link is not loaded by default (it is reported); with follow_symlinks a link inside the folder is,
+    and one leading outside it is still reported, never read."""
+    spec, sd = two_trained["mlp2_leaky"]
+    outside, folder = tmp_path / "outside", tmp_path / "ckpts"
+    for d in (outside, folder / "sub"):
+        d.mkdir(parents=True)
+    for d in (outside, folder):
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "m.safetensors"))
+        (d / "m.safetensors.spec.json").write_text(json.dumps(spec.to_dict()))
+    (folder / "sub" / "out.safetensors").symlink_to(outside / "m.safetensors")
+    (folder / "sub" / "in.safetensors").symlink_to(folder / "m.safetensors")
+    zoo, errors = D.ModelZooDataset.from_checkpoints(folder)
+    assert list(zoo.metadata["model_id"]) == ["m.safetensors"]
+    assert sorted(Path(e.file).name for e in errors) == ["in.safetensors", "out.safetensors"]
+    zoo, errors = D.ModelZooDataset.from_checkpoints(folder, follow_symlinks=True)
+    assert sorted(zoo.metadata["model_id"]) == ["m.safetensors", "sub/in.safetensors"]
+    assert [Path(e.file).name for e in errors] == ["out.safetensors"] and "outside" in errors[0].cause
+    zoo, errors = D.ModelZooDataset.from_checkpoints(folder, recursive=False)
+    assert list(zoo.metadata["model_id"]) == ["m.safetensors"] and errors == []

@@ -432,6 +432,18 @@ def test_within_task_tau_on_final_checkpoints_and_within_task_and_epoch():
     assert good["kendall"] == pytest.approx(1.0)
 
 
+def test_within_group_rank_corr_scores_every_method_on_the_same_groups():
+    # a prediction constant within a group ranks nothing there: 0 for that group, not left out (else an
+    # embedding that separates only some groups, e.g. one-hot input shapes, is scored on those alone)
+    y = np.array([1.0, 2, 3, 4, 5, 1, 2, 3, 4, 5, 7, 7, 7, 7, 7])
+    g = np.repeat(["a", "b", "c"], 5)
+    pred = np.array([1.0, 2, 3, 4, 5, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5])
+    r = E.within_group_rank_corr(y, pred, g)
+    assert r["n_groups"] == 2  # "c": constant truth, undefined for every method, left out
+    assert r["kendall"] == pytest.approx(0.5) and r["spearman"] == pytest.approx(0.5)
+    assert E.within_group_rank_corr(y, np.zeros(15), g) == {"kendall": 0.0, "spearman": 0.0, "n_groups": 2.0}
+
+
 def test_constant_and_shape_only_passes_are_found_and_noted():
     meta, task_code, rng = _toy_eval_metadata()
     n = len(meta["task"])
