@@ -103,7 +103,7 @@ def one_seed(zoo: ModelZooDataset, seed: int, args: argparse.Namespace) -> dict:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         curve.append({"epoch": epoch, "loss": float(np.mean(losses)), **scores(embed())})
         print(f"seed {seed} epoch {epoch}: loss {curve[-1]['loss']:.3f}  " +
               "  ".join(f"{k} {curve[-1][k]:.3f}" for k in ("val_unseen", "test_unseen", "seen_test")), flush=True)
