@@ -51,7 +51,9 @@ log = logging.getLogger("weightzoo")
 
 HYPERREPS_RECIPE = "noise"  # positives: two views of the same model, as in seed 004
 DESIGN_NOTE = (
-    "decoder from the encoder's per-neuron states (+ the embedding): each weight edge from its two neurons' states, "
+    "decoder from the encoder's per-neuron states (+ WeightNet's address-coded tokens and the embedding; no bottleneck: "
+    "the pooled embedding is not forced to carry the weights, unlike seed 004's compressed latent): "
+    "each weight edge from its two neurons' states, "
     "each bias from its neuron's, every layer's scale from its neurons; loss over every real weight and bias of the "
     "neuron graph (padding, shortcut edges and inputs masked), so one decoder serves the mixed zoo without "
     "per-architecture sub-zoos; targets: the clean canonical weights (denoising)")
