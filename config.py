@@ -203,6 +203,9 @@ class ReconConfig:
                               choices=["weightnet", "gnn", "nonequivariant_gnn"])
     hyperreps_row_codes: bool = _f(True, "WeightNet of the ablation: address-coded row and column sums in its neuron "
                                          "tokens (seed 004's weight-row tokens, made equivariant; weightnet.AddressCodes)")
+    hyperreps_hidden_dim: int = _f(128, "token width of the ablation's encoder and of its decoder (a neuron's token "
+                                        "must hold its row: up to 100 weights in this zoo; the encoder's CPU default "
+                                        "32 keeps at most R^2 0.53-0.58 of the 64/100-input rows)")
     hyperreps_epochs: int = _f(3, "training epochs of each ablation encoder (the last epoch is kept)")
     hyperreps_noise_std: float = _f(0.05, "multiplicative Gaussian weight noise of the ablation's views")
     hyperreps_erase_fraction: float = _f(0.1, "erased span of the ablation's views (fraction of all weights)")

@@ -51,7 +51,9 @@ log = logging.getLogger("weightzoo")
 
 HYPERREPS_RECIPE = "noise"  # positives: two views of the same model, as in seed 004
 DESIGN_NOTE = (
-    "decoder from the encoder's per-neuron states (+ the embedding): each weight edge from its two neurons' states, "
+    "decoder from the encoder's per-neuron states (+ WeightNet's address-coded tokens and the embedding; no bottleneck: "
+    "the pooled embedding is not forced to carry the weights, unlike seed 004's compressed latent): "
+    "each weight edge from its two neurons' states, "
     "each bias from its neuron's, every layer's scale from its neurons; loss over every real weight and bias of the "
     "neuron graph (padding, shortcut edges and inputs masked), so one decoder serves the mixed zoo without "
     "per-architecture sub-zoos; targets: the clean canonical weights (denoising)")
@@ -71,11 +73,11 @@ def hyperreps_views(cfg: ExperimentConfig, model: str) -> SymmetryAugmenter:
 
 
 def hyperreps_encoder(cfg: ExperimentConfig, conv: WeightToGraph) -> Encoder:
-    """The ablation's untrained encoder: ``hyperreps_model`` with the run's encoder settings (WeightNet: with
-    address-coded row and column tokens when ``hyperreps_row_codes``)."""
+    """The ablation's untrained encoder: ``hyperreps_model`` with the run's encoder settings but the width
+    ``hyperreps_hidden_dim`` (WeightNet: with address-coded row and column tokens when ``hyperreps_row_codes``)."""
     e, name = cfg.encoder, cfg.recon.hyperreps_model
-    kw = encoder_kwargs(e.hidden_dim, e.global_dim, e.projection_dim, e.message_passing_steps, e.dropout, name,
-                        e.attention_heads, e.canonical_order, e.io_slots)
+    kw = encoder_kwargs(cfg.recon.hyperreps_hidden_dim, e.global_dim, e.projection_dim, e.message_passing_steps,
+                        e.dropout, name, e.attention_heads, e.canonical_order, e.io_slots)
     if name == "weightnet":
         kw["row_codes"] = cfg.recon.hyperreps_row_codes
     model = build_encoder(name, edge_dim=conv.edge_dim, **kw)
@@ -127,8 +129,9 @@ def train_hyperreps(cfg: ExperimentConfig, zoo: Any, graphs: list, split: D.Spli
         if dist.is_master:
             log.info("training %s, seed %d (checkpoints in %s)", method, seed, ckpt.directory)
         fit = fit_contrastive(enc.model, sel_graphs, sel_meta, last_epoch, HYPERREPS_RECIPE,
-                              dataclasses.replace(cfg.train, recon_beta=float(beta)), dist, seed=seed,
-                              epochs=r.hyperreps_epochs, view_fn=view_fn, checkpoint=ckpt, show_progress=True)
+                              dataclasses.replace(cfg.train, recon_beta=float(beta), decoder_dim=r.hyperreps_hidden_dim),
+                              dist, seed=seed, epochs=r.hyperreps_epochs, view_fn=view_fn, checkpoint=ckpt,
+                              show_progress=True)
         encoders[method] = Encoder(fit.encoder, None, enc.args)
         if dist.is_master:
             rec.results.setdefault("training", {}).setdefault(method, {})[str(seed)] = fit.history

@@ -5,12 +5,17 @@ SimCLR loss. The zoo mixes architectures, so the decoder here works in the neuro
 each neuron's state decodes its bias, and each weight edge (a linear weight or a whole conv kernel) is
 decoded from the states of its two neurons (and the model embedding)::
 
-    u_n      = MLP([h_n, z_graph(n)])                                   (N, d)  per neuron
+    u_n      = MLP([h_n (+ a_n), z_graph(n)])                           (N, d)  per neuron
     w_ij     = Linear(GELU(A u_j + B u_i + (C u_j) * (D u_i)))          (E, K*K) edge i -> j, standardized
     b_n, s_n = Linear(u_n)                                              bias (standardized), log-scales
 
-so the loss runs over exactly the graph's weights: every kernel window of every weight edge and the
-bias of every non-input neuron; the K*K padding around smaller kernels, identity-shortcut edges and
+where a_n is WeightNet's address-coded token (its row and column in the code basis, before the attention
+blocks; weightnet.AddressCodes), when the encoder has one. The decoder reads per-neuron states, so nothing
+forces the pooled embedding z to carry the weights: the states hold each neuron's row (no bottleneck),
+unlike seed 004's autoencoder, which decodes from its compressed latent.
+
+The loss runs over exactly the graph's weights: every kernel window of every weight edge and the bias of
+every non-input neuron; the K*K padding around smaller kernels, identity-shortcut edges and
 input nodes are masked out (the mask follows the graph, so a mixed batch needs no fixed layout).
 Targets are the *clean* canonical weights of the view's network (``target_x``/``target_edge_attr``,
 attached by :func:`with_targets` before the view is drawn: noise and erasing change the input only,
@@ -166,6 +171,8 @@ class WeightDecoder(nn.Module):
         self.node_out = nn.Linear(hidden_dim, 3)
 
     def forward(self, h: Tensor, z: Tensor, f: dict) -> tuple[Tensor, Tensor]:
+        if "address_tokens" in f:  # WeightNet with row codes: each token's linear code of its row, before the
+            h = h + f["address_tokens"].to(h.dtype)  # blocks that blur it (weightnet.AddressCodes)
         u = self.node(torch.cat([h, z[f["batch"]].to(h.dtype)], dim=-1))  # (N, d)
         src, dst = f["edge_index"]
         # the product term makes w_ij a bilinear function of the two neurons' states
@@ -214,6 +221,35 @@ class Reconstruction(nn.Module):
         z, pred_w, pred_node, f = self.decode(encoder, batch)
         with torch.autocast(device_type=z.device.type, enabled=False):  # the loss in fp32, also under bf16
             return z, reconstruction_loss(pred_w, pred_node, standardized_targets(batch, f))
+
+
+@torch.no_grad()
+def part_quality(encoder: nn.Module, objective: Reconstruction, graphs: Sequence[Data], device: torch.device,
+                 batch_size: int = 64) -> dict[str, float]:
+    """Pooled R^2 of the decoder's standardized outputs per part (the diagnosis of what the loss learns).
+
+    Parts: "w_first" (weights out of input neurons), "w_later" (every other real weight), "bias"; and
+    "log_scale_mse" (the per-layer log-RMS outputs). Clean inputs, targets as in training.
+    """
+    encoder.eval()
+    objective.eval()
+    pairs: dict[str, tuple[list[Tensor], list[Tensor]]] = {k: ([], []) for k in ("w_first", "w_later", "bias")}
+    sq, count = 0.0, 0
+    for start in range(0, len(graphs), batch_size):
+        batch = Batch.from_data_list([attach_targets(g) for g in graphs[start:start + batch_size]]).to(device)
+        _, pred_w, pred_node, f = objective.decode(encoder, batch)
+        t = standardized_targets(batch, f)
+        first = f["node_type"][f["edge_index"][0]] == NODE_INPUT  # (E,)
+        for key, sel in (("w_first", first), ("w_later", ~first)):
+            m = t.mask[sel]
+            pairs[key][0].append(t.w[sel][m])
+            pairs[key][1].append(pred_w[sel].float()[m])
+        pairs["bias"][0].append(t.b[t.has_bias])
+        pairs["bias"][1].append(pred_node[t.has_bias, 0].float())
+        sq += float(((pred_node[:, 1:].float() - t.log_scale) ** 2)[t.has_bias].sum())
+        count += 2 * int(t.has_bias.sum())
+    out = {k: r2(torch.cat(y).double().cpu(), torch.cat(y_hat).double().cpu()) for k, (y, y_hat) in pairs.items()}
+    return {**out, "log_scale_mse": sq / max(count, 1)}
 
 
 # --------------------------------------------------------------------------- reconstructed networks

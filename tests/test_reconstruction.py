@@ -134,6 +134,29 @@ def test_decoder_output_rebuilds_a_network_that_computes_what_it_says(all_models
     assert q["mean_acc_drop"] == pytest.approx(np.mean(q["acc_original"]) - np.mean(q["acc_reconstructed"]))
 
 
+def test_part_quality_scores_each_part_against_its_own_targets(all_models, monkeypatch):
+    """The diagnosis per part: a decoder that outputs the targets scores R^2 1 and log-scale MSE 0 on every part;
+    one that outputs zero weights (but true biases) scores R^2 <= 0 on both weight parts and 1 on the biases."""
+    graphs = [CONV.to_graph(*all_models[n][:2]) for n in ("mlp2_leaky", "cnn2_relu_k3", "resnet")]
+    enc = _encoder("weightnet_row_codes")
+    obj = R.Reconstruction.for_encoder(enc, hidden_dim=16)
+
+    def oracle(zero_weights: bool):
+        def decode(encoder, batch):
+            h, f = encoder.node_states(batch)
+            t = R.standardized_targets(batch, f)
+            node = torch.stack([t.b, t.log_scale[:, 0], t.log_scale[:, 1]], dim=1)
+            return encoder.readout(h, f), torch.zeros_like(t.w) if zero_weights else t.w, node, f
+        return decode
+
+    monkeypatch.setattr(obj, "decode", oracle(False))
+    exact = R.part_quality(enc, obj, graphs, torch.device("cpu"), batch_size=2)
+    assert exact == pytest.approx({"w_first": 1.0, "w_later": 1.0, "bias": 1.0, "log_scale_mse": 0.0}, abs=1e-6)
+    monkeypatch.setattr(obj, "decode", oracle(True))
+    zero = R.part_quality(enc, obj, graphs, torch.device("cpu"), batch_size=2)
+    assert zero["w_first"] <= 0 and zero["w_later"] <= 0 and zero["bias"] == pytest.approx(1.0)
+
+
 def test_summarized_flatten_heads_are_refused():
     spec = cnn_bn_spec((1, 28, 28), (4, 8), 16, 10)  # 7x7 blocks: summarized under K = 5, not invertible
     with pytest.raises(ValueError, match="7x7 flatten blocks"):
@@ -217,7 +240,7 @@ def hyperreps_run(tmp_path_factory):
         "encoder": {"hidden_dim": 16, "global_dim": 16, "projection_dim": 8, "message_passing_steps": 1},
         "train": {"batch_size": 8, "val_fraction": 0.0, "test_fraction": 0.25},
         "eval": {"probes": ["ridge"], "property_targets": ["test_acc", "epoch", "log_lr"], "within_task_min_models": 2},
-        "recon": {"hyperreps": True, "hyperreps_betas": [0.0, 1.0], "hyperreps_epochs": 1}})
+        "recon": {"hyperreps": True, "hyperreps_betas": [0.0, 1.0], "hyperreps_epochs": 1, "hyperreps_hidden_dim": 16}})
     rec = RunRecorder(d, {}, write=False)
     split = S.make_splits(cfg, zoo, rec)[S.eval_seeds(cfg)[0]]
     methods = H.train_hyperreps(cfg, zoo, graphs, split, 0, single_process("cpu"), d / "checkpoints", rec)
