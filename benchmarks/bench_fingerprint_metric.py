@@ -8,7 +8,7 @@ beside the training-free fingerprint, in every seed. This script asks the same o
 that could add to the fingerprint, without the GNN: for each seed's split (the main run's), the two
 training-free fingerprints (``probe_fingerprint`` and ``probe_fingerprint_data``, unit norm each,
 concatenated, as in the encoder) go through the closed-form within-task metric head
-(``encoder_blocks.MetricHead``, size and ridge chosen on val-unseen as ``choose_metric_head`` does), and an
+(``contrastive_learning.choose_metric_head``: size and ridge chosen on val-unseen; no head is a candidate), and an
 MLP adds a residual to that embedding (last layer zero-initialised: epoch 0 is exactly the head). The
 MLP is trained with supervised NT-Xent (``contrastive_learning.NTXentLoss``, task labels, two noisy views,
 batches within one shape group) on the train rows only. After every epoch it prints P@10 within shape
@@ -33,9 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 import baselines as B  # noqa: E402
 from config import ExperimentConfig  # noqa: E402
-from contrastive_learning import NTXentLoss  # noqa: E402
+from contrastive_learning import NTXentLoss, choose_metric_head  # noqa: E402
 from data_prep import ModelZooDataset  # noqa: E402
-from encoder_blocks import MetricHead  # noqa: E402
 from evaluation import RetrievalEvaluator, l2_normalize, validation_retrieval  # noqa: E402
 from stages import draw_seed_split  # noqa: E402
 
@@ -65,11 +64,9 @@ def one_seed(zoo: ModelZooDataset, seed: int, args: argparse.Namespace) -> dict:
                                                    10)["val_unseen_P@10"], **test}
 
     train = np.asarray(split.train)
-    heads = [MetricHead(fp.shape[1], d).fit(torch.from_numpy(fp[train]), task[train], r)
-             for d in args.metric_dims for r in args.metric_regs]
-    head = max(heads, key=lambda h: scores(h(torch.from_numpy(fp)).numpy())["val_unseen"])
+    choice = choose_metric_head(fp, meta, split, task, args.metric_dims, args.metric_regs)  # on val-unseen
     x = torch.from_numpy(fp)
-    base = nn.functional.normalize(head(x), dim=1)
+    base = nn.functional.normalize(torch.from_numpy(choice["embeddings"]), dim=1)
     torch.manual_seed(seed)
     mlp = nn.Sequential(nn.Linear(x.shape[1], args.width), nn.GELU(), nn.Linear(args.width, args.width), nn.GELU(),
                         nn.Linear(args.width, base.shape[1]))
@@ -91,7 +88,7 @@ def one_seed(zoo: ModelZooDataset, seed: int, args: argparse.Namespace) -> dict:
         return base[b] + mlp(xb)
 
     curve = [{"epoch": 0, **scores(embed())}]
-    print(f"seed {seed} head dim {head.transform.shape[1]}  epoch 0: " +
+    print(f"seed {seed} head dim {choice['dim']} reg {choice['reg']}  epoch 0: " +
           "  ".join(f"{k} {v:.3f}" for k, v in curve[0].items() if k != "epoch"), flush=True)
     t0 = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
