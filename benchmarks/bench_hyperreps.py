@@ -3,9 +3,10 @@
     python benchmarks/bench_hyperreps.py --zoo_dir zoo/small --epochs 6 --threads 1
 
 Runs ``hyperreps.train_hyperreps`` (the stage ``run_experiment.py --hyperreps`` runs, same split drawing,
-views, objective and evaluation code) for one seed, StatNN and shape-only beside it, and prints per method
-the property-prediction figures of the report (ridge R^2 and within-task Kendall tau of test_acc, epoch,
-log_lr on the seed's test queries) and each decoder's reconstruction quality. Writes them to
+views, objective and evaluation code) for one seed, with StatNN, shape-only and the training-free fingerprints
+(input_profile, probe_fingerprint, probe_fingerprint_data) beside it, and prints per method the
+property-prediction figures of the report (ridge R^2 and within-task Kendall tau of test_acc, epoch, log_lr on
+the seed's test queries) and each decoder's reconstruction quality. Writes them to
 benchmarks/out/bench_hyperreps.json. The full run (3 seeds, every baseline, retrieval tables) is
 ``run_experiment.py --hyperreps``; this is the part that fits a CPU time box.
 """
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seed": args.seed, "zoo": {"zoo_dir": args.zoo_dir},
         "train": {"batch_size": args.batch_size, "learning_rate": args.learning_rate},
         "eval": {"eval_seeds": 1, "probes": ["ridge"], "property_targets": list(TARGETS),
-                 "methods": ["statnn", "shape_only"]},
+                 "methods": ["statnn", "shape_only", "input_profile", "probe_fingerprint", "probe_fingerprint_data"]},
         "recon": {"hyperreps": True, "hyperreps_betas": args.betas, "hyperreps_epochs": args.epochs,
                   "hyperreps_hidden_dim": args.hidden_dim}})
     zoo = ModelZooDataset.load(args.zoo_dir)
