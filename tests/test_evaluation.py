@@ -489,6 +489,38 @@ def test_reduce_dims_keeps_narrow_and_projects_wide():
     assert np.allclose(np.abs(red), np.abs(ref.transform(wide)), atol=1e-3)
 
 
+def test_reduce_dims_keeps_only_components_the_fit_rows_span():
+    # fewer fit rows than max_dims: 40 fit rows span at most 39 centred directions. A 40th component has
+    # ~0 variance on the fit rows but not on rows outside them; a standardizing probe divided by it and
+    # predicted without bound (the small zoo's probe fingerprints: ridge R^2 of -1e7)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 300)).astype(np.float32)
+    fit = np.arange(40)
+    red = E.reduce_dims(x, fit, 256, seed=0)
+    assert red.shape == (100, 39)
+    var = red[fit].var(0)
+    assert var.min() > 1e-3 * var.max()
+    y = x[:, 0] + 0.1 * rng.normal(size=100)
+    pred = E.make_probe("ridge").fit(red[fit], y[fit]).predict(red[40:])
+    assert np.abs(pred).max() < 10 * np.abs(y).max()
+    # duplicated fit rows (rank 5): only the 5 spanned components survive
+    low = np.repeat(rng.normal(size=(6, 300)), 10, axis=0).astype(np.float32)
+    assert E.reduce_dims(low, np.arange(60), 256, seed=0).shape == (60, 5)
+
+
+def test_property_probe_does_not_extrapolate_on_outlying_rows():
+    # one test row 300 standard deviations out on a feature (a confident model's log-probabilities)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 8))
+    y = x[:, 0] + 0.1 * rng.normal(size=200)
+    x_out = x[150:].copy()
+    x_out[0, 1] = 300.0
+    for probe in ("ridge", "mlp"):
+        pred = E.make_probe(probe).fit(x[:150], y[:150]).predict(x_out)
+        assert np.abs(pred).max() < 10 * np.abs(y).max(), probe
+        assert E.r2_score(y[150:], pred) > 0.5, probe
+
+
 def test_embed_fn_from_method_passes_spec_and_weights():
     import architecture as A
     import torch
