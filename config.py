@@ -207,6 +207,10 @@ class ReconConfig:
                                         "must hold its row: up to 100 weights in this zoo; the encoder's CPU default "
                                         "32 keeps at most R^2 0.53-0.58 of the 64/100-input rows)")
     hyperreps_epochs: int = _f(3, "training epochs of each ablation encoder (the last epoch is kept)")
+    hyperreps_learning_rate: float = _f(3e-3, "AdamW learning rate of the ablation's encoder and decoder "
+                                              "(benchmarks/bench_reconstruction.py: 3e-3 with batch 16 learns the weights "
+                                              "several times faster per CPU second than the GNN's 1e-3 with batch 32-64)")
+    hyperreps_batch_size: int = _f(16, "graphs per global batch of the ablation's training (two views each)")
     hyperreps_noise_std: float = _f(0.05, "multiplicative Gaussian weight noise of the ablation's views")
     hyperreps_erase_fraction: float = _f(0.1, "erased span of the ablation's views (fraction of all weights)")
 

@@ -129,7 +129,9 @@ def train_hyperreps(cfg: ExperimentConfig, zoo: Any, graphs: list, split: D.Spli
         if dist.is_master:
             log.info("training %s, seed %d (checkpoints in %s)", method, seed, ckpt.directory)
         fit = fit_contrastive(enc.model, sel_graphs, sel_meta, last_epoch, HYPERREPS_RECIPE,
-                              dataclasses.replace(cfg.train, recon_beta=float(beta), decoder_dim=r.hyperreps_hidden_dim),
+                              dataclasses.replace(cfg.train, recon_beta=float(beta), decoder_dim=r.hyperreps_hidden_dim,
+                                                  learning_rate=r.hyperreps_learning_rate,
+                                                  batch_size=r.hyperreps_batch_size),
                               dist, seed=seed, epochs=r.hyperreps_epochs, view_fn=view_fn, checkpoint=ckpt,
                               show_progress=True)
         encoders[method] = Encoder(fit.encoder, None, enc.args)

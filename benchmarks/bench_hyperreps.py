@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, default=6, help="hyperreps_epochs")
     p.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     p.add_argument("--hidden_dim", type=int, default=128, help="hyperreps_hidden_dim")
-    p.add_argument("--learning_rate", type=float, default=3e-3)
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--learning_rate", type=float, default=3e-3, help="hyperreps_learning_rate")
+    p.add_argument("--batch_size", type=int, default=16, help="hyperreps_batch_size")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "bench_hyperreps.json"))
@@ -51,11 +51,11 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     cfg = config_from_dict({
         "seed": args.seed, "zoo": {"zoo_dir": args.zoo_dir},
-        "train": {"batch_size": args.batch_size, "learning_rate": args.learning_rate},
         "eval": {"eval_seeds": 1, "probes": ["ridge"], "property_targets": list(TARGETS),
                  "methods": ["statnn", "shape_only", "input_profile", "probe_fingerprint", "probe_fingerprint_data"]},
         "recon": {"hyperreps": True, "hyperreps_betas": args.betas, "hyperreps_epochs": args.epochs,
-                  "hyperreps_hidden_dim": args.hidden_dim}})
+                  "hyperreps_hidden_dim": args.hidden_dim, "hyperreps_learning_rate": args.learning_rate,
+                  "hyperreps_batch_size": args.batch_size}})
     zoo = ModelZooDataset.load(args.zoo_dir)
     graphs = WeightToGraph.from_config(cfg.graph).convert_model_to_graphs(zoo, cache_dir=Path(args.zoo_dir) / "graph_cache")
     out_dir = Path(args.out).parent
