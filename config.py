@@ -154,6 +154,8 @@ class EvalConfig:
                        "baselines evaluated beside the trained encoder (shape_only, a constant and a random "
                        "embedding are always evaluated: every table's references)")
     eval_seeds: int = _f(3, "repetitions (seeds) for every reported number; each seed draws its own split")
+    property_oracles: bool = _f(True, "also score the property oracles (evaluation.PROPERTY_ORACLES: training-set "
+                                      "accuracy, training recipe, test loss read from the metadata), listed as oracles")
     heldout_task_fraction: float = _f(0.25, "fraction of each shape group's tasks held out as test-unseen tasks "
                                             "(reported, never read by any choice); redrawn per seed")
     val_unseen_task_fraction: float = _f(0.2, "fraction of each shape group's tasks held out as val-unseen tasks "

@@ -791,6 +791,34 @@ def reference_embeddings(n: int, seed: int) -> dict[str, np.ndarray]:
             "constant": np.ones((n, 16), np.float32)}
 
 
+# Oracles of the property tables: each reads metadata that an embedding of the weights does not see. They say how
+# much of a target (above all the within-task rank of test accuracy) is predictable at all in this zoo.
+PROPERTY_ORACLES: dict[str, str] = {
+    "train_acc [oracle: training-set accuracy]": "the model's accuracy on its own training set (labelled training "
+                                                  "data; metadata column train_acc)",
+    "recipe [oracle: training hyperparameters]": "the training recipe from the metadata: log10 lr, optimizer, log10 "
+                                                  "weight decay, train fraction, log training-set size, batch size, "
+                                                  "log parameter count, architecture family, checkpoint epoch",
+    "test_loss [oracle: test-set loss]": "the model's cross-entropy on the task's test set (the target's own data)",
+}
+
+
+def property_oracle_embeddings(metadata: Any) -> dict[str, np.ndarray]:
+    """The embeddings of ``PROPERTY_ORACLES`` (metadata columns as features): {label: (n, d) float32}. Every
+    protocol scores them like any method; the report lists them as oracles, never as baselines."""
+    col = lambda c: np.asarray(metadata[c])  # noqa: E731
+    fam = col("arch_family").astype(str)
+    recipe = np.stack([np.log10(col("lr").astype(float)), (col("optimizer").astype(str) == "adam").astype(float),
+                       np.log10(col("weight_decay").astype(float) + 1e-8), col("train_fraction").astype(float),
+                       np.log(col("n_train").astype(float)), np.log(col("batch_size").astype(float)),
+                       np.log(col("num_params").astype(float)), col("epoch").astype(float),
+                       *[(fam == f).astype(float) for f in sorted(set(fam))]], 1)
+    labels = list(PROPERTY_ORACLES)
+    return {labels[0]: col("train_acc").astype(np.float32)[:, None],
+            labels[1]: recipe.astype(np.float32),
+            labels[2]: col("test_loss").astype(np.float32)[:, None]}
+
+
 def trivial_passes(per_seed: Mapping[str, Sequence[Mapping[str, Any] | None]], methods: Sequence[str] = TRIVIAL_METHODS,
                    threshold: float = TRIVIAL_THRESHOLD) -> dict[str, list[dict[str, Any]]]:
     """Where a method that reads no function (a constant embedding, shapes only) scores >= ``threshold``.

@@ -481,8 +481,9 @@ def retrieval_lines(r: Mapping) -> list[str]:
         L += protocol_table_lines(r, proto, notes[proto])
     oracles = [m for m in r["methods"] if is_oracle(m)]
     if oracles:
-        L += ["### Metadata oracles (not a baseline)", "",
-              "These read model cards that name the task: a partial label oracle, not a metadata baseline.", "",
+        L += ["### Oracles (not baselines)", "",
+              "These read what the weights do not give: model cards that name the task (a partial label oracle), "
+              "or the training metadata of the property oracles (see the property tables).", "",
               md_table({m: {p: _get(r["methods"][m], "retrieval", p, "P@10") for p in headline}
                         for m in oracles}), ""]
     reduced = {m: a["dims"] for m, a in r["methods"].items()
@@ -526,10 +527,16 @@ def clustering_and_property_lines(r: Mapping) -> list[str]:
           "`within_kendall`: Kendall tau within each task over all its checkpoints (mixes training epochs); "
           "`within_kendall_final`: within task, final checkpoints only; `within_kendall_task_epoch`: within each "
           "(task, epoch).", ""]
+    notes = _get(r, "reference_methods", "property_oracles") or {}
+    oracles = {m: r["methods"][m] for m in notes if m in r["methods"]}
+    if oracles:
+        L += ["The last rows of each table are oracles, not baselines: each reads metadata that an embedding of the "
+              "weights does not see (" + "; ".join(f"`{m.split(' [')[0]}`: {notes[m]}" for m in oracles)
+              + "). They bound how much of a target is predictable at all here.", ""]
     targets = sorted({t for a in ms.values() for t in a.get("properties", {})})
     for t in targets:
         rows = {m: {c: a["properties"][t]["ridge"][c] for c in PROPERTY_COLUMNS if c in a["properties"][t].get("ridge", {})}
-                for m, a in ms.items() if t in a.get("properties", {})}
+                for m, a in {**ms, **oracles}.items() if t in a.get("properties", {})}
         L += [f"### {t}", "", md_table(rows)] + trivial_notes(r, f"properties/{t}/ridge") + [""]
     return L
 
@@ -665,10 +672,11 @@ def hyperreps_rows(r: Mapping) -> dict[str, dict]:
     encoders of the run, StatNN and the training-free fingerprints, those that were evaluated."""
     methods = r.get("methods", {})
     hyper = list((_get(r, "hyperreps", "methods") or {}).values())
-    encoders = [m for m in methods if "[" in m and m not in hyper]
-    # the ablation's untrained twin first, then the other untrained encoders, then the trained ones
+    encoders = [m for m in methods if "[" in m and m not in hyper and not is_oracle(m)]
+    # the ablation's untrained twin first, then the other untrained encoders, then the trained ones; the property
+    # oracles last
     order = hyper + sorted(encoders, key=lambda m: ("hyperreps" not in m, "untrained" not in m)) + list(
-        HYPERREPS_REFERENCES)
+        HYPERREPS_REFERENCES) + list(_get(r, "reference_methods", "property_oracles") or {})
     rows = {}
     for m in (m for m in order if m in methods):
         props = methods[m].get("properties", {})
@@ -742,7 +750,7 @@ def analysis_lines(r: Mapping) -> list[str]:
                           ("random (chance)", "chance")):
             if ref in vals:
                 line += f"; {name} {vals[ref]:.3f}" + (f" ({ref})" if ref == fp else "")
-        trained = {m: v for m, v in vals.items() if m.endswith("]") and "untrained" not in m}
+        trained = {m: v for m, v in vals.items() if m.endswith("]") and "untrained" not in m and not is_oracle(m)}
         if trained:
             tb = max(trained, key=trained.get)
             line += f"; best trained encoder {tb} {trained[tb]:.3f}"
@@ -868,8 +876,12 @@ def target_lines(r: Mapping, roles: Mapping[str, str]) -> list[str]:
         t_tr, t_fp = (_mean(_get(r, "methods", m, "properties", "test_acc", "ridge", key)) if m else None
                       for m in (tr, fp))
         if t_tr is not None and t_fp is not None:
+            refs = {m.split(" [")[0]: _mean(_get(r, "methods", m, "properties", "test_acc", "ridge", key))
+                    for m in _get(r, "reference_methods", "property_oracles") or {}}
+            refs = {m: v for m, v in refs.items() if v is not None}
             add(f"within-task Kendall tau of test accuracy ({what}): trained >= 0.6 and > probe_fingerprint",
-                f"{t_tr:.3f} vs {t_fp:.3f}", t_tr >= 0.6 and t_tr > t_fp)
+                f"{t_tr:.3f} vs {t_fp:.3f}" + (" (oracles: " + ", ".join(f"{m} {v:.3f}" for m, v in refs.items())
+                                                + ")" if refs else ""), t_tr >= 0.6 and t_tr > t_fp)
     sym = _get(r, "symmetry_robustness", "methods") or {}
     for m in (tr, ss):
         v = sym.get(m) if m else None

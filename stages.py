@@ -379,6 +379,17 @@ def baseline_embeddings(cfg: ExperimentConfig, zoo, split: D.Split, seed: int, r
         out.baselines[label] = method
         out.embeddings[label] = method.embed(zoo)
     out.embeddings.update(E.reference_embeddings(len(zoo), seed))
+    if cfg.eval.property_oracles:
+        try:
+            oracles = E.property_oracle_embeddings(zoo.metadata)
+        except (KeyError, ValueError) as e:  # a zoo without training metadata (user checkpoints)
+            skipped["property oracles"] = f"skipped: the metadata lacks what they read ({e})"
+            log.warning("property oracles skipped: %s", e)
+        else:
+            bad = [k for k, v in oracles.items() if not np.isfinite(v).all()]
+            for k in bad:
+                skipped[k] = "skipped: missing (NaN) metadata values"
+            out.embeddings.update({k: v for k, v in oracles.items() if k not in bad})
     return out
 
 
@@ -412,7 +423,8 @@ def aggregate(per_seed: dict[str, list], rec: RunRecorder) -> dict:
     rec.results["reference_methods"] = {
         "notes": E.REFERENCE_METHODS, "trivial_methods": list(E.TRIVIAL_METHODS),
         "training_free_fingerprints": [m for m in B.TRAINING_FREE_FINGERPRINTS if m in out],
-        "oracles": [m for m in out if B.is_oracle(m)]}
+        "oracles": [m for m in out if B.is_oracle(m)],
+        "property_oracles": {m: note for m, note in E.PROPERTY_ORACLES.items() if m in out}}
     rec.results["trivial_passes"] = {"threshold": E.TRIVIAL_THRESHOLD, "sections": E.trivial_passes(per_seed)}
     return out
 

@@ -521,6 +521,22 @@ def test_property_probe_does_not_extrapolate_on_outlying_rows():
         assert E.r2_score(y[150:], pred) > 0.5, probe
 
 
+def test_property_oracles_read_their_metadata_columns():
+    import pandas as pd
+    meta = pd.DataFrame({"train_acc": [0.9, 0.5, 0.7], "test_loss": [0.3, 1.2, 0.8], "lr": [1e-3, 1e-2, 1e-1],
+                         "optimizer": ["adam", "sgd", "adam"], "weight_decay": [0.0, 1e-4, 0.0],
+                         "train_fraction": [1.0, 0.5, 0.25], "n_train": [100, 50, 25], "batch_size": [16, 32, 32],
+                         "num_params": [1000, 2000, 4000], "epoch": [10, 20, 20], "arch_family": ["mlp", "cnn", "mlp"]})
+    emb = E.property_oracle_embeddings(meta)
+    assert list(emb) == list(E.PROPERTY_ORACLES) and all("[oracle:" in m for m in emb)
+    tr, recipe, loss = emb.values()
+    assert np.allclose(tr[:, 0], meta["train_acc"]) and np.allclose(loss[:, 0], meta["test_loss"])
+    assert recipe.shape == (3, 10) and np.allclose(recipe[:, 0], [-3, -2, -1]) and np.allclose(recipe[:, 1], [1, 0, 1])
+    assert np.allclose(recipe[:, -2:], [[0, 1], [1, 0], [0, 1]])  # family one-hot, sorted: cnn, mlp
+    with pytest.raises(KeyError):
+        E.property_oracle_embeddings(meta.drop(columns=["lr"]))
+
+
 def test_embed_fn_from_method_passes_spec_and_weights():
     import architecture as A
     import torch

@@ -57,7 +57,7 @@ def test_small_run_writes_every_output(small_run):
     failed = {k: v for k, v in res["stages"].items() if v["status"] != "ok"}
     assert not failed, f"stages did not finish: {failed}"
     assert res["methods"], "no method was evaluated"
-    trained = [m for m in res["methods"] if "[" in m and "untrained" not in m]
+    trained = [m for m in res["methods"] if "[" in m and "untrained" not in m and not report.is_oracle(m)]
     assert trained, f"no trained encoder in {list(res['methods'])}"
     figs = res["figures"]
     assert figs and all((small_run / p).is_file() for p in figs.values())
@@ -99,6 +99,14 @@ def test_report_states_the_zoo_the_splits_the_choices_and_the_references(small_r
         assert {"shape_only", "random (chance)", "constant"} <= set(names), (proto, names)
         assert any(n.endswith("[untrained]") for n in names) and not any("oracle" in n for n in names)
     assert "validation" in tables and "val_P@10" in tables["validation"][0]
+    # the property oracles (metadata the weights do not give) are rows of the property tables, out of the headline
+    oracles = res["reference_methods"]["property_oracles"]
+    assert len(oracles) == 3 and all("[oracle:" in m for m in oracles)
+    names = [row[0] for row in tables["test_acc"][1:]]
+    assert names[-3:] == list(oracles) and "shape_only" in names
+    for m in oracles:
+        cell = tables["test_acc"][1 + names.index(m)][tables["test_acc"][0].index("within_kendall_final")]
+        assert cell == report.fmt(res["methods"][m]["properties"]["test_acc"]["ridge"]["within_kendall_final"])
     # every constant/shape-only pass recorded in the JSON is noted in the report
     sa = res["same_architecture"]
     for passes in (res["trivial_passes"], sa["trivial_passes"]):
