@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs[seed] = S.Methods.join(trained, fitted, hyper)
         for method, emb in runs[seed].embeddings.items():
             per_seed.setdefault(method, []).append(
-                rec.run(f"evaluate[{method}]_seed{seed}", S.evaluate_method, cfg, zoo, split, emb, seed))
+                rec.run(f"evaluate[{method}]_seed{seed}", S.evaluate_method, cfg, zoo, split, emb, seed, method))
     if dist.is_master:
         # the protocols below reuse the first seed's split, encoders, baselines and embeddings
         first, made_by = runs.get(seeds[0]), (f"train_embed_seed{seeds[0]}", f"baselines_seed{seeds[0]}")

@@ -393,15 +393,18 @@ def baseline_embeddings(cfg: ExperimentConfig, zoo, split: D.Split, seed: int, r
     return out
 
 
-def evaluate_method(cfg: ExperimentConfig, zoo, split: D.Split, embeddings: np.ndarray, seed: int) -> dict:
-    """Every protocol (``evaluation.evaluate_embeddings``) for one method's embeddings on this seed's split."""
+def evaluate_method(cfg: ExperimentConfig, zoo, split: D.Split, embeddings: np.ndarray, seed: int,
+                    method: str | None = None) -> dict:
+    """Every protocol (``evaluation.evaluate_embeddings``) for one method's embeddings on this seed's split
+    (a property oracle, ``evaluation.PROPERTY_ORACLES``, with the ridge probe only: the report reads no other)."""
     fit_idx, _ = _eval_indices(split)
     ev = cfg.eval
+    probes = ["ridge"] if method in E.PROPERTY_ORACLES and "ridge" in ev.probes else ev.probes
     validation = None
     if len(split.val) or len(split.val_unseen):
         validation = {"database": split.selection_rows, "seen": split.val, "unseen": split.val_unseen}
     return E.evaluate_embeddings(embeddings, zoo.metadata, fit_idx, split.query_sets, validation, ev.k_values,
-                                 ev.property_targets, ev.probes, ev.within_task_min_models, seed)
+                                 ev.property_targets, probes, ev.within_task_min_models, seed)
 
 
 def aggregate(per_seed: dict[str, list], rec: RunRecorder) -> dict:

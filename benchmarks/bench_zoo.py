@@ -2,6 +2,7 @@
 
     python benchmarks/bench_zoo.py                 # full (a few minutes on 2 quiet cores)
     python benchmarks/bench_zoo.py --quick         # smaller, for a smoke check
+    python benchmarks/bench_zoo.py --group_size 256 --skip_mixed   # stacks of 256 runs (see below)
 
 Prints the figures and writes them to benchmarks/out/bench_zoo.json. Training runs in
 single-threaded worker processes (one per core). Wall-clock figures depend on what else
@@ -18,6 +19,12 @@ The loop does the batched side's work per run (same runs' train subsets, batches
 train and test metrics at the checkpoint; weights written as a safetensors shard) on a stratified sample of
 the batched run list (a few runs of every group at evenly spaced quantiles of steps per epoch); the CPU time
 of the whole list is estimated group by group.
+
+``--group_size`` sets the runs per stacked group (the zoo's ``zoo_group_size``, default 64). One group is one
+architecture, so larger stacks train faster per run (the per-step cost of a stacked step is partly fixed) but
+draw fewer architectures: the 512-run workload has 8 groups at 64 and 2 at 256, and ``--zoo_scale 9``
+(16,632 runs) 272 distinct architectures at 64 against 101 at 256. The loop trains the same plan's runs, so the
+ratio compares the same work at either size. The default zoo's groups are smaller than either (``min_groups``).
 """
 from __future__ import annotations
 
@@ -219,12 +226,16 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small sizes (smoke check)")
     p.add_argument("--cores", type=int, default=2, help="cores of the target machine (for the CPU-time estimate)")
     p.add_argument("--workers", type=int, default=2, help="worker processes for batched training")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "bench_zoo.json"), help="JSON output")
+    p.add_argument("--out", default=None, help="JSON output (default benchmarks/out/bench_zoo.json; "
+                                                 "bench_zoo_g<size>.json for another --group_size)")
     p.add_argument("--skip_mixed", action="store_true", help="skip the mixed-zoo generation")
     p.add_argument("--group_size", type=int, default=64, help="models per stacked group (the zoo's default: 64)")
     p.add_argument("--repeats", type=int, default=3,
                    help="repeats of the generation, and alternating repeats of the loop / in-process training")
     a = p.parse_args()
+    if a.out is None:
+        a.out = str(ROOT / "benchmarks" / "out" / ("bench_zoo.json" if a.group_size == 64 else
+                                                   f"bench_zoo_g{a.group_size}.json"))
     n_batched, loop_per_group, epochs = (128, 1, 50) if a.quick else (512, 3, 50)
     n_mixed_tasks = 42 if a.quick else None  # None: the default zoo (every task)
     res: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,

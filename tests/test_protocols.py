@@ -283,7 +283,7 @@ def test_metadata_baselines_reading_task_names_are_labelled_oracles_and_kept_out
            "headline_protocols": ["unseen_tasks"], "protocol_notes": {"unseen_tasks": "x"}}
     assert list(report.retrieval_table(res, "unseen_tasks")) == ["gnn [noise]", "shape_only"]
     md = "\n".join(report.retrieval_lines(res))
-    assert "### Metadata oracles (not a baseline)" in md and md.index(label) > md.index("Metadata oracles")
+    assert "### Oracles (not baselines)" in md and md.index(label) > md.index("Oracles (not baselines)")
 
 
 def test_a_zoo_made_with_task_naming_cards_is_not_reused_for_card_task_fraction_0(tmp_path, monkeypatch):
