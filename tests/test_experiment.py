@@ -28,7 +28,7 @@ def small_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exp")
     cmd = [sys.executable, str(ROOT / "run_experiment.py"), "--small", "--epochs", "1",
            "--zoo_dir", str(out / "zoo"), "--results_dir", str(out / "results"), "--experiment_name", "smoke"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, f"run_experiment failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return out / "results" / "smoke"
 
@@ -195,7 +195,7 @@ def test_resume_after_sigkill_in_the_second_seed_equals_an_uninterrupted_run(tmp
     first_written = first.stat().st_mtime_ns
 
     for cmd in (_tiny_cli(tmp_path, "straight"), _tiny_cli(tmp_path, "killed", "--resume")):
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
         assert r.returncode == 0, f"{cmd[-2:]} failed:\n{r.stderr[-5000:]}"
     assert first.stat().st_mtime_ns == first_written, "the finished first seed was trained again"
     log = (tmp_path / "results" / "killed" / "log.txt").read_text()
