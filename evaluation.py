@@ -87,14 +87,9 @@ VALIDATION_NOTE = ("the test protocol on validation data: relevant = same task, 
 def reduce_dims(x: np.ndarray, fit_rows: np.ndarray, max_dims: int, seed: int = 0) -> np.ndarray:
     """``x`` (n, d) unchanged if d <= max_dims, else projected on the top ``max_dims`` principal
     components fit on ``x[fit_rows]`` (keeps probes and k-means on wide embeddings such as TF-IDF
-    affordable; the components that carry most of the variance are kept).
-
-    Only components the fit rows span are kept: at most ``len(fit_rows) - 1`` (centred rows have no more),
-    and none whose variance on the fit rows is below ``1e-6`` of the largest. A component the fit rows do not
-    span has (numerically) zero variance there but not on other rows; a probe that standardizes its inputs
-    would divide by that ~0 and extrapolate without bound (ridge R^2 of -1e7 on the small zoo's probe
-    fingerprints, 230 fit rows against 256 components, before this rule).
-    """
+    affordable; the components that carry most of the variance are kept). Only components the fit rows span:
+    at most ``len(fit_rows) - 1``, none with variance below 1e-6 of the largest there (a standardizing probe
+    divided by that ~0: ridge R^2 of -1e7 on the small zoo's fingerprints, 230 fit rows, 256 components)."""
     if max_dims <= 0 or x.shape[1] <= max_dims:
         return x
     n_comp = max(1, min(max_dims, len(fit_rows) - 1))
@@ -531,12 +526,10 @@ def _clip_standardized(z: np.ndarray) -> np.ndarray:
 def make_probe(probe: str, seed: int = 0):
     """A fresh sklearn regressor: "ridge" (RidgeCV over a log grid) or "mlp" (one hidden layer).
 
-    Inputs are standardised on the fit rows and clipped to +-``PROBE_CLIP`` standard deviations inside the
-    pipeline (and for the MLP the targets are standardised). The clip keeps a linear probe from
-    extrapolating on rows far outside the fit rows' range: a probe fingerprint of a very confident model
-    holds log-probabilities of -400 where the fit rows' spread is ~1, up to 300 standard deviations out,
-    and an unclipped ridge fit on 230 rows predicted test accuracies with R^2 of -86 on the small zoo.
-    """
+    Inputs are standardised on the fit rows and clipped to +-``PROBE_CLIP`` standard deviations (for the MLP
+    the targets are standardised too). The clip stops extrapolation on rows far outside the fit rows: a very
+    confident model's probe fingerprint lies up to 300 sd out (log-probabilities of -400), and an unclipped
+    ridge on the small zoo predicted test accuracies with R^2 of -86."""
     scale = [StandardScaler(), FunctionTransformer(_clip_standardized)]
     if probe == "ridge":
         return make_pipeline(*scale, RidgeCV(alphas=np.logspace(-3, 4, 15)))

@@ -481,11 +481,10 @@ def retrieval_lines(r: Mapping) -> list[str]:
         L += protocol_table_lines(r, proto, notes[proto])
     oracles = [m for m in r["methods"] if is_oracle(m)]
     if oracles:
-        L += ["### Oracles (not baselines)", "",
-              "These read what the weights do not give: model cards that name the task (a partial label oracle), "
-              "or the training metadata of the property oracles (see the property tables).", "",
-              md_table({m: {p: _get(r["methods"][m], "retrieval", p, "P@10") for p in headline}
-                        for m in oracles}), ""]
+        L += ["### Oracles (not baselines)", "", "These read what the weights do not give: model cards that name the "
+              "task (a partial label oracle), or the training metadata of the property oracles (see the property "
+              "tables).", "", md_table({m: {p: _get(r["methods"][m], "retrieval", p, "P@10") for p in headline}
+                                        for m in oracles}), ""]
     reduced = {m: a["dims"] for m, a in r["methods"].items()
                if "dims" in a and a["dims"]["probes"]["mean"] < a["dims"]["embedding"]["mean"]}
     if reduced:
@@ -530,9 +529,8 @@ def clustering_and_property_lines(r: Mapping) -> list[str]:
     notes = _get(r, "reference_methods", "property_oracles") or {}
     oracles = {m: r["methods"][m] for m in notes if m in r["methods"]}
     if oracles:
-        L += ["The last rows of each table are oracles, not baselines: each reads metadata that an embedding of the "
-              "weights does not see (" + "; ".join(f"`{m.split(' [')[0]}`: {notes[m]}" for m in oracles)
-              + "). They bound how much of a target is predictable at all here.", ""]
+        L += ["The last rows are oracles, not baselines: each reads metadata the weights do not give (" + "; ".join(
+            f"`{m.split(' [')[0]}`: {notes[m]}" for m in oracles) + "). They bound how predictable a target is here.", ""]
     targets = sorted({t for a in ms.values() for t in a.get("properties", {})})
     for t in targets:
         rows = {m: {c: a["properties"][t]["ridge"][c] for c in PROPERTY_COLUMNS if c in a["properties"][t].get("ridge", {})}
@@ -673,8 +671,7 @@ def hyperreps_rows(r: Mapping) -> dict[str, dict]:
     methods = r.get("methods", {})
     hyper = list((_get(r, "hyperreps", "methods") or {}).values())
     encoders = [m for m in methods if "[" in m and m not in hyper and not is_oracle(m)]
-    # the ablation's untrained twin first, then the other untrained encoders, then the trained ones; the property
-    # oracles last
+    # the ablation's untrained twin first, the other untrained encoders, the trained ones; the property oracles last
     order = hyper + sorted(encoders, key=lambda m: ("hyperreps" not in m, "untrained" not in m)) + list(
         HYPERREPS_REFERENCES) + list(_get(r, "reference_methods", "property_oracles") or {})
     rows = {}
@@ -876,12 +873,11 @@ def target_lines(r: Mapping, roles: Mapping[str, str]) -> list[str]:
         t_tr, t_fp = (_mean(_get(r, "methods", m, "properties", "test_acc", "ridge", key)) if m else None
                       for m in (tr, fp))
         if t_tr is not None and t_fp is not None:
-            refs = {m.split(" [")[0]: _mean(_get(r, "methods", m, "properties", "test_acc", "ridge", key))
-                    for m in _get(r, "reference_methods", "property_oracles") or {}}
-            refs = {m: v for m, v in refs.items() if v is not None}
+            refs = [f"{m.split(' [')[0]} {v:.3f}" for m in _get(r, "reference_methods", "property_oracles") or {}
+                    if (v := _mean(_get(r, "methods", m, "properties", "test_acc", "ridge", key))) is not None]
             add(f"within-task Kendall tau of test accuracy ({what}): trained >= 0.6 and > probe_fingerprint",
-                f"{t_tr:.3f} vs {t_fp:.3f}" + (" (oracles: " + ", ".join(f"{m} {v:.3f}" for m, v in refs.items())
-                                                + ")" if refs else ""), t_tr >= 0.6 and t_tr > t_fp)
+                f"{t_tr:.3f} vs {t_fp:.3f}" + (f" (oracles: {', '.join(refs)})" if refs else ""),
+                t_tr >= 0.6 and t_tr > t_fp)
     sym = _get(r, "symmetry_robustness", "methods") or {}
     for m in (tr, ss):
         v = sym.get(m) if m else None
