@@ -654,6 +654,8 @@ def same_architecture(cfg: ExperimentConfig, zoo, graphs, splits: dict[int, D.Sp
         if seed not in runs:
             missing.append(f"seed {seed}: no embeddings of the run's methods (their stages did not finish)")
         for method, emb in (runs[seed].embeddings if seed in runs else {}).items():
+            if method in E.PROPERTY_ORACLES:  # they read metadata: property tables only
+                continue
             per_seed.setdefault(method, []).append(
                 SZ.same_architecture_retrieval(emb, meta, archs, fit_idx, query_idx, e.k_values))
         t1 = time.perf_counter()
