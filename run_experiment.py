@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         fitted = rec.run(f"baselines_seed{seed}", S.baseline_embeddings, cfg, zoo, split, seed, rec, depends_on=("split",))
         runs[seed] = S.Methods.join(trained, fitted, hyper)
-        for method, emb in runs[seed].embeddings.items():
+        for method, emb in {**runs[seed].embeddings, **runs[seed].oracles}.items():
             per_seed.setdefault(method, []).append(
                 rec.run(f"evaluate[{method}]_seed{seed}", S.evaluate_method, cfg, zoo, split, emb, seed, method))
     if dist.is_master:

@@ -89,8 +89,7 @@ def run_scaling(cfg: ExperimentConfig, zoo: ModelZooDataset, graphs: list, dist:
         flat = {f"{name} [untrained]": embed(untrained.model.to(dist.device), D.embed_loader(
             graphs, None, 256, dist.rank, dist.world_size, untrained.transform), dist.device)}
         if dist.is_master:
-            flat.update({m: e for m, e in S.baseline_embeddings(cfg, zoo, split, seed, rec).embeddings.items()
-                         if m not in E.PROPERTY_ORACLES})  # they read metadata: property tables only
+            flat.update(S.baseline_embeddings(cfg, zoo, split, seed, rec).embeddings)
         out: dict[str, Any] = {"heldout_tasks": held, "test_unseen_tasks": list(split.test_unseen_tasks),
                                "n_seen_tasks": len(seen), "train_tasks": {}, "epochs": {}, "steps": {}, "batch_size": {},
                                "flat": {m: unseen_retrieval(e, meta, split, ev.k_values) for m, e in flat.items()}

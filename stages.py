@@ -71,6 +71,7 @@ class Methods:
     encoders: dict[str, Encoder] = field(default_factory=dict)  # "<model> [untrained]" first, then each recipe
     baselines: dict[str, B.Baseline] = field(default_factory=dict)
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (N, D)
+    oracles: dict[str, np.ndarray] = field(default_factory=dict)  # property oracles: metadata, scored, not weights
 
     @staticmethod
     def join(*parts: "Methods | None") -> "Methods":
@@ -81,6 +82,7 @@ class Methods:
                 out.encoders.update(p.encoders)
                 out.baselines.update(p.baselines)
                 out.embeddings.update(p.embeddings)
+                out.oracles.update(p.oracles)
         return out
 
     @property
@@ -357,8 +359,10 @@ def _metric_head_stage(cfg: ExperimentConfig, graphs, zoo, split: D.Split, encod
 
 def baseline_embeddings(cfg: ExperimentConfig, zoo, split: D.Split, seed: int, rec: RunRecorder) -> Methods:
     """Fit every configured baseline (and shape_only, always) on the fit rows and embed the whole zoo; add the
-    reference embeddings (``evaluation.REFERENCE_METHODS``). A metadata baseline reading model cards that name
-    their task is reported under its oracle label (``baselines.oracle_label``)."""
+    reference embeddings (``evaluation.REFERENCE_METHODS``) and, in ``oracles``, the property oracles
+    (``evaluation.PROPERTY_ORACLES``: metadata, evaluated and reported as oracles, never used as embeddings of
+    weights). A metadata baseline reading model cards that name their task is reported under its oracle label
+    (``baselines.oracle_label``)."""
     fit_idx, _ = _eval_indices(split)
     train_zoo = zoo.subset(fit_idx)
     out = Methods()
@@ -389,7 +393,7 @@ def baseline_embeddings(cfg: ExperimentConfig, zoo, split: D.Split, seed: int, r
             bad = [k for k, v in oracles.items() if not np.isfinite(v).all()]
             for k in bad:
                 skipped[k] = "skipped: missing (NaN) metadata values"
-            out.embeddings.update({k: v for k, v in oracles.items() if k not in bad})
+            out.oracles.update({k: v for k, v in oracles.items() if k not in bad})
     return out
 
 
@@ -654,8 +658,6 @@ def same_architecture(cfg: ExperimentConfig, zoo, graphs, splits: dict[int, D.Sp
         if seed not in runs:
             missing.append(f"seed {seed}: no embeddings of the run's methods (their stages did not finish)")
         for method, emb in (runs[seed].embeddings if seed in runs else {}).items():
-            if method in E.PROPERTY_ORACLES:  # they read metadata: property tables only
-                continue
             per_seed.setdefault(method, []).append(
                 SZ.same_architecture_retrieval(emb, meta, archs, fit_idx, query_idx, e.k_values))
         t1 = time.perf_counter()

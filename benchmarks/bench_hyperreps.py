@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - t0
     base = S.baseline_embeddings(cfg, zoo, split, seed, rec)
     table = {}
-    for method, emb in {**methods.embeddings, **base.embeddings}.items():
+    for method, emb in {**methods.embeddings, **base.embeddings, **base.oracles}.items():
         props = S.evaluate_method(cfg, zoo, split, emb, seed)["properties"]
         table[method] = {t: {k: props[t]["ridge"].get(k) for k in ("R2", "within_kendall")} for t in TARGETS}
     print(f"{'method':40s} " + " ".join(f"{t + ' R2':>12s} {t + ' tau':>12s}" for t in TARGETS))
