@@ -306,6 +306,27 @@ def _summarise(runs: list[dict], steps: int) -> dict[str, Any]:
             "curves": [r["curve"] for r in runs]}
 
 
+def step_ratio_summary(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Aggregate ``transfer_protocol`` results of several tasks (one retrieval method).
+
+    ``mean_ratio`` / ``median_ratio``: over the tasks whose ratio is defined (see ``transfer_protocol``);
+    ``pooled_ratio``: the same tasks' mean steps-to-target, retrieved summed over random summed (the fine-tuning
+    compute a user saves over them); start accuracies (all tasks) show whether the retrieved models begin
+    nearer the target than random ones.
+    """
+    defined = [r for r in results if r["step_ratio"] == r["step_ratio"]]
+    ratios = [float(r["step_ratio"]) for r in defined]
+    ret = sum(r["retrieved"]["mean_steps_to_target"] for r in defined)
+    rnd = sum(r["random"]["mean_steps_to_target"] for r in defined)
+    nan = float("nan")
+    return {"n_tasks": len(results), "n_defined": len(ratios),
+            "mean_ratio": float(np.mean(ratios)) if ratios else nan,
+            "median_ratio": float(np.median(ratios)) if ratios else nan,
+            "pooled_ratio": float(ret / rnd) if rnd > 0 else nan,
+            **{f"start_acc_{arm}": float(np.mean([r[arm]["mean_start_acc"] for r in results])) if results else nan
+               for arm in ("retrieved", "random")}}
+
+
 def transfer_protocol(query_embedding: np.ndarray, candidate_embeddings: np.ndarray,
                       candidates: Sequence[tuple[A.ArchitectureSpec, StateDict]], task_data: TaskData,
                       k: int = 5, steps: int = 200, target_acc: float | None = None, lr: float = 1e-3,
@@ -325,8 +346,9 @@ def transfer_protocol(query_embedding: np.ndarray, candidate_embeddings: np.ndar
         seed: random arm draw and minibatch order (each model i uses seed + i).
     Returns:
         {"retrieved": summary, "random": summary, "retrieved_idx", "random_idx", "n_compatible",
-         "step_ratio": mean steps-to-target retrieved / random (never-reached counted as ``steps``,
-         NaN if both 0), "acc_gain": mean final acc retrieved - random}. Random draws are uniform
+         "step_ratio": mean steps-to-target retrieved / random (never-reached counted as ``steps``; NaN if
+         the random arm's is 0 or no model of either arm reached the target: the budget says nothing then),
+         "acc_gain": mean final acc retrieved - random}. Random draws are uniform
          over all compatible candidates, so they may overlap the retrieved ones.
     """
     q = np.asarray(query_embedding, np.float64).reshape(-1)
@@ -349,6 +371,7 @@ def transfer_protocol(query_embedding: np.ndarray, candidate_embeddings: np.ndar
         runs = [fine_tune(*candidates[i], task_data, seed=seed + j, **kw) for j, i in enumerate(idx)]
         arms[arm] = _summarise(runs, steps)
     r, b = arms["retrieved"]["mean_steps_to_target"], arms["random"]["mean_steps_to_target"]
+    censored = arms["retrieved"]["frac_reached"] == 0 and arms["random"]["frac_reached"] == 0
     return {**arms, "retrieved_idx": retrieved.tolist(), "random_idx": random_idx.tolist(),
-            "n_compatible": int(len(comp)), "step_ratio": float(r / b) if b > 0 else float("nan"),
+            "n_compatible": int(len(comp)), "step_ratio": float(r / b) if b > 0 and not censored else float("nan"),
             "acc_gain": arms["retrieved"]["mean_final_acc"] - arms["random"]["mean_final_acc"]}

@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from retrieval import Embedder
 from runtime import DistInfo, barrier, cleanup_distributed, seed_everything, set_threads, setup_distributed, single_process
 from probes import source_inputs
 from symmetry import SymmetryAugmenter
-from tasks import inputs_for_spec, load_task_data, task_subset
+from tasks import TASKS, inputs_for_spec, load_task_data, task_subset
 from weight_to_graph import WeightToGraph
 
 log = logging.getLogger("weightzoo")
@@ -536,24 +536,43 @@ def transfer(cfg: ExperimentConfig, zoo, split: D.Split, methods: Methods, rec: 
     retrievers = [main] + (["input_profile"] if "input_profile" in stored else [])
     out: dict[str, Any] = {"tasks": {}, "steps": cfg.eval.transfer_steps, "k": cfg.eval.transfer_k}
     rng = np.random.default_rng(cfg.seed)
-    for task in split.test_unseen_tasks[: cfg.eval.transfer_tasks]:
+    chosen = transfer_tasks(split.test_unseen_tasks, cfg.eval.transfer_tasks, cfg.seed)
+    out["task_draw"] = ("seeded, spread over the shape groups (tasks.task_subset over the test-unseen tasks), "
+                        f"{len(chosen)} of {len(split.test_unseen_tasks)}")
+    for task in chosen:
         rows = np.flatnonzero((meta["task"].to_numpy() == task) & final)
+        if not len(rows):
+            out.setdefault("skipped", {})[task] = "no final checkpoint to query with"
+            continue
         q = int(rng.choice(rows))
         X_tr, y_tr, X_te, y_te = load_task_data(task)
         q_spec = zoo.spec(q)  # candidates must take the query's input format (flat for MLPs, images for CNNs)
         data = (inputs_for_spec(q_spec, X_tr), y_tr, inputs_for_spec(q_spec, X_te), y_te)
         target = cfg.eval.transfer_target_fraction * float(meta["test_acc"].iloc[q])
         per = {}
-        for mname in retrievers:
-            emb = stored[mname]
-            cand_emb, q_emb = emb[cand_rows], emb[q]
-            per[mname] = M.transfer_protocol(q_emb, cand_emb, cand, data, k=cfg.eval.transfer_k,
-                                             steps=cfg.eval.transfer_steps, target_acc=target, lr=cfg.eval.transfer_lr,
-                                             batch_size=cfg.eval.transfer_batch_size,
-                                             eval_every=cfg.eval.transfer_eval_every, seed=cfg.seed)
+        try:
+            for mname in retrievers:
+                emb = stored[mname]
+                per[mname] = M.transfer_protocol(emb[q], emb[cand_rows], cand, data, k=cfg.eval.transfer_k,
+                                                 steps=cfg.eval.transfer_steps, target_acc=target,
+                                                 lr=cfg.eval.transfer_lr, batch_size=cfg.eval.transfer_batch_size,
+                                                 eval_every=cfg.eval.transfer_eval_every, seed=cfg.seed)
+        except ValueError as e:  # too few compatible candidates: this task is reported skipped, the others go on
+            out.setdefault("skipped", {})[task] = str(e)
+            log.warning("transfer: task %s skipped: %s", task, e)
+            continue
         out["tasks"][task] = {"query_model": meta["model_id"].iloc[q], "target_acc": target, "methods": per}
+    out["summary"] = {m: M.step_ratio_summary([t["methods"][m] for t in out["tasks"].values()])
+                      for m in retrievers}
     rec.results["transfer"] = out
     return out
+
+
+def transfer_tasks(test_unseen: Sequence[str], n: int, seed: int) -> list[str]:
+    """The transfer protocol's ``n`` test-unseen tasks: a seeded draw spread over the shape groups, larger groups
+    first (``tasks.task_subset``), so a few tasks are not all of one source or one alphabetical prefix."""
+    names = [t for t in test_unseen if t in TASKS]
+    return task_subset(min(n, len(names)), seed, names) if names and n > 0 else []
 
 
 def embedding_map(cfg: ExperimentConfig, zoo, split: D.Split, methods: Methods, rec: RunRecorder) -> dict:

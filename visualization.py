@@ -159,6 +159,21 @@ class ResultsVisualizer:
         ax.legend(fontsize=8)
         return _save(fig, save_as)
 
+    def plot_transfer(self, tasks: Mapping[str, Mapping], save_as: str | Path) -> str:
+        """The transfer protocol's test accuracy / target against fine-tuning steps, mean ± std over the tasks:
+        one curve per retrieval method and one for the random compatible models (the same for every method)."""
+        arms: dict[str, list] = {}
+        for t in tasks.values():
+            for j, (method, r) in enumerate(t["methods"].items()):
+                for arm, name in (("retrieved", f"retrieved by {method}"), ("random", "random compatible")):
+                    if r[arm].get("curves") and (arm == "retrieved" or j == 0):
+                        arms.setdefault(name, []).append(
+                            np.mean([c["acc"] for c in r[arm]["curves"]], 0) / max(t["target_acc"], 1e-9))
+                        steps = r[arm]["curves"][0]["step"]
+        curves = {n: {"x": steps, "y": np.mean(v, 0).tolist(), "std": np.std(v, 0).tolist()} for n, v in arms.items()}
+        return self.plot_curves(curves, save_as, "fine-tuning steps", "test accuracy / target (mean over tasks)",
+                                f"Fine-tuning retrieved vs random models ({len(tasks)} test-unseen tasks)")
+
     def plot_curves(self, curves: Mapping[str, Mapping[str, Sequence[float]]], save_as: str | Path,
                     xlabel: str, ylabel: str, title: str, logx: bool = False) -> str:
         """Generic line plot: {label: {"x": [...], "y": [...], optional "std": [...], optional "dashed": bool}}."""

@@ -111,6 +111,27 @@ def test_transfer_protocol_retrieves_the_useful_models(trained_models, second_ml
         M.fine_tune(cnn_spec, cnn_sd, task, steps=1)
     with pytest.raises(ValueError, match="compatible"):
         M.transfer_protocol(np.array([1.0, 0.0]), emb, candidates, task, k=6)
+    never = M.transfer_protocol(np.array([1.0, 0.0]), emb, candidates, task, k=1, steps=2, target_acc=1.01,
+                                eval_every=1, seed=3)  # no model can reach it: the ratio is undefined, not 1
+    assert never["retrieved"]["frac_reached"] == never["random"]["frac_reached"] == 0
+    assert np.isnan(never["step_ratio"])
+
+
+def _arm(steps: float, start: float) -> dict:
+    return {"mean_steps_to_target": steps, "mean_start_acc": start}
+
+
+def test_step_ratio_summary_aggregates_defined_tasks_only():
+    results = [{"step_ratio": 0.25, "retrieved": _arm(10, 0.8), "random": _arm(40, 0.2)},
+               {"step_ratio": 1.0, "retrieved": _arm(100, 0.4), "random": _arm(100, 0.2)},
+               {"step_ratio": 0.5, "retrieved": _arm(50, 0.6), "random": _arm(100, 0.3)},
+               {"step_ratio": float("nan"), "retrieved": _arm(200, 0.1), "random": _arm(200, 0.1)}]
+    s = M.step_ratio_summary(results)
+    assert (s["n_tasks"], s["n_defined"]) == (4, 3)
+    assert s["mean_ratio"] == pytest.approx(1.75 / 3) and s["median_ratio"] == pytest.approx(0.5)
+    assert s["pooled_ratio"] == pytest.approx(160 / 240)  # the undefined task's 200 / 200 is left out
+    assert s["start_acc_retrieved"] == pytest.approx(0.475) and s["start_acc_random"] == pytest.approx(0.2)
+    assert np.isnan(M.step_ratio_summary([results[-1]])["mean_ratio"])
 
 
 def test_select_merge_pairs():

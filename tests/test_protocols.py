@@ -302,3 +302,19 @@ def test_a_zoo_made_with_task_naming_cards_is_not_reused_for_card_task_fraction_
     assert len(data_prep.ModelZooDataset.create_synthetic_model_zoo(tmp_path, card_task_fraction=0.5, **kw)) == 8
     with pytest.raises(Retrained):  # other generation args: the zoo on disk is not reused
         data_prep.ModelZooDataset.create_synthetic_model_zoo(tmp_path, card_task_fraction=0.0, **kw)
+
+
+def test_transfer_tasks_are_a_seeded_draw_spread_over_shape_groups():
+    from stages import transfer_tasks
+    from tasks import get_task, shape_groups
+
+    held = sorted(TASKS)[::7]  # alphabetical order put 2 of 3 on breast_cancer before: the draw must not follow it
+    groups = shape_groups({t: get_task(t) for t in held})
+    n = min(6, len(groups))
+    chosen = transfer_tasks(held + ["unknown"], n, seed=42)  # names that are not tasks are never drawn
+    assert len(chosen) == n == len(set(chosen)) and set(chosen) <= set(held)
+    group_of = {t: g for g, members in groups.items() for t in members}
+    assert len({group_of[t] for t in chosen}) == n  # one task per shape group before any group gets a second
+    assert transfer_tasks(held, n, seed=42) == chosen and transfer_tasks(held, n, seed=43) != chosen
+    assert transfer_tasks(held[:2], 5, seed=0) == transfer_tasks(held[:2], 2, seed=0)
+    assert transfer_tasks(held, 0, seed=1) == []
