@@ -318,7 +318,7 @@ class ModelZooDataset:
         num_models: int | None = None,
         epochs: int = DEFAULT_ZOO_EPOCHS,
         checkpoints_per_run: int = DEFAULT_CHECKPOINTS_PER_RUN,
-        card_task_fraction: float = 0.5,
+        card_task_fraction: float = 0.0,
         seed: int = 0,
         group_size: int = 64,
         cnn_fraction: float = 0.1,
@@ -513,29 +513,36 @@ def summarize(zoo: ModelZooDataset) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: generate | merge | info."""
+    from config import ZooConfig
+
+    z = ZooConfig()  # the experiment's defaults: a zoo made here with default flags is the one run_experiment reuses
     p = argparse.ArgumentParser(description="weightzoo model zoo: generate (train), merge shards, inspect")
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="train a zoo (or one shard of it)")
     g.add_argument("--out", required=True, help="zoo directory")
-    g.add_argument("--runs_per_task", type=int, default=DEFAULT_RUNS_PER_TASK, help="training runs of every task")
-    g.add_argument("--zoo_scale", type=int, default=1,
+    g.add_argument("--runs_per_task", type=int, default=z.runs_per_task, help="training runs of every task")
+    g.add_argument("--zoo_scale", type=int, default=z.zoo_scale,
                    help="multiplies the runs per task (9: ~33k checkpoints of all tasks; shard it with --shard)")
     g.add_argument("--num_models", type=int, default=None,
                    help="instead of runs per task: about this many checkpoints, spread evenly over the tasks")
     g.add_argument("--num_tasks", type=int, default=None, help="only this many tasks, spread over every shape group")
     g.add_argument("--small", action="store_true", help=f"small zoo preset ({SMALL_ZOO_TASKS} tasks)")
-    g.add_argument("--epochs", type=int, default=DEFAULT_ZOO_EPOCHS, help="training epochs per run")
-    g.add_argument("--checkpoints_per_run", type=int, default=DEFAULT_CHECKPOINTS_PER_RUN, help="checkpoints per run")
-    g.add_argument("--card_task_fraction", type=float, default=0.5, help="fraction of model cards naming the task")
-    g.add_argument("--seed", type=int, default=0, help="zoo seed")
-    g.add_argument("--cnn_fraction", type=float, default=0.1, help="fraction of runs that are CNNs (8x8 image tasks)")
-    g.add_argument("--cnn_bn_fraction", type=float, default=0.02,
+    g.add_argument("--epochs", type=int, default=z.zoo_epochs, help="training epochs per run")
+    g.add_argument("--checkpoints_per_run", type=int, default=z.checkpoints_per_run,
+                   help="checkpoints per run")
+    g.add_argument("--card_task_fraction", type=float, default=z.card_task_fraction,
+                   help="fraction of model cards naming the task (> 0: the metadata baselines become partial oracles)")
+    g.add_argument("--seed", type=int, default=z.zoo_seed, help="zoo seed")
+    g.add_argument("--cnn_fraction", type=float, default=z.cnn_fraction,
+                   help="fraction of runs that are CNNs (8x8 image tasks)")
+    g.add_argument("--cnn_bn_fraction", type=float, default=z.cnn_bn_fraction,
                    help="fraction of runs that are Conv-BN-ReLU-MaxPool CNNs with a flatten head (image tasks)")
-    g.add_argument("--resnet_fraction", type=float, default=0.02,
+    g.add_argument("--resnet_fraction", type=float, default=z.resnet_fraction,
                    help="fraction of runs that are small ResNet-style CNNs (identity residual blocks; image tasks)")
     g.add_argument("--shard", default=None, help="i/n: train only shard i of n (default: RANK/WORLD_SIZE if set)")
     g.add_argument("--tasks", default=None, help="comma-separated task names (default: all of TASKS)")
-    g.add_argument("--group_size", type=int, default=64, help="runs trained together as one stacked batch")
+    g.add_argument("--group_size", type=int, default=z.zoo_group_size,
+                   help="runs trained together as one stacked batch")
     g.add_argument("--min_groups", type=int, default=DEFAULT_MIN_GROUPS, help="shrink groups (>= 8 runs) to get this many")
     g.add_argument("--workers", type=int, default=1, help="worker processes training groups in parallel")
     g.add_argument("--no_reuse", action="store_true", help="regenerate even if a matching zoo exists")

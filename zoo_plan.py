@@ -140,7 +140,7 @@ def _apportion(total: int, weights: Sequence[float]) -> list[int]:
 
 
 def plan_zoo(num_runs: int, seed: int = 0, group_size: int = 64, cnn_fraction: float = 0.1,
-             card_task_fraction: float = 0.5, tasks: Sequence[str] | None = None,
+             card_task_fraction: float = 0.0, tasks: Sequence[str] | None = None,
              min_groups: int = 24, cnn_bn_fraction: float = 0.02, resnet_fraction: float = 0.02) -> list[GroupPlan]:
     """Deterministic plan of ``num_runs`` runs in groups (same args -> same plan on every machine).
 
