@@ -493,9 +493,20 @@ class MetricHead(nn.Module):
     def is_fit(self) -> bool:
         return bool(self.fitted)
 
+    @staticmethod
     @torch.no_grad()
-    def fit(self, z: Tensor, groups: Any, reg: float = 0.1) -> "MetricHead":
-        """Fit on embeddings z (n, in_dim) with one group label per row (any hashable labels)."""
+    def basis(z: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean (in_dim,), principal directions (min(n, in_dim), in_dim)) of z (n, in_dim), float64: what every
+        ``fit`` on the same z computes first, so a grid of (metric_dim, reg) can share it (``fit(basis=...)``)."""
+        z = torch.as_tensor(z, dtype=torch.float64, device="cpu")
+        mean = z.mean(0)
+        return mean, torch.linalg.svd(z - mean, full_matrices=False).Vh
+
+    @torch.no_grad()
+    def fit(self, z: Tensor, groups: Any, reg: float = 0.1, basis: tuple[Tensor, Tensor] | None = None
+            ) -> "MetricHead":
+        """Fit on embeddings z (n, in_dim) with one group label per row (any hashable labels); ``basis``: the
+        same z's :meth:`basis`, if already computed."""
         in_dim, k = self.transform.shape
         z = torch.as_tensor(z, dtype=torch.float64, device="cpu")
         _, g = np.unique(np.asarray(groups), return_inverse=True)
@@ -504,8 +515,8 @@ class MetricHead(nn.Module):
                              f"n >= metric_dim {k}")
         if reg <= 0:
             raise ValueError(f"MetricHead.fit: reg must be > 0, got {reg}")
-        mean = z.mean(0)
-        v = torch.linalg.svd(z - mean, full_matrices=False).Vh[:k].T  # (in_dim, k) principal directions
+        mean, vh = basis if basis is not None else self.basis(z)
+        v = vh[:k].T  # (in_dim, k) principal directions
         y = (z - mean) @ v  # (n, k)
         gi = torch.from_numpy(g)
         centroids = torch.zeros(int(gi.max()) + 1, k, dtype=y.dtype).index_add_(0, gi, y)

@@ -829,7 +829,9 @@ def metric_head_lines(r: Mapping) -> list[str]:
     validation (learned weight 0: the GNN's learned part was dropped and the embedding is its probe fingerprint)."""
     mh = r.get("metric_head") or {}
     rows = {f"{m}, seed {s}": {"metric head dims": c["dim"] or "none", "ridge": c["reg"] if c["dim"] else "-",
-                                "learned part weight": c["learned_weight"], c["metric"]: c["score"]}
+                                "learned part weight": c["learned_weight"], c["metric"]: c["score"],
+                                **({f"{c['metric']}, head refit on train + val runs": c["refit_score"]}
+                                   if "refit_score" in c else {})}
             for m, seeds in mh.items() for s, c in seeds.items()}
     if not rows:
         return []

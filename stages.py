@@ -325,7 +325,7 @@ def _view_fn(cfg: ExperimentConfig, recipe: str) -> D.ViewFn | None:
 
 def _metric_head_stage(cfg: ExperimentConfig, graphs, zoo, split: D.Split, encoder: torch.nn.Module, raw: np.ndarray,
                        recipe: str, method: str, seed: int, rec: RunRecorder) -> dict[str, np.ndarray]:
-    """Fit the metric head of a trained GNN with probe features on the train rows of its embeddings ``raw``
+    """Fit the metric head of a trained GNN with probe features on the train (then train + val) rows of ``raw``
     (N, D: the whole zoo): within-task whitening after supcon, within-run whitening (no label) after a
     self-supervised recipe; size, ridge and the learned part's weight chosen on the validation protocol
     (``contrastive_learning.choose_metric_head`` over ``dataloader.selection_subset`` rows only; no head when
@@ -348,8 +348,9 @@ def _metric_head_stage(cfg: ExperimentConfig, graphs, zoo, split: D.Split, encod
     out = {method: head(torch.from_numpy(x)).numpy() if head is not None else x,
            f"{plain} without metric head": raw}
     if fp_dim and head is not None:  # the same head fit on the fingerprint alone: what the GNN adds
-        fp_head = MetricHead(fp_dim, choice["dim"]).fit(torch.from_numpy(sel_raw[sel_split.train, :fp_dim]),
-                                                        groups[sel_split.train], choice["reg"])
+        rows = np.sort(np.concatenate([sel_split.train, sel_split.val])) if choice["refit"] else sel_split.train
+        fp_head = MetricHead(fp_dim, choice["dim"]).fit(torch.from_numpy(sel_raw[rows, :fp_dim]), groups[rows],
+                                                        choice["reg"])
         out[f"probe fingerprint part + metric head on {column} (no GNN)"] = \
             fp_head(torch.from_numpy(raw[:, :fp_dim])).numpy()
     rec.results.setdefault("metric_head", {}).setdefault(method, {})[str(seed)] = {

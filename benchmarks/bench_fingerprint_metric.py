@@ -8,7 +8,8 @@ beside the training-free fingerprint, in every seed. This script asks the same o
 that could add to the fingerprint, without the GNN: for each seed's split (the main run's), the two
 training-free fingerprints (``probe_fingerprint`` and ``probe_fingerprint_data``, unit norm each,
 concatenated, as in the encoder) go through the closed-form within-task metric head
-(``contrastive_learning.choose_metric_head``: size and ridge chosen on val-unseen; no head is a candidate), and an
+(``contrastive_learning.choose_metric_head``: size and ridge chosen on val-unseen, then the head refit on the
+train and val runs unless --head_train_only; no head is a candidate), and an
 MLP adds a residual to that embedding (last layer zero-initialised: epoch 0 is exactly the head). The
 MLP is trained with supervised NT-Xent (``contrastive_learning.NTXentLoss``, task labels, two noisy views,
 batches within one shape group) on the train rows only. After every epoch it prints P@10 within shape
@@ -64,7 +65,8 @@ def one_seed(zoo: ModelZooDataset, seed: int, args: argparse.Namespace) -> dict:
                                                    10)["val_unseen_P@10"], **test}
 
     train = np.asarray(split.train)
-    choice = choose_metric_head(fp, meta, split, task, args.metric_dims, args.metric_regs)  # on val-unseen
+    choice = choose_metric_head(fp, meta, split, task, args.metric_dims, args.metric_regs,  # on val-unseen
+                                refit=not args.head_train_only)
     x = torch.from_numpy(fp)
     base = nn.functional.normalize(torch.from_numpy(choice["embeddings"]), dim=1)
     torch.manual_seed(seed)
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--metric_dims", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--metric_regs", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    p.add_argument("--head_train_only", action="store_true",
+                   help="keep the head fit on the train runs (as before the refit on train + val runs)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "bench_fingerprint_metric.json"))
     args = p.parse_args(argv)

@@ -332,3 +332,13 @@ def test_selection_reads_val_unseen_only_and_the_metric_head_is_chosen_there():
     weighted = C.choose_metric_head(raw, meta, split, task, dims=[6], regs=[0.1], learned_from=4,
                                     learned_weights=[0.0, 1.0])
     assert set(weighted["scores"]) == {f"learned{a}_{c}" for a in (0.0, 1.0) for c in ("none", "dim6_reg0.1")}
+    assert again["refit"] and np.array_equal(again["embeddings"][split.val_unseen], out["embeddings"][split.val_unseen])
+    # the chosen head is fit again on train + val runs (its choice, and the candidates' scores, are train-only fits)
+    from encoder_blocks import MetricHead
+    once = C.choose_metric_head(raw, meta, split, task, dims=[4, 6], regs=[0.1], refit=False)
+    assert once["scores"] == out["scores"] and once["dim"] == out["dim"] and not once["refit"]
+    rows = np.sort(np.concatenate([split.train, split.val]))
+    both = MetricHead(6, out["dim"]).fit(torch.from_numpy(raw[rows]), task[rows], 0.1)(torch.from_numpy(raw)).numpy()
+    np.testing.assert_allclose(out["embeddings"], both, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(once["embeddings"], out["embeddings"])  # the val runs did move the fit
+    assert 0 <= out["refit_score"] <= 1 and "refit_score" not in once
