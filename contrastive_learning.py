@@ -802,9 +802,13 @@ def choose_metric_head(raw: np.ndarray, meta_df: Any, split: Split, groups: Sequ
     train = np.asarray(split.train, dtype=np.int64)
     best: dict[str, Any] = {}
     scores: dict[str, float] = {}
-    for alpha in (learned_weights if learned_from is not None else (1.0,)):
+    def weighted(alpha: float) -> np.ndarray:  # the learned part's columns scaled by alpha
         x = raw.copy()
         x[:, learned_from or raw.shape[1]:] *= alpha
+        return x
+
+    for alpha in (learned_weights if learned_from is not None else (1.0,)):
+        x = weighted(alpha)
         fit_z = torch.from_numpy(x[train])
         basis = MetricHead.basis(fit_z) if dims else None  # one SVD for the whole (dim, reg) grid
         for dim, reg in [(0, 0.0)] + [(d, r) for d in dims if d <= min(len(train), raw.shape[1]) for r in regs]:
@@ -816,8 +820,7 @@ def choose_metric_head(raw: np.ndarray, meta_df: Any, split: Split, groups: Sequ
                 best = {"head": head, "dim": int(dim), "reg": float(reg), "learned_weight": float(alpha),
                         "embeddings": z, "score": scores[name]}
     if best["head"] is not None and len(split.val) and refit:  # the chosen head again, on train + val runs
-        x = raw.copy()
-        x[:, learned_from or raw.shape[1]:] *= best["learned_weight"]
+        x = weighted(best["learned_weight"])
         rows = np.sort(np.concatenate([train, np.asarray(split.val, dtype=np.int64)]))
         best["head"] = MetricHead(raw.shape[1], best["dim"]).fit(torch.from_numpy(x[rows]), groups[rows], best["reg"])
         best["embeddings"] = best["head"](torch.from_numpy(x)).numpy()

@@ -573,6 +573,8 @@ def extra_protocol_lines(r: Mapping) -> list[str]:
         if tr.get("summary"):
             L += ["Step ratio (retrieved / random) over the tasks: mean and median of the per-task ratios, and pooled "
                   "(all tasks' steps, retrieved over random).", "", md_table(tr["summary"], first="retrieval method"), ""]
+        if "transfer" in r.get("figures", {}):
+            L += [f"![transfer]({r['figures']['transfer']})", ""]
     return L
 
 

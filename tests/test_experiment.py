@@ -61,6 +61,8 @@ def test_small_run_writes_every_output(small_run):
     assert trained, f"no trained encoder in {list(res['methods'])}"
     figs = res["figures"]
     assert figs and all((small_run / p).is_file() for p in figs.values())
+    md = (small_run / "results.md").read_text()
+    assert "transfer" in figs and not [p for p in figs.values() if f"]({p})" not in md]  # every figure is shown
     log = (small_run / "log.txt").read_text()
     assert "stage zoo: done" in log
     # output redirected to a file: no progress bar, one log line per training epoch
