@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
             per_seed.setdefault(method, []).append(
                 rec.run(f"evaluate[{method}]_seed{seed}", S.evaluate_method, cfg, zoo, split, emb, seed, method))
     if dist.is_master:
-        # the protocols below reuse the first seed's split, encoders, baselines and embeddings
+        # the protocols below reuse the first seed's split, encoders, baselines and embeddings (transfer: every seed's)
         first, made_by = runs.get(seeds[0]), (f"train_embed_seed{seeds[0]}", f"baselines_seed{seeds[0]}")
         split = (splits or {}).get(seeds[0])
         rec.run("aggregate", S.aggregate, per_seed, rec, depends_on=("split",))
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
                 depends_on=("graphs", "split", "recipe_comparison"))
         rec.run("symmetry_robustness", S.symmetry_robustness, cfg, zoo, split, first, rec, depends_on=("split", *made_by))
         rec.run("merging", S.merging, cfg, zoo, first, rec, depends_on=("zoo", made_by[0]))
-        rec.run("transfer", S.transfer, cfg, zoo, split, first, rec, depends_on=("split", *made_by))
+        rec.run("transfer", S.transfer, cfg, zoo, splits or {}, runs, rec, depends_on=("split", *made_by))
         rec.run("embedding_map", S.embedding_map, cfg, zoo, split, first, rec, depends_on=("split", *made_by))
     return _finish(results, rec, run_dir, t0, dist, S)
 

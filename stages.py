@@ -523,48 +523,61 @@ def merging(cfg: ExperimentConfig, zoo, methods: Methods, rec: RunRecorder) -> d
     return out
 
 
-def transfer(cfg: ExperimentConfig, zoo, split: D.Split, methods: Methods, rec: RunRecorder) -> dict:
-    """For each test-unseen task: query with one of its models, fine-tune top-k retrieved vs k random."""
-    main = methods.main
-    stored = methods.embeddings
-    if main is None or main not in stored:
-        raise StageFailed("no encoder embeddings to retrieve with")
+def transfer(cfg: ExperimentConfig, zoo, splits: Mapping[int, D.Split], runs: Mapping[int, Methods],
+             rec: RunRecorder) -> dict:
+    """Per seed, with its split and its methods: for ``cfg.eval.transfer_tasks`` of its test-unseen tasks (drawn by
+    :func:`transfer_tasks`), query with one final model of the task and fine-tune the top-k retrieved vs k random
+    compatible models (final checkpoints of seen-task training runs), retrieving with the main encoder and
+    input_profile. Tasks are keyed "<task> [seed <s>]"; ``summary`` aggregates every seed's tasks per method."""
     meta = zoo.metadata
-    fit_idx, _ = _eval_indices(split)
     final = meta["is_final"].to_numpy().astype(bool)
-    cand_rows = fit_idx[final[fit_idx]]  # final checkpoints of seen-task training runs
-    cand = [(zoo.spec(i), zoo.state_dict(i)) for i in cand_rows]
-    retrievers = [main] + (["input_profile"] if "input_profile" in stored else [])
-    out: dict[str, Any] = {"tasks": {}, "steps": cfg.eval.transfer_steps, "k": cfg.eval.transfer_k}
-    rng = np.random.default_rng(cfg.seed)
-    chosen = transfer_tasks(split.test_unseen_tasks, cfg.eval.transfer_tasks, cfg.seed)
-    out["task_draw"] = ("seeded, spread over the shape groups (tasks.task_subset over the test-unseen tasks), "
-                        f"{len(chosen)} of {len(split.test_unseen_tasks)}")
-    for task in chosen:
-        rows = np.flatnonzero((meta["task"].to_numpy() == task) & final)
-        if not len(rows):
-            out.setdefault("skipped", {})[task] = "no final checkpoint to query with"
+    ev = cfg.eval
+    out: dict[str, Any] = {"tasks": {}, "steps": ev.transfer_steps, "k": ev.transfer_k}
+    skipped: dict[str, str] = {}
+    draws = []
+    for seed, methods in runs.items():
+        split, main, stored = splits.get(seed), methods.main, methods.embeddings
+        if split is None or main is None or main not in stored:
+            skipped[f"seed {seed}"] = "no split or no encoder embeddings to retrieve with"
             continue
-        q = int(rng.choice(rows))
-        X_tr, y_tr, X_te, y_te = load_task_data(task)
-        q_spec = zoo.spec(q)  # candidates must take the query's input format (flat for MLPs, images for CNNs)
-        data = (inputs_for_spec(q_spec, X_tr), y_tr, inputs_for_spec(q_spec, X_te), y_te)
-        target = cfg.eval.transfer_target_fraction * float(meta["test_acc"].iloc[q])
-        per = {}
-        try:
-            for mname in retrievers:
-                emb = stored[mname]
-                per[mname] = M.transfer_protocol(emb[q], emb[cand_rows], cand, data, k=cfg.eval.transfer_k,
-                                                 steps=cfg.eval.transfer_steps, target_acc=target,
-                                                 lr=cfg.eval.transfer_lr, batch_size=cfg.eval.transfer_batch_size,
-                                                 eval_every=cfg.eval.transfer_eval_every, seed=cfg.seed)
-        except ValueError as e:  # too few compatible candidates: this task is reported skipped, the others go on
-            out.setdefault("skipped", {})[task] = str(e)
-            log.warning("transfer: task %s skipped: %s", task, e)
-            continue
-        out["tasks"][task] = {"query_model": meta["model_id"].iloc[q], "target_acc": target, "methods": per}
-    out["summary"] = {m: M.step_ratio_summary([t["methods"][m] for t in out["tasks"].values()])
-                      for m in retrievers}
+        fit_idx, _ = _eval_indices(split)
+        cand_rows = fit_idx[final[fit_idx]]  # final checkpoints of seen-task training runs
+        cand = [(zoo.spec(i), zoo.state_dict(i)) for i in cand_rows]
+        retrievers = [main] + (["input_profile"] if "input_profile" in stored else [])
+        rng = np.random.default_rng(seed)
+        chosen = transfer_tasks(split.test_unseen_tasks, ev.transfer_tasks, seed)
+        draws.append(f"seed {seed}: {len(chosen)} of {len(split.test_unseen_tasks)}")
+        for task in chosen:
+            key = f"{task} [seed {seed}]"
+            rows = np.flatnonzero((meta["task"].to_numpy() == task) & final)
+            if not len(rows):
+                skipped[key] = "no final checkpoint to query with"
+                continue
+            q = int(rng.choice(rows))
+            X_tr, y_tr, X_te, y_te = load_task_data(task)
+            q_spec = zoo.spec(q)  # candidates must take the query's input format (flat for MLPs, images for CNNs)
+            data = (inputs_for_spec(q_spec, X_tr), y_tr, inputs_for_spec(q_spec, X_te), y_te)
+            target = ev.transfer_target_fraction * float(meta["test_acc"].iloc[q])
+            try:
+                per = {m: M.transfer_protocol(stored[m][q], stored[m][cand_rows], cand, data, k=ev.transfer_k,
+                                              steps=ev.transfer_steps, target_acc=target, lr=ev.transfer_lr,
+                                              batch_size=ev.transfer_batch_size, eval_every=ev.transfer_eval_every,
+                                              seed=seed) for m in retrievers}
+            except ValueError as e:  # too few compatible candidates: this task is reported skipped, the others go on
+                skipped[key] = str(e)
+                log.warning("transfer: task %s skipped: %s", key, e)
+                continue
+            out["tasks"][key] = {"seed": seed, "task": task, "query_model": meta["model_id"].iloc[q],
+                                 "target_acc": target, "methods": per}
+    if not out["tasks"]:
+        raise StageFailed("no transfer task could be run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    out["task_draw"] = ("per seed, a seeded draw spread over the shape groups (tasks.task_subset over its "
+                        "test-unseen tasks): " + "; ".join(draws))
+    if skipped:
+        out["skipped"] = skipped
+    methods_used = dict.fromkeys(m for t in out["tasks"].values() for m in t["methods"])
+    out["summary"] = {m: M.step_ratio_summary([t["methods"][m] for t in out["tasks"].values() if m in t["methods"]])
+                      for m in methods_used}
     rec.results["transfer"] = out
     return out
 
