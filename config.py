@@ -172,7 +172,7 @@ class EvalConfig:
     symmetry_queries: int = _f(200, "queries transformed in the symmetry-robustness check (0 = all)")
     merge_pairs: int = _f(3, "model pairs (same architecture and task) merged per seed")
     merge_alphas: int = _f(11, "points on the interpolation path alpha in [0, 1]")
-    transfer_tasks: int = _f(6, "test-unseen tasks per seed in the transfer protocol (seeded draw spread over the "
+    transfer_tasks: int = _f(5, "test-unseen tasks per seed in the transfer protocol (seeded draw spread over the "
                                 "shape groups)")
     transfer_k: int = _f(5, "models fine-tuned per arm (top-k retrieved, k random) in the transfer protocol")
     transfer_steps: int = _f(200, "fine-tuning budget in minibatch steps (same for every model)")

@@ -331,7 +331,7 @@ def transfer_protocol(query_embedding: np.ndarray, candidate_embeddings: np.ndar
                       candidates: Sequence[tuple[A.ArchitectureSpec, StateDict]], task_data: TaskData,
                       k: int = 5, steps: int = 200, target_acc: float | None = None, lr: float = 1e-3,
                       batch_size: int = 64, eval_every: int = 10, seed: int = 0,
-                      device: str | torch.device = "cpu") -> dict[str, Any]:
+                      device: str | torch.device = "cpu", cache: dict | None = None) -> dict[str, Any]:
     """Fine-tune the k candidates nearest to the query (cosine) and k random compatible ones.
 
     Args:
@@ -344,6 +344,8 @@ def transfer_protocol(query_embedding: np.ndarray, candidate_embeddings: np.ndar
         steps / lr / batch_size / eval_every: the fixed fine-tuning budget (same for every model).
         target_acc: test accuracy that counts as reached.
         seed: random arm draw and minibatch order (each model i uses seed + i).
+        cache: fine-tuning runs by (candidate, seed) to share between calls on the same task and budget (several
+            retrieval methods: the random arm, the same for each, is then trained once).
     Returns:
         {"retrieved": summary, "random": summary, "retrieved_idx", "random_idx", "n_compatible",
          "step_ratio": mean steps-to-target retrieved / random (never-reached counted as ``steps``; NaN if
@@ -366,10 +368,13 @@ def transfer_protocol(query_embedding: np.ndarray, candidate_embeddings: np.ndar
     retrieved = comp[np.argsort(-sims, kind="stable")[:k]]
     random_idx = np.random.default_rng(seed).choice(comp, size=k, replace=False)
     kw = dict(steps=steps, lr=lr, batch_size=batch_size, eval_every=eval_every, target_acc=target_acc, device=device)
+    cache = {} if cache is None else cache
     arms = {}
     for arm, idx in (("retrieved", retrieved), ("random", random_idx)):
-        runs = [fine_tune(*candidates[i], task_data, seed=seed + j, **kw) for j, i in enumerate(idx)]
-        arms[arm] = _summarise(runs, steps)
+        for j, i in enumerate(idx):
+            if (int(i), seed + j) not in cache:
+                cache[int(i), seed + j] = fine_tune(*candidates[i], task_data, seed=seed + j, **kw)
+        arms[arm] = _summarise([cache[int(i), seed + j] for j, i in enumerate(idx)], steps)
     r, b = arms["retrieved"]["mean_steps_to_target"], arms["random"]["mean_steps_to_target"]
     censored = arms["retrieved"]["frac_reached"] == 0 and arms["random"]["frac_reached"] == 0
     return {**arms, "retrieved_idx": retrieved.tolist(), "random_idx": random_idx.tolist(),

@@ -523,12 +523,15 @@ def merging(cfg: ExperimentConfig, zoo, methods: Methods, rec: RunRecorder) -> d
     return out
 
 
+TRANSFER_REFERENCES = ("probe_fingerprint_data", "probe_fingerprint", "input_profile")
+
+
 def transfer(cfg: ExperimentConfig, zoo, splits: Mapping[int, D.Split], runs: Mapping[int, Methods],
              rec: RunRecorder) -> dict:
     """Per seed, with its split and its methods: for ``cfg.eval.transfer_tasks`` of its test-unseen tasks (drawn by
     :func:`transfer_tasks`), query with one final model of the task and fine-tune the top-k retrieved vs k random
-    compatible models (final checkpoints of seen-task training runs), retrieving with the main encoder and
-    input_profile. Tasks are keyed "<task> [seed <s>]"; ``summary`` aggregates every seed's tasks per method."""
+    compatible models (final checkpoints of seen-task training runs), retrieving with the main encoder, the
+    untrained one and the training-free fingerprints (``TRANSFER_REFERENCES``). Tasks are keyed "<task> [seed <s>]"; ``summary`` aggregates every seed's tasks per method."""
     meta = zoo.metadata
     final = meta["is_final"].to_numpy().astype(bool)
     ev = cfg.eval
@@ -543,7 +546,8 @@ def transfer(cfg: ExperimentConfig, zoo, splits: Mapping[int, D.Split], runs: Ma
         fit_idx, _ = _eval_indices(split)
         cand_rows = fit_idx[final[fit_idx]]  # final checkpoints of seen-task training runs
         cand = [(zoo.spec(i), zoo.state_dict(i)) for i in cand_rows]
-        retrievers = [main] + (["input_profile"] if "input_profile" in stored else [])
+        untrained = [m for m in methods.encoders if m.endswith("[untrained]")]
+        retrievers = [main] + [m for m in (*untrained, *TRANSFER_REFERENCES) if m in stored and m != main]
         rng = np.random.default_rng(seed)
         chosen = transfer_tasks(split.test_unseen_tasks, ev.transfer_tasks, seed)
         draws.append(f"seed {seed}: {len(chosen)} of {len(split.test_unseen_tasks)}")
@@ -558,11 +562,12 @@ def transfer(cfg: ExperimentConfig, zoo, splits: Mapping[int, D.Split], runs: Ma
             q_spec = zoo.spec(q)  # candidates must take the query's input format (flat for MLPs, images for CNNs)
             data = (inputs_for_spec(q_spec, X_tr), y_tr, inputs_for_spec(q_spec, X_te), y_te)
             target = ev.transfer_target_fraction * float(meta["test_acc"].iloc[q])
+            runs_cache: dict = {}  # the random arm is the same for every retrieval method: trained once
             try:
                 per = {m: M.transfer_protocol(stored[m][q], stored[m][cand_rows], cand, data, k=ev.transfer_k,
                                               steps=ev.transfer_steps, target_acc=target, lr=ev.transfer_lr,
                                               batch_size=ev.transfer_batch_size, eval_every=ev.transfer_eval_every,
-                                              seed=seed) for m in retrievers}
+                                              seed=seed, cache=runs_cache) for m in retrievers}
             except ValueError as e:  # too few compatible candidates: this task is reported skipped, the others go on
                 skipped[key] = str(e)
                 log.warning("transfer: task %s skipped: %s", key, e)

@@ -111,6 +111,14 @@ def test_transfer_protocol_retrieves_the_useful_models(trained_models, second_ml
         M.fine_tune(cnn_spec, cnn_sd, task, steps=1)
     with pytest.raises(ValueError, match="compatible"):
         M.transfer_protocol(np.array([1.0, 0.0]), emb, candidates, task, k=6)
+    cache: dict = {}  # a second retrieval method on the same task reuses the random arm's fine-tuning runs
+    first = M.transfer_protocol(np.array([1.0, 0.0]), emb, candidates, task, k=2, steps=20, target_acc=0.9,
+                                lr=1e-2, eval_every=10, seed=3, cache=cache)
+    before = set(cache)
+    second = M.transfer_protocol(np.array([0.0, 1.0]), emb, candidates, task, k=2, steps=20, target_acc=0.9,
+                                 lr=1e-2, eval_every=10, seed=3, cache=cache)
+    assert second["random"] == first["random"] and second["random_idx"] == first["random_idx"]
+    assert set(cache) - before == {(i, 3 + j) for j, i in enumerate(second["retrieved_idx"])} - before
     never = M.transfer_protocol(np.array([1.0, 0.0]), emb, candidates, task, k=1, steps=2, target_acc=1.01,
                                 eval_every=1, seed=3)  # no model can reach it: the ratio is undefined, not 1
     assert never["retrieved"]["frac_reached"] == never["random"]["frac_reached"] == 0
