@@ -3,7 +3,8 @@
 Models of one architecture train together as stacked tensors (bmm for linear layers, grouped
 convolution for conv layers), each with its own init, hyperparameters, train rows and batch order,
 so that model m follows the trajectory it would follow alone (``train_single_reference``: nn.Module +
-torch.optim on the same batches).
+torch.optim on the same batches). Plain MLPs step with a hand-written backward (``_plain_mlp_grad``), the
+other families through autograd.
 
 BatchNorm (after conv layers, ``bn_layers``) trains in training mode inside the stacked layout
 (per-model, per-channel batch statistics of the grouped map; running statistics as nn.BatchNorm2d);
@@ -195,6 +196,65 @@ class _NarrowLinear(torch.autograd.Function):
         return gh, torch.bmm(g.transpose(1, 2), h), g.sum(1)  # (M, out, in), (M, out)
 
 
+def is_plain_mlp(spec: A.ArchitectureSpec) -> bool:
+    """Linear layers only, no shortcut, no pooling: ``train_stacked`` runs its hand-written backward."""
+    return all(layer.kind == "linear" and layer.residual_from is None and not layer.pool for layer in spec.layers)
+
+
+def _train_activation(h: torch.Tensor, name: str) -> torch.Tensor:
+    """The activation in the stacked training step. tanh is computed as 2 sigmoid(2h) - 1 (equal to float rounding:
+    <= 2e-7 absolute in float32, 4e-16 in float64): torch.tanh's CPU kernel is ~6x slower than sigmoid's here, and
+    it was 12% of a tanh MLP group's training. Checkpoint metrics and ``architecture.forward`` use torch.tanh."""
+    if name == "tanh":
+        return torch.sigmoid_(h.mul(2)).mul_(2).sub_(1)
+    return A.apply_activation(h, name)
+
+
+def _activation_backward(name: str, d: torch.Tensor, pre: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """d(loss)/d(pre-activation) from d(loss)/d(activation output): the kernels autograd runs for each activation."""
+    if name == "relu":
+        return torch.ops.aten.threshold_backward(d, out, 0)
+    if name == "leaky_relu":
+        return torch.ops.aten.leaky_relu_backward(d, pre, A.LEAKY_RELU_SLOPE, False)
+    if name == "tanh":
+        return torch.ops.aten.tanh_backward(d, out)
+    if name == "gelu":
+        return torch.ops.aten.gelu_backward(d, pre)
+    if name == "identity":
+        return d
+    raise ValueError(f"no backward for activation {name!r}")
+
+
+def _plain_mlp_grad(spec: A.ArchitectureSpec, params: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                    minus_one: torch.Tensor) -> torch.Tensor:
+    """Forward and backward of M stacked plain MLPs (``is_plain_mlp``) by hand: the flat gradient (M, P) of the sum of
+    the models' mean cross-entropies, in ``_FlatParams`` layout. The products are those of ``stacked_forward`` and its
+    autograd backward (same kernels, same operand layouts); without autograd's graph a small MLP's step is ~15% cheaper.
+
+    Args: params: ``_FlatParams.views`` of the models' rows; x (M, B, in); y (M * B,) labels.
+    """
+    pre, outs, h = [], [x], x
+    for i, layer in enumerate(spec.layers):
+        w, b = params[2 * i], params[2 * i + 1]
+        if layer.out_dim < NARROW_OUT:  # (M, out, B) read as (M, B, out), as _NarrowLinear
+            z = torch.baddbmm(b.unsqueeze(2), w, h.transpose(1, 2)).transpose(1, 2)
+        else:
+            z = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        h = _train_activation(z, layer.activation)
+        pre.append(z), outs.append(h)
+    d = _cross_entropy_grad(h, y, minus_one)
+    grads: list[torch.Tensor] = [d] * (2 * len(spec.layers))
+    for i in range(len(spec.layers) - 1, -1, -1):
+        d = _activation_backward(spec.layers[i].activation, d, pre[i], outs[i + 1])
+        # weight gradient in the layout the flat params hold it: (M, out, in) for narrow layers, else (M, in, out)
+        gw = (torch.bmm(d.transpose(1, 2), outs[i]) if spec.layers[i].out_dim < NARROW_OUT
+              else torch.bmm(outs[i].transpose(1, 2), d))
+        grads[2 * i], grads[2 * i + 1] = gw.flatten(1), d.sum(1)
+        if i:
+            d = torch.bmm(d, params[2 * i])  # (M, B, in)
+    return torch.cat(grads, 1)
+
+
 def _stacked_batch_norm(h: torch.Tensor, bn: StackedBatchNorm, k: int, gamma: torch.Tensor, beta: torch.Tensor,
                         training: bool) -> torch.Tensor:
     """BatchNorm of the grouped map h (B, M*C, H, W); gamma/beta (M, C); updates bn's k-th statistics in training."""
@@ -218,15 +278,11 @@ def epoch_batches(generators: Sequence[torch.Generator], n_train: Sequence[int],
         idx (M, S, batch_size) positions into each model's train subset (0 where inactive),
         active (M, S) bool; model m has n_train[m] // batch_size steps.
     """
-    steps = [n // batch_size for n in n_train]
-    S = max(steps)
-    idx = torch.zeros(len(n_train), S, batch_size, dtype=torch.long)
-    active = torch.zeros(len(n_train), S, dtype=torch.bool)
-    for m, (g, n, s) in enumerate(zip(generators, n_train, steps)):
-        perm = torch.randperm(n, generator=g)
-        idx[m, :s] = perm[: s * batch_size].view(s, batch_size)
-        active[m, :s] = True
-    return idx, active
+    steps = torch.tensor([n // batch_size for n in n_train])
+    perms = [torch.randperm(n, generator=g)[: s * batch_size] for g, n, s in zip(generators, n_train, steps.tolist())]
+    S = int(steps.max())
+    idx = torch.nn.utils.rnn.pad_sequence(perms, batch_first=True).view(len(n_train), S, batch_size)  # zero-padded
+    return idx, torch.arange(S) < steps[:, None]
 
 
 @dataclass
@@ -309,45 +365,67 @@ class _FlatParams:
 class _StackedOptimizer:
     """Per-model Adam (betas (0.9, 0.999), eps 1e-8, bias corrections in float64 as torch.optim) on the first
     ``na`` rows of the flat params and SGD with momentum 0.9 on the others, coupled weight decay (as torch.optim),
-    each model with its own learning rate and weight decay, updating a row range of the flat params in place."""
+    each model with its own learning rate and weight decay, updating a row range of the flat params in place.
 
-    def __init__(self, flat: torch.Tensor, lr: torch.Tensor, weight_decay: torch.Tensor, na: int):
+    Model m takes ``steps_per_epoch[m]`` steps an epoch, the first ones of it: at step s of an epoch the models
+    stepping are those with more than s steps. ``start_epoch`` computes every Adam factor of the epoch at once.
+    """
+
+    def __init__(self, flat: torch.Tensor, lr: torch.Tensor, weight_decay: torch.Tensor, na: int,
+                 steps_per_epoch: np.ndarray):
         self.dtype, self.na = flat.dtype, na
         self.wd = weight_decay.view(-1, 1)  # (M, 1)
         self.lr_adam, self.lr_sgd = lr[:na].double().numpy(), lr[na:].view(-1, 1)
         self.m1, self.m2 = torch.zeros_like(flat[:na]), torch.zeros_like(flat[:na])  # Adam moments (na, P)
         self.den_buf = torch.empty_like(self.m2)
         self.mom = torch.zeros_like(flat[na:])  # SGD momentum (M - na, P)
-        self.steps = np.zeros(na)  # per-model Adam step count
+        self.steps_per_epoch = np.asarray(steps_per_epoch[:na], np.int64)
+        self.done = np.zeros(na, np.int64)  # per-model Adam steps of the past epochs
+        self.eps_fac = self.inv_scale = torch.zeros(na, 0, dtype=self.dtype)
+        self._rows: tuple[int, int] | None = None
+        self._views: tuple = ()
 
-    def _col(self, v: np.ndarray) -> torch.Tensor:
-        """A float64 numpy vector as an (n, 1) column of per-model factors in the params' dtype."""
-        return torch.from_numpy(np.asarray(v, np.float64)).to(self.dtype).view(-1, 1)
+    def start_epoch(self) -> None:
+        """The Adam factors of every step s of the coming epoch, (na, S) in the params' dtype, from the step counts
+        t = done + s + 1 in float64 as torch.optim: lr * (m1/bc1) / (sqrt(m2)/sqrt(bc2) + eps) is computed as
+        m1 / (sqrt(m2) * inv_scale + eps_fac), inv_scale = bc1 / (lr sqrt(bc2)), eps_fac = eps sqrt(bc2) inv_scale."""
+        b1, b2 = ADAM_BETAS
+        t = self.done[:, None] + np.arange(1, int(self.steps_per_epoch.max(initial=0)) + 1)[None, :]  # (na, S)
+        bc1, bc2_sqrt = 1 - b1 ** t, np.sqrt(1 - b2 ** t)
+        inv_scale = bc1 / (self.lr_adam[:, None] * bc2_sqrt)
+        self.inv_scale = torch.from_numpy(inv_scale).to(self.dtype)
+        self.eps_fac = torch.from_numpy(ADAM_EPS * bc2_sqrt * inv_scale).to(self.dtype)
+        self.done += self.steps_per_epoch
+
+    def _row_views(self, flat: torch.Tensor, lo: int, hi: int) -> tuple:
+        """Views of rows lo:hi of the params and state (the range changes only when some models' epoch ends)."""
+        if self._rows != (lo, hi):
+            na = self.na
+            a = slice(lo, min(hi, na))
+            s0 = max(lo, na)
+            self._rows, self._views = (lo, hi), (
+                flat[lo:hi], self.wd[lo:hi], self.m1[a], self.m2[a], flat[a], self.den_buf[a],
+                self.mom[s0 - na: hi - na], flat[s0:hi], self.lr_sgd[s0 - na: hi - na])
+        return self._views
 
     @torch.no_grad()
-    def step(self, flat: torch.Tensor, g: torch.Tensor, lo: int, hi: int) -> None:
-        """One step of the models in rows lo:hi from their gradient g (hi - lo, P) (overwritten); other rows
-        (models whose epoch is over) are not touched."""
+    def step(self, flat: torch.Tensor, g: torch.Tensor, lo: int, hi: int, s: int) -> None:
+        """Step s of the epoch for the models in rows lo:hi from their gradient g (hi - lo, P) (overwritten); other
+        rows (models whose epoch is over) are not touched. ``flat`` is the same tensor at every step."""
         na, b1, b2 = self.na, *ADAM_BETAS
-        g.addcmul_(flat[lo:hi], self.wd[lo:hi])  # coupled weight decay, as torch.optim
+        rows, wd, m1, m2, p, den, mom, p_sgd, lr_sgd = self._row_views(flat, lo, hi)
+        g.addcmul_(rows, wd)  # coupled weight decay, as torch.optim
         if lo < na:
-            a = slice(lo, min(hi, na))
-            ga, m1, m2, p = g[: a.stop - lo], self.m1[a], self.m2[a], flat[a]
-            self.steps[a] += 1
-            bc1, bc2_sqrt = 1 - b1 ** self.steps[a], np.sqrt(1 - b2 ** self.steps[a])  # float64, as torch.optim
-            scale = self.lr_adam[a] * bc2_sqrt / bc1  # lr * sqrt(bc2) / bc1, per model
+            ga = g[: min(hi, na) - lo]
             m2.mul_(b2).addcmul_(ga, ga, value=1 - b2)
             m1.lerp_(ga, 1 - b1)
-            # lr * (m1/bc1) / (sqrt(m2)/sqrt(bc2) + eps) = m1 / (sqrt(m2)/scale + eps*sqrt(bc2)/scale):
-            # three passes over (rows, P), no temporaries
-            den = torch.sqrt(m2, out=self.den_buf[a])
-            torch.addcmul(self._col(ADAM_EPS * bc2_sqrt / scale), den, self._col(1 / scale), out=den)
+            torch.sqrt(m2, out=den)  # three passes over (rows, P), no temporaries
+            a = slice(lo, min(hi, na))
+            torch.addcmul(self.eps_fac[a, s:s + 1], den, self.inv_scale[a, s:s + 1], out=den)
             p.addcdiv_(m1, den, value=-1.0)
         if hi > na:
-            s0 = max(lo, na)
-            mom = self.mom[s0 - na: hi - na]
-            torch.add(g[s0 - lo:], mom, alpha=SGD_MOMENTUM, out=mom)
-            flat[s0:hi].addcmul_(mom, self.lr_sgd[s0 - na: hi - na], value=-1.0)
+            torch.add(g[max(lo, na) - lo:], mom, alpha=SGD_MOMENTUM, out=mom)
+            p_sgd.addcmul_(mom, lr_sgd, value=-1.0)
 
 
 def _cross_entropy_grad(logits: torch.Tensor, y: torch.Tensor, minus_one: torch.Tensor) -> torch.Tensor:
@@ -355,6 +433,11 @@ def _cross_entropy_grad(logits: torch.Tensor, y: torch.Tensor, minus_one: torch.
     m's gradient is its own. In (C, M*B) layout, as reductions over 2-10 classes are slow along the last dim."""
     with torch.no_grad():
         M, B, C = logits.shape
+        if logits.transpose(1, 2).is_contiguous():  # a narrow layer's (M, C, B) product: softmax over its dim 1
+            lt = logits.detach().transpose(1, 2)
+            dl = (lt - lt.amax(1, keepdim=True)).exp_()
+            dl.div_(dl.sum(1, keepdim=True)).scatter_add_(1, y.view(M, 1, B), minus_one.view(M, 1, B)).div_(B)
+            return dl.transpose(1, 2)
         lt = torch.empty(C, M * B, dtype=logits.dtype)  # a copy in either logits layout (it is changed in place)
         lt.view(C, M, B).copy_(logits.detach().permute(2, 0, 1))
         dl = lt.sub_(lt.amax(0)).exp_()
@@ -441,7 +524,8 @@ def train_stacked(
     flat = fp.flat
     params = fp.views(flat)  # views: they follow the in-place updates of flat
     na = int(adam.sum())
-    opt = _StackedOptimizer(flat, lr.to(dtype)[order], weight_decay.to(dtype)[order], na)
+    steps_o = steps[order.numpy()]
+    opt = _StackedOptimizer(flat, lr.to(dtype)[order], weight_decay.to(dtype)[order], na, steps_o)
     rows_pad, rows_mask = pad_rows([train_rows[i] for i in order.tolist()])
     sets = {"train": (rows_pad, rows_mask), **{k: (r[order], mk[order]) for k, (r, mk) in (eval_sets or {}).items()}}
     n_train = rows_mask.sum(1).tolist()
@@ -449,22 +533,28 @@ def train_stacked(
     ckpts = sorted(set(int(e) for e in checkpoint_epochs))
     result = StackedTrainResult({}, {})
     minus_one = torch.full((1, M * batch_size), -1.0, dtype=dtype)
-    steps_o = steps[order.numpy()]
     # rows lo:hi step at step s: the Adam models (ascending) with more than s steps end the Adam block, the SGD
     # models (descending) with more than s steps start the SGD block
     bounds = [(na - int((steps_o[:na] > s).sum()), na + int((steps_o[na:] > s).sum())) for s in range(steps.max())]
+    plain, rows_viewed, row_params = bn is None and is_plain_mlp(spec), None, []
     with single_thread():
         for epoch in range(1, epochs + 1):
             idx, _ = epoch_batches(gens, n_train, batch_size)  # (M, S, bs)
+            opt.start_epoch()
             rows_epoch = torch.gather(rows_pad, 1, idx.flatten(1)).view(M, -1, batch_size)  # pool rows, (M, S, bs)
             for s, (lo, hi) in enumerate(bounds):
                 r = rows_epoch[lo:hi, s].reshape(-1)  # ((hi - lo) * bs,)
                 x = X.index_select(0, r).view(hi - lo, batch_size, *X.shape[1:])  # (4x faster than X[r])
-                leaf = flat[lo:hi].detach().requires_grad_(True)  # shares flat's storage
-                logits = stacked_forward(spec, fp.views(leaf), x, bn.rows(lo, hi) if bn else None, True)
-                dl = _cross_entropy_grad(logits, Y.index_select(0, r), minus_one[:, : len(r)])
-                (g,) = torch.autograd.grad(logits, leaf, dl)  # (hi - lo, P)
-                opt.step(flat, g, lo, hi)
+                if plain:
+                    if (lo, hi) != rows_viewed:  # the row range changes only when some models' epoch ends
+                        rows_viewed, row_params = (lo, hi), fp.views(flat[lo:hi])
+                    g = _plain_mlp_grad(spec, row_params, x, Y.index_select(0, r), minus_one[:, : len(r)])
+                else:
+                    leaf = flat[lo:hi].detach().requires_grad_(True)  # shares flat's storage
+                    logits = stacked_forward(spec, fp.views(leaf), x, bn.rows(lo, hi) if bn else None, True)
+                    dl = _cross_entropy_grad(logits, Y.index_select(0, r), minus_one[:, : len(r)])
+                    (g,) = torch.autograd.grad(logits, leaf, dl)  # (hi - lo, P)
+                opt.step(flat, g, lo, hi, s)
             if epoch in ckpts:
                 result.params[epoch], result.metrics[epoch], bn_state = _checkpoint(spec, params, bn, X, Y, sets, inv)
                 if bn is not None:

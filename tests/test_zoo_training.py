@@ -27,7 +27,10 @@ from conftest import assert_accuracy_of
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = {  # name -> (spec, conv layers followed by a BatchNorm)
-    "mlp": (A.mlp_spec(64, [16, 12], 10, "tanh"), ()),
+    "mlp": (A.mlp_spec(64, [16, 12], 10, "tanh"), ()),  # plain MLPs train with the hand-written backward
+    "mlp-relu": (A.mlp_spec(64, [20, 12], 10, "relu"), ()),
+    "mlp-leaky_relu": (A.mlp_spec(64, [12, 20], 10, "leaky_relu"), ()),
+    "mlp-gelu": (A.mlp_spec(64, [20], 10, "gelu"), ()),
     "cnn": (A.cnn_spec((1, 8, 8), [4, 6], 3, 10, "gelu"), ()),
     "cnn-bn-max": (ZP.cnn_bn_spec((1, 8, 8), (4, 6), 12, 10, "max2"), (0, 1)),
     "cnn-bn-avg": (ZP.cnn_bn_spec((1, 8, 8), (4, 6), 12, 10, "avg2"), (0, 1)),
@@ -174,3 +177,46 @@ def test_narrow_linear_equals_the_plain_product_with_its_gradients_in_float64():
         want = torch.autograd.grad(torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2)), (h, w, b), up)
         for a, e in zip(got, want):
             torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", sorted(A.ACTIVATIONS))
+def test_hand_written_mlp_backward_equals_autograd_and_the_per_model_modules(activation):
+    """Plain MLPs train with ``_plain_mlp_grad`` (no autograd; tanh as 2 sigmoid(2h) - 1): its flat gradient equals
+    autograd's through ``stacked_forward`` in float64 (to 1e-12 relative) and the per-model modules' in float32 (to
+    1e-4 relative, the float32 kernel test's bound), for wide (>= NARROW_OUT) and narrow layers."""
+    spec = A.mlp_spec(64, [20, 12], 10, activation)
+    assert ZT.is_plain_mlp(spec) and not ZT.is_plain_mlp(CASES["cnn"][0]) and not ZT.is_plain_mlp(CASES["resnet"][0])
+    assert 12 < ZT.NARROW_OUT <= 20
+    keys = list(spec.param_shapes())
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
+        X, y, inits, init, rows = _stack(spec, (), [32] * M, dtype)
+        fp = ZT._FlatParams(spec, init, keys, torch.arange(M), dtype)
+        x, labels = torch.stack([X[r] for r in rows]), torch.cat([y[r] for r in rows])
+        got = ZT._plain_mlp_grad(spec, fp.views(fp.flat), x, labels, torch.full((1, M * 32), -1.0, dtype=dtype))
+        assert got.shape == fp.flat.shape
+        if dtype == torch.float64:
+            leaf = fp.flat.clone().requires_grad_(True)
+            logits = ZT.stacked_forward(spec, fp.views(leaf), x)
+            (want,) = torch.autograd.grad(sum(F.cross_entropy(logits[m], y[rows[m]]) for m in range(M)), leaf)
+            torch.testing.assert_close(got, want, rtol=0, atol=tol * want.abs().max().item())
+            continue
+        grads = dict(zip(keys, fp.views(got)))
+        for m in range(M):
+            net = A.build_model(spec, inits[m])
+            F.cross_entropy(net(X[rows[m]]), y[rows[m]]).backward()
+            for k, ref in _module_grads(net).items():
+                torch.testing.assert_close(grads[k][m], ref, rtol=0, atol=tol * ref.abs().max().item(),
+                                           msg=lambda s: f"{activation} {m} {k}: {s}")
+
+
+def test_epoch_batches_are_each_models_own_shuffle():
+    """Model m's batches are the first n_m // bs * bs entries of its generator's randperm(n_m), in order; the rest is
+    padding (inactive steps), whatever the other models' sizes."""
+    n_train, bs = [70, 33, 101], 16
+    idx, active = ZT.epoch_batches([torch.Generator().manual_seed(s) for s in (1, 2, 3)], n_train, bs)
+    assert idx.shape == (3, 101 // bs, bs) and active.tolist() == [[s < n // bs for s in range(6)] for n in n_train]
+    for m, (n, seed) in enumerate(zip(n_train, (1, 2, 3))):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        k = n // bs
+        assert torch.equal(idx[m, :k].reshape(-1), perm[: k * bs])
+        assert (idx[m, k:] == 0).all()
