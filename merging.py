@@ -306,6 +306,21 @@ def _summarise(runs: list[dict], steps: int) -> dict[str, Any]:
             "curves": [r["curve"] for r in runs]}
 
 
+@torch.no_grad()
+def start_accuracy_scores(candidates: Sequence[tuple[A.ArchitectureSpec, StateDict]], X: torch.Tensor,
+                          y: torch.Tensor, max_rows: int = 512) -> np.ndarray:
+    """Each candidate's accuracy on the task's first ``max_rows`` training examples before fine-tuning (NaN where
+    it does not fit the task): a retrieval ORACLE for ``transfer_protocol(scores=...)``: it reads the unseen task's
+    labels, which no weight-space retrieval has. It bounds what ranking the zoo's models can do for fine-tuning."""
+    X, y = X[:max_rows], y[:max_rows]
+    n_classes = int(y.max()) + 1
+    out = np.full(len(candidates), np.nan)
+    for i, (spec, sd) in enumerate(candidates):
+        if compatible(spec, X.shape[1:], n_classes):
+            out[i] = float((A.forward(spec, sd, X).argmax(1) == y).float().mean())
+    return out
+
+
 def step_ratio_summary(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Aggregate ``transfer_protocol`` results of several tasks (one retrieval method).
 
@@ -331,7 +346,8 @@ def transfer_protocol(query_embedding: np.ndarray, candidate_embeddings: np.ndar
                       candidates: Sequence[tuple[A.ArchitectureSpec, StateDict]], task_data: TaskData,
                       k: int = 5, steps: int = 200, target_acc: float | None = None, lr: float = 1e-3,
                       batch_size: int = 64, eval_every: int = 10, seed: int = 0,
-                      device: str | torch.device = "cpu", cache: dict | None = None) -> dict[str, Any]:
+                      device: str | torch.device = "cpu", cache: dict | None = None,
+                      scores: np.ndarray | None = None) -> dict[str, Any]:
     """Fine-tune the k candidates nearest to the query (cosine) and k random compatible ones.
 
     Args:
@@ -346,6 +362,8 @@ def transfer_protocol(query_embedding: np.ndarray, candidate_embeddings: np.ndar
         seed: random arm draw and minibatch order (each model i uses seed + i).
         cache: fine-tuning runs by (candidate, seed) to share between calls on the same task and budget (several
             retrieval methods: the random arm, the same for each, is then trained once).
+        scores: (n,) a ranking instead of the embeddings (higher first; ``query_embedding`` and
+            ``candidate_embeddings`` are then ignored and may be None), e.g. ``start_accuracy_scores``, an oracle.
     Returns:
         {"retrieved": summary, "random": summary, "retrieved_idx", "random_idx", "n_compatible",
          "step_ratio": mean steps-to-target retrieved / random (never-reached counted as ``steps``; NaN if
@@ -353,10 +371,13 @@ def transfer_protocol(query_embedding: np.ndarray, candidate_embeddings: np.ndar
          "acc_gain": mean final acc retrieved - random}. Random draws are uniform
          over all compatible candidates, so they may overlap the retrieved ones.
     """
-    q = np.asarray(query_embedding, np.float64).reshape(-1)
-    C = np.asarray(candidate_embeddings, np.float64)
-    assert C.ndim == 2 and C.shape == (len(candidates), q.shape[0]), \
-        f"candidate_embeddings must be ({len(candidates)}, {q.shape[0]}), got {C.shape}"
+    if scores is None:
+        q = np.asarray(query_embedding, np.float64).reshape(-1)
+        C = np.asarray(candidate_embeddings, np.float64)
+        assert C.ndim == 2 and C.shape == (len(candidates), q.shape[0]), \
+            f"candidate_embeddings must be ({len(candidates)}, {q.shape[0]}), got {C.shape}"
+    else:
+        assert np.shape(scores) == (len(candidates),), f"scores must be ({len(candidates)},), got {np.shape(scores)}"
     X_tr, y_tr, X_te, y_te = task_data
     n_classes = int(max(y_tr.max(), y_te.max())) + 1
     ok = np.array([compatible(s, X_tr.shape[1:], n_classes) for s, _ in candidates])
@@ -364,7 +385,8 @@ def transfer_protocol(query_embedding: np.ndarray, candidate_embeddings: np.ndar
     if len(comp) < k:
         raise ValueError(f"transfer_protocol: only {len(comp)} candidates are compatible with the task "
                          f"(input {tuple(X_tr.shape[1:])}, {n_classes} classes); need k={k}")
-    sims = (C[comp] @ q) / np.maximum(np.linalg.norm(C[comp], axis=1) * np.linalg.norm(q), 1e-12)
+    sims = (np.asarray(scores, np.float64)[comp] if scores is not None else
+            (C[comp] @ q) / np.maximum(np.linalg.norm(C[comp], axis=1) * np.linalg.norm(q), 1e-12))
     retrieved = comp[np.argsort(-sims, kind="stable")[:k]]
     random_idx = np.random.default_rng(seed).choice(comp, size=k, replace=False)
     kw = dict(steps=steps, lr=lr, batch_size=batch_size, eval_every=eval_every, target_acc=target_acc, device=device)

@@ -524,6 +524,8 @@ def merging(cfg: ExperimentConfig, zoo, methods: Methods, rec: RunRecorder) -> d
 
 
 TRANSFER_REFERENCES = ("probe_fingerprint_data", "probe_fingerprint", "input_profile")
+# ranks the candidates by their accuracy on the unseen task's labelled train data: an upper reference, not a method
+TRANSFER_ORACLE = "start accuracy [oracle: reads the task's labels]"
 
 
 def transfer(cfg: ExperimentConfig, zoo, splits: Mapping[int, D.Split], runs: Mapping[int, Methods],
@@ -531,7 +533,9 @@ def transfer(cfg: ExperimentConfig, zoo, splits: Mapping[int, D.Split], runs: Ma
     """Per seed, with its split and its methods: for ``cfg.eval.transfer_tasks`` of its test-unseen tasks (drawn by
     :func:`transfer_tasks`), query with one final model of the task and fine-tune the top-k retrieved vs k random
     compatible models (final checkpoints of seen-task training runs), retrieving with the main encoder, the
-    untrained one and the training-free fingerprints (``TRANSFER_REFERENCES``). Tasks are keyed "<task> [seed <s>]"; ``summary`` aggregates every seed's tasks per method."""
+    untrained one and the training-free fingerprints (``TRANSFER_REFERENCES``), and, as an upper reference, the
+    label-reading oracle ``TRANSFER_ORACLE``. Tasks are keyed "<task> [seed <s>]"; ``summary`` aggregates every seed's
+    tasks per method."""
     meta = zoo.metadata
     final = meta["is_final"].to_numpy().astype(bool)
     ev = cfg.eval
@@ -562,12 +566,13 @@ def transfer(cfg: ExperimentConfig, zoo, splits: Mapping[int, D.Split], runs: Ma
             q_spec = zoo.spec(q)  # candidates must take the query's input format (flat for MLPs, images for CNNs)
             data = (inputs_for_spec(q_spec, X_tr), y_tr, inputs_for_spec(q_spec, X_te), y_te)
             target = ev.transfer_target_fraction * float(meta["test_acc"].iloc[q])
-            runs_cache: dict = {}  # the random arm is the same for every retrieval method: trained once
+            kw = dict(k=ev.transfer_k, steps=ev.transfer_steps, target_acc=target, lr=ev.transfer_lr,
+                      batch_size=ev.transfer_batch_size, eval_every=ev.transfer_eval_every, seed=seed,
+                      cache={})  # the random arm is the same for every retrieval method: trained once
             try:
-                per = {m: M.transfer_protocol(stored[m][q], stored[m][cand_rows], cand, data, k=ev.transfer_k,
-                                              steps=ev.transfer_steps, target_acc=target, lr=ev.transfer_lr,
-                                              batch_size=ev.transfer_batch_size, eval_every=ev.transfer_eval_every,
-                                              seed=seed, cache=runs_cache) for m in retrievers}
+                per = {m: M.transfer_protocol(stored[m][q], stored[m][cand_rows], cand, data, **kw) for m in retrievers}
+                per[TRANSFER_ORACLE] = M.transfer_protocol(None, None, cand, data, **kw,
+                                                           scores=M.start_accuracy_scores(cand, data[0], data[1]))
             except ValueError as e:  # too few compatible candidates: this task is reported skipped, the others go on
                 skipped[key] = str(e)
                 log.warning("transfer: task %s skipped: %s", key, e)

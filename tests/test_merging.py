@@ -123,6 +123,17 @@ def test_transfer_protocol_retrieves_the_useful_models(trained_models, second_ml
                                 eval_every=1, seed=3)  # no model can reach it: the ratio is undefined, not 1
     assert never["retrieved"]["frac_reached"] == never["random"]["frac_reached"] == 0
     assert np.isnan(never["step_ratio"])
+    # the label-reading oracle ranks by accuracy on the task's train data before fine-tuning: the trained MLPs first
+    acc = M.start_accuracy_scores(candidates, task[0], task[1])
+    assert np.isnan(acc[2]) and acc[1] > 0.9 and acc[4] > 0.9 and max(acc[[0, 3, 5]]) < 0.5
+    logits = A.forward(spec, second_mlp, task[0][:512])
+    assert acc[4] == pytest.approx(float((logits.argmax(1) == task[1][:512]).float().mean()))
+    oracle = M.transfer_protocol(None, None, candidates, task, k=2, steps=2, target_acc=0.9, eval_every=1, seed=3,
+                                 scores=acc)
+    assert sorted(oracle["retrieved_idx"]) == [1, 4] and oracle["n_compatible"] == 5
+    flipped = M.transfer_protocol(None, None, candidates, task, k=2, steps=2, target_acc=0.9, eval_every=1, seed=3,
+                                  scores=np.nan_to_num(-acc))  # any ranking: the untrained ones now
+    assert set(flipped["retrieved_idx"]) <= {0, 3, 5}
 
 
 def _arm(steps: float, start: float) -> dict:
