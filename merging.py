@@ -306,18 +306,17 @@ def _summarise(runs: list[dict], steps: int) -> dict[str, Any]:
             "curves": [r["curve"] for r in runs]}
 
 
-@torch.no_grad()
 def start_accuracy_scores(candidates: Sequence[tuple[A.ArchitectureSpec, StateDict]], X: torch.Tensor,
                           y: torch.Tensor, max_rows: int = 512) -> np.ndarray:
     """Each candidate's accuracy on the task's first ``max_rows`` training examples before fine-tuning (NaN where
     it does not fit the task): a retrieval ORACLE for ``transfer_protocol(scores=...)``: it reads the unseen task's
-    labels, which no weight-space retrieval has. It bounds what ranking the zoo's models can do for fine-tuning."""
+    labels, which no weight-space retrieval has: a strong reference for what ranking the zoo's models can give."""
+    n_classes = int(y.max()) + 1  # of all the rows: the first ones may miss a class
     X, y = X[:max_rows], y[:max_rows]
-    n_classes = int(y.max()) + 1
     out = np.full(len(candidates), np.nan)
     for i, (spec, sd) in enumerate(candidates):
         if compatible(spec, X.shape[1:], n_classes):
-            out[i] = float((A.forward(spec, sd, X).argmax(1) == y).float().mean())
+            out[i] = evaluate(spec, sd, X, y)["acc"]
     return out
 
 
