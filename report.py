@@ -794,7 +794,7 @@ def analysis_lines(r: Mapping) -> list[str]:
     failed = [k for k, s in r.get("stages", {}).items() if s["status"] != "ok"]
     if failed:
         out.append(f"- Stages that did not finish: {', '.join(failed)} (see the Stages table).")
-    return out or ["- No metric was produced."]
+    return out or ["- No retrieval table in this run" + ("; its result is the scaling table above." if r.get("scaling") else ".")]
 
 
 def comparison_lines(r: Mapping) -> list[str]:

@@ -100,6 +100,7 @@ def test_scaling_report_table_and_figure_come_from_the_json(scaling_run, tmp_pat
     results["figures"] = {"scaling": "figures/scaling.png"}
     md = report.render_markdown(results)
     assert f"## {report.SCALING_HEADING}" in md and "![scaling](figures/scaling.png)" in md
+    assert "its result is the scaling table above" in md.split("## Analysis")[1]  # not "no metric was produced"
     row = next(line for line in md.splitlines() if line.startswith("| gnn [supcon]"))
     p = out["summary"]["gnn [supcon]"]["P@10"]
     assert f"{p['mean'][0]:.3f} ± {p['std'][0]:.3f}" in row and f"{p['mean'][1]:.3f} ± {p['std'][1]:.3f}" in row
