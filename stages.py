@@ -524,7 +524,7 @@ def merging(cfg: ExperimentConfig, zoo, methods: Methods, rec: RunRecorder) -> d
 
 
 TRANSFER_REFERENCES = ("probe_fingerprint_data", "probe_fingerprint", "input_profile")
-# ranks the candidates by their accuracy on the unseen task's labelled train data: an upper reference, not a method
+# ranks the candidates by their accuracy on the unseen task's labelled train data: a reference, not a method
 TRANSFER_ORACLE = "start accuracy [oracle: reads the task's labels]"
 
 
@@ -533,7 +533,7 @@ def transfer(cfg: ExperimentConfig, zoo, splits: Mapping[int, D.Split], runs: Ma
     """Per seed, with its split and its methods: for ``cfg.eval.transfer_tasks`` of its test-unseen tasks (drawn by
     :func:`transfer_tasks`), query with one final model of the task and fine-tune the top-k retrieved vs k random
     compatible models (final checkpoints of seen-task training runs), retrieving with the main encoder, the
-    untrained one and the training-free fingerprints (``TRANSFER_REFERENCES``), and, as an upper reference, the
+    untrained one and the training-free fingerprints (``TRANSFER_REFERENCES``), and, as a strong reference, the
     label-reading oracle ``TRANSFER_ORACLE``. Tasks are keyed "<task> [seed <s>]"; ``summary`` aggregates every seed's
     tasks per method."""
     meta = zoo.metadata
