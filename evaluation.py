@@ -16,8 +16,8 @@ Contents
     :func:`property_prediction` (ridge / MLP probes), :func:`property_prediction_suite`,
     :func:`distance_performance_spearman`;
   * symmetry robustness: :func:`symmetry_robustness` (queries permuted/rescaled/sign-flipped);
-  * reference embeddings (:func:`reference_embeddings`: chance, constant) and :func:`trivial_passes`
-    (where a constant or shape-only embedding scores >= 0.85);
+  * reference embeddings (chance, constant), the property oracles and :func:`trivial_passes` (where a constant
+    or shape-only embedding scores >= 0.85): in the sibling ``references.py``, re-exported here;
   * :func:`aggregate_seeds` (mean/std over seeds; each seed has its own split).
 
 Model merging and transfer (fine-tuning) protocols live in the sibling ``merging.py``, the
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
@@ -40,6 +40,9 @@ from sklearn.metrics import adjusted_rand_score, mean_squared_error, normalized_
 from sklearn.neural_network import MLPRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
+
+from references import (PROPERTY_ORACLES, REFERENCE_METHODS, TRIVIAL_METHODS, TRIVIAL_THRESHOLD,  # noqa: F401
+                        property_oracle_embeddings, reference_embeddings, trivial_passes)  # (re-exported)
 
 # (n_queries_in_chunk * n_database) similarities held at once; bounds memory to ~32 MB of float32.
 _CHUNK_ELEMENTS = 8_000_000
@@ -198,7 +201,8 @@ class RetrievalEvaluator:
         relevance_mask_fn: RelevanceFn | None = None,
         exclude_same: Sequence | Sequence[Sequence] | None = None,
         query_embeddings: np.ndarray | None = None,
-    ) -> dict[str, float]:
+        per_query: bool = False,
+    ) -> dict[str, Any]:
         """Retrieval metrics averaged over queries.
 
         Args:
@@ -216,6 +220,8 @@ class RetrievalEvaluator:
                 inflate every number without saying anything about task similarity.
             query_embeddings: (len(query_idx), d) optional replacement embeddings for the queries
                 (used by :func:`symmetry_robustness`: transformed queries vs a clean database).
+            per_query: also return "per_query": {"query_idx": the counted queries' rows, and each metric's
+                per-query values in that order} (for breakdowns over subsets of the queries).
         Returns:
             {"P@k", "R@k", "F1@k" per k, "mAP", "MRR"} means over queries with at least one relevant
             item, plus "n_queries" (counted), "n_skipped" (queries without any relevant item in
@@ -255,8 +261,8 @@ class RetrievalEvaluator:
         db = db[np.random.default_rng(self.tie_break_seed).permutation(len(db))]  # tie order, see __init__
         dbemb = emb[db]  # (D, d)
 
-        per_query: dict[str, list[np.ndarray]] = {}
-        chance, db_sizes, skipped = [], [], 0
+        values: dict[str, list[np.ndarray]] = {}
+        chance, db_sizes, counted, skipped = [], [], [], 0
         chunk = max(1, self.chunk_elements // len(db))
         for s in range(0, len(q), chunk):
             qc = q[s:s + chunk]
@@ -279,17 +285,21 @@ class RetrievalEvaluator:
             order = np.argsort(-sim, axis=1, kind="stable")  # ties keep the shuffled database order
             m = ranking_metrics(np.take_along_axis(rel, order, axis=1), n_rel[keep], self.k_values)
             for key, v in m.items():
-                per_query.setdefault(key, []).append(v)
+                values.setdefault(key, []).append(v)
+            counted.append(qc[keep])
             chance.append(n_rel[keep] / n_valid[keep])
             db_sizes.append(n_valid[keep])
         n_counted = len(q) - skipped
         if n_counted == 0:
             raise NoRelevantItems(f"no query has a relevant item in its database ({len(q)} queries)")
-        res = {k: float(np.concatenate(v).mean()) for k, v in per_query.items()}
+        arrays = {k: np.concatenate(v) for k, v in values.items()}
+        res: dict[str, Any] = {k: float(v.mean()) for k, v in arrays.items()}
         res["mAP"], res["MRR"] = res.pop("AP"), res.pop("RR")
         res.update(n_queries=float(n_counted), n_skipped=float(skipped),
                    chance_P=float(np.concatenate(chance).mean()),
                    mean_db_size=float(np.concatenate(db_sizes).mean()))
+        if per_query:
+            res["per_query"] = {"query_idx": np.concatenate(counted), **arrays}
         return res
 
 
@@ -301,7 +311,8 @@ def retrieval_protocols(
     k_values: Sequence[int] = (1, 5, 10),
     exclude_same_run: bool = True,
     protocols: Sequence[str] | None = None,
-) -> dict[str, dict[str, float]]:
+    per_query: bool = False,
+) -> dict[str, dict[str, Any]]:
     """All retrieval protocols of the report (see ``PROTOCOL_NOTES``) for one embedding matrix.
 
     Args:
@@ -313,6 +324,7 @@ def retrieval_protocols(
         db_idx: database rows (default every row).
         exclude_same_run: remove other checkpoints of the query's own training run from its database.
         protocols: subset of PROTOCOL_NOTES keys (default all).
+        per_query: each protocol's metrics also hold its per-query values (``RetrievalEvaluator``).
     Returns:
         {protocol: metrics dict of RetrievalEvaluator.evaluate_knn_retrieval}, plus
         "skipped": {protocol: reason} for protocols that do not apply (no query of that kind, or no
@@ -349,7 +361,7 @@ def retrieval_protocols(
         elif name == "same_architecture":
             kw.update(task_labels=col["arch_id"])
         try:
-            out[name] = ev.evaluate_knn_retrieval(embeddings, **kw)
+            out[name] = ev.evaluate_knn_retrieval(embeddings, **kw, per_query=per_query)
         except NoRelevantItems as e:  # reported, not hidden: the protocol does not apply here
             skipped[name] = str(e)
     if skipped:
@@ -391,20 +403,72 @@ def validation_retrieval(embeddings: np.ndarray, task: Sequence, shape_group: Se
     return out
 
 
+def per_query_breakdown(results: Mapping[str, Mapping[str, Any]], labels: Sequence, k: int = 10,
+                        protocols: Sequence[str] = HEADLINE_PROTOCOLS) -> dict[str, dict[str, float]]:
+    """{protocol: {label: P@k}}: the mean P@k of each protocol's queries of one ``labels`` value (one per zoo row,
+    e.g. the shape group), from :func:`retrieval_protocols` results computed with ``per_query``. Every label is
+    present, NaN where it has no query of the protocol with a relevant item (and for a skipped protocol). Only the
+    queries are split: each query searched the whole database."""
+    lab = np.asarray(labels, dtype=object)
+    out: dict[str, dict[str, float]] = {p: {} for p in protocols}
+    for p in protocols:
+        pq = results[p]["per_query"] if p in results else {"query_idx": np.zeros(0, np.int64), f"P@{k}": np.zeros(0)}
+        q_lab, p_at_k = lab[np.asarray(pq["query_idx"], np.int64)], np.asarray(pq[f"P@{k}"])
+        for g in sorted(set(lab.tolist()), key=str):
+            m = q_lab == g
+            out[p][str(g)] = float(p_at_k[m].mean()) if m.any() else float("nan")
+    return out
+
+
+def retrieval_by_query_label(embeddings: np.ndarray, metadata: Any, query_sets: Mapping[str, Sequence[int]],
+                             labels: Sequence, k: int = 10,
+                             protocols: Sequence[str] = HEADLINE_PROTOCOLS) -> dict[str, dict[str, float]]:
+    """P@k of ``protocols`` (of :func:`retrieval_protocols`, database the whole zoo) over the queries of one
+    ``labels`` value at a time (:func:`per_query_breakdown`)."""
+    assert len(labels) == len(embeddings), f"one label per zoo row expected, got {len(labels)} for {len(embeddings)}"
+    res = retrieval_protocols(embeddings, metadata, query_sets, None, (k,), protocols=protocols, per_query=True)
+    return per_query_breakdown(res, labels, k, protocols)
+
+
 def retrieval_by_shape_group(embeddings: np.ndarray, metadata: Any, query_sets: Mapping[str, Sequence[int]],
                              k: int = 10, protocols: Sequence[str] = HEADLINE_PROTOCOLS) -> dict[str, dict[str, float]]:
-    """P@k of ``protocols`` (of :func:`retrieval_protocols`, database the whole zoo) with the queries of one
-    shape group at a time: {protocol: {shape_group: P@k}}, every shape group of ``metadata`` present, NaN
-    where that group has no query of the protocol with a relevant item (e.g. no test-unseen task there)."""
-    sg = np.asarray(metadata["shape_group"])
-    out: dict[str, dict[str, float]] = {p: {} for p in protocols}
-    for g in sorted(set(sg.tolist())):
-        sets = {name: np.asarray(q, np.int64)[sg[np.asarray(q, np.int64)] == g] for name, q in query_sets.items()}
-        r = retrieval_protocols(embeddings, metadata, sets, None, (k,), protocols=protocols) \
-            if any(len(q) for q in sets.values()) else {}
-        for p in protocols:
-            out[p][str(g)] = float(r[p][f"P@{k}"]) if p in r else float("nan")
-    return out
+    """:func:`retrieval_by_query_label` by the queries' shape group: {protocol: {shape_group: P@k}}."""
+    return retrieval_by_query_label(embeddings, metadata, query_sets, np.asarray(metadata["shape_group"]), k, protocols)
+
+
+# How much of its task a model learned (:func:`learned_fraction`), in bins: a query that failed to learn its task
+# computes little of it, so no reading of its function can find the task's other models.
+QUERY_FIT_BINS: tuple[tuple[str, float], ...] = (("failed (< 0.5)", 0.5), ("partly (0.5-0.9)", 0.9),
+                                                 ("learned (>= 0.9)", float("inf")))
+
+
+def learned_fraction(test_acc: Sequence[float], task: Sequence, num_outputs: Sequence[int]) -> np.ndarray:
+    """Per model, the fraction of its task's learnable accuracy it reached: (acc - chance) / (best - chance), with
+    chance = 1 / num_outputs and best = the highest test accuracy of any model of the same task (1 for that model,
+    <= 0 at or below chance; 1 for every model of a task none learned above chance)."""
+    acc, tk = np.asarray(test_acc, np.float64), np.asarray(task, dtype=object)
+    chance = 1.0 / np.asarray(num_outputs, np.float64)
+    assert acc.shape == tk.shape == chance.shape, f"one value per model expected: {acc.shape}, {tk.shape}, {chance.shape}"
+    best = acc.copy()
+    for t in set(tk.tolist()):
+        m = tk == t
+        best[m] = acc[m].max()
+    gain = best - chance
+    return np.where(gain > 1e-9, (acc - chance) / np.where(gain > 1e-9, gain, 1.0), 1.0)
+
+
+def query_fit_labels(metadata: Any) -> np.ndarray:
+    """The :data:`QUERY_FIT_BINS` name of every zoo row, from its test accuracy, task and output count (the
+    ``out`` of its shape group ``in<n>-out<m>``)."""
+    groups = [str(g) for g in np.asarray(metadata["shape_group"])]
+    outs = [re.fullmatch(r"in\d+-out(\d+)", g) for g in groups]
+    bad = sorted({g for g, m in zip(groups, outs) if m is None})
+    if bad:
+        raise ValueError(f"shape groups {bad[:3]} are not 'in<n>-out<m>': cannot read the output count")
+    frac = learned_fraction(metadata["test_acc"], metadata["task"], [int(m.group(1)) for m in outs])
+    edges = np.array([hi for _, hi in QUERY_FIT_BINS])
+    names = np.array([name for name, _ in QUERY_FIT_BINS], dtype=object)
+    return names[np.searchsorted(edges, frac, side="right")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -714,7 +778,9 @@ def evaluate_embeddings(
     distance-performance correlation see at most ``max_probe_dims`` dimensions (:func:`reduce_dims`).
 
     Returns {"retrieval": {protocol: metrics}, "retrieval_by_shape_group": {protocol: {shape group: P@10}}
-    (:func:`retrieval_by_shape_group`), ["validation": ...], "clustering" and
+    (:func:`retrieval_by_shape_group`), "retrieval_by_query_fit": {query set: {bin: P@10}} and "query_fit_share":
+    {query set: {bin: fraction of its queries}} (queries binned by how much of their task they learned,
+    :func:`query_fit_labels`), ["validation": ...], "clustering" and
     "clustering_unseen_tasks" (k-means within each shape group, :func:`clustering_within_groups`; unseen =
     test-unseen and unseen-kind queries), "properties": {target: {probe: metrics + "within_kendall_final"
     (tau within task over final checkpoints) and "within_kendall_task_epoch" (within task and epoch)}},
@@ -728,8 +794,17 @@ def evaluate_embeddings(
     assert len(np.intersect1d(tr, te)) == 0, "fit and query rows overlap"
     col = {c: np.asarray(metadata[c]) for c in ("task", "shape_group", "run_id", "epoch", "is_final")}
     tasks, groups = col["task"], col["shape_group"]
-    out: dict[str, Any] = {"retrieval": retrieval_protocols(emb, metadata, sets, None, k_values),
-                           "retrieval_by_shape_group": retrieval_by_shape_group(emb, metadata, sets)}
+    # one search per protocol; the breakdowns (P@10 by shape group, by how well the query learned its task) average
+    # its per-query values over subsets of the queries
+    full = retrieval_protocols(emb, metadata, sets, None, tuple(sorted({*k_values, 10})), per_query=True)
+    fit_label = query_fit_labels(metadata)
+    unasked = {"per_query"} | (set() if 10 in k_values else {"P@10", "R@10", "F1@10"})
+    out: dict[str, Any] = {
+        "retrieval": {p: {m: v for m, v in r.items() if m not in unasked} for p, r in full.items()},
+        "retrieval_by_shape_group": per_query_breakdown(full, groups),
+        "retrieval_by_query_fit": per_query_breakdown(full, fit_label, protocols=tuple(sets)),
+        "query_fit_share": {s: {b: float(np.mean(fit_label[q] == b)) if len(q) else float("nan")
+                                for b, _ in QUERY_FIT_BINS} for s, q in sets.items()}}
     if validation is not None:
         db = np.asarray(validation["database"], np.int64)
         pos = {int(r): i for i, r in enumerate(db)}
@@ -761,89 +836,6 @@ def evaluate_embeddings(
     acc = np.asarray(metadata["test_acc"], np.float64)
     out["distance_performance"] = {"test_acc": distance_performance_spearman(emb[te], acc[te], tasks[te], seed=seed)}
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# reference embeddings and protocols they pass
-# --------------------------------------------------------------------------------------------
-REFERENCE_METHODS: dict[str, str] = {
-    "random (chance)": "Gaussian random embedding (16 dims, drawn per seed): the chance level of each protocol, "
-                       "measured with the same code",
-    "constant": "every model the same embedding: ties broken in a random order, so it passes only what a "
-                "protocol gives away",
-}
-TRIVIAL_METHODS: tuple[str, ...] = ("constant", "shape_only")  # an honest protocol is not passed by these
-TRIVIAL_THRESHOLD = 0.85
-_SCORE = re.compile(r"^(P@\d+|R@\d+|F1@\d+|mAP|MRR|purity|ARI|NMI|R2|spearman|kendall|within_\w+|"
-                    r"val_(seen_|unseen_)?P@\d+)$")
-
-
-def reference_embeddings(n: int, seed: int) -> dict[str, np.ndarray]:
-    """The embeddings of ``REFERENCE_METHODS`` for a zoo of ``n`` models: {name: (n, 16) float32}."""
-    return {"random (chance)": np.random.default_rng(seed).standard_normal((n, 16)).astype(np.float32),
-            "constant": np.ones((n, 16), np.float32)}
-
-
-# Oracles of the property tables: each reads metadata that an embedding of the weights does not see. They say how
-# much of a target (above all the within-task rank of test accuracy) is predictable at all in this zoo.
-PROPERTY_ORACLES: dict[str, str] = {
-    "train_acc [oracle: training-set accuracy]": "the model's accuracy on its own training set (labelled training "
-                                                  "data; metadata column train_acc)",
-    "recipe [oracle: training hyperparameters]": "the training recipe from the metadata: log10 lr, optimizer, log10 "
-                                                  "weight decay, train fraction, log training-set size, batch size, "
-                                                  "log parameter count, architecture family, checkpoint epoch",
-    "test_loss [oracle: test-set loss]": "the model's cross-entropy on the task's test set (the target's own data)",
-}
-
-
-def property_oracle_embeddings(metadata: Any) -> dict[str, np.ndarray]:
-    """The embeddings of ``PROPERTY_ORACLES`` (metadata columns as features): {label: (n, d) float32}. Every
-    protocol scores them like any method; the report lists them as oracles, never as baselines."""
-    col = lambda c: np.asarray(metadata[c])  # noqa: E731
-    fam = col("arch_family").astype(str)
-    recipe = np.stack([np.log10(col("lr").astype(float)), (col("optimizer").astype(str) == "adam").astype(float),
-                       np.log10(col("weight_decay").astype(float) + 1e-8), col("train_fraction").astype(float),
-                       np.log(col("n_train").astype(float)), np.log(col("batch_size").astype(float)),
-                       np.log(col("num_params").astype(float)), col("epoch").astype(float),
-                       *[(fam == f).astype(float) for f in sorted(set(fam))]], 1)
-    labels = list(PROPERTY_ORACLES)
-    return {labels[0]: col("train_acc").astype(np.float32)[:, None],
-            labels[1]: recipe.astype(np.float32),
-            labels[2]: col("test_loss").astype(np.float32)[:, None]}
-
-
-def trivial_passes(per_seed: Mapping[str, Sequence[Mapping[str, Any] | None]], methods: Sequence[str] = TRIVIAL_METHODS,
-                   threshold: float = TRIVIAL_THRESHOLD) -> dict[str, list[dict[str, Any]]]:
-    """Where a method that reads no function (a constant embedding, shapes only) scores >= ``threshold``.
-
-    Args:
-        per_seed: {method: [one :func:`evaluate_embeddings` result per seed (None: that seed failed)]}.
-    Returns:
-        {section path, e.g. "retrieval/full_zoo" or "properties/test_acc/ridge": [{"method", "metric",
-        "max" (over seeds), "seeds" (how many reach the threshold), "n" (seeds)}]}: every score metric
-        (precision, recall, mAP, MRR, clustering scores, R2 and rank correlations) of any seed at or above it.
-    """
-    found: dict[str, list[dict[str, Any]]] = {}
-    for method in methods:
-        runs = [r for r in per_seed.get(method, []) if r is not None]
-        hits: dict[tuple[str, str], list[float]] = {}
-        for r in runs:
-            for path, value in _score_leaves(r, ()):
-                hits.setdefault(path, []).append(value)
-        for (section, metric), vals in hits.items():
-            passing = [v for v in vals if v >= threshold]
-            if passing:
-                found.setdefault(section, []).append({"method": method, "metric": metric, "max": float(max(vals)),
-                                                      "seeds": len(passing), "n": len(runs)})
-    return found
-
-
-def _score_leaves(d: Mapping[str, Any], path: tuple[str, ...]) -> Iterator[tuple[tuple[str, str], float]]:
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            yield from _score_leaves(v, path + (k,))
-        elif _SCORE.match(k) and isinstance(v, (int, float)) and not np.isnan(v):
-            yield ("/".join(path), k), float(v)
 
 
 def embed_fn_from_method(method: Any) -> EmbedFn:

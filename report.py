@@ -3,7 +3,8 @@
 ``RunRecorder`` times stages, records their status (ok / failed / not built / skipped) and
 writes results.json atomically after every stage, so a crash never loses what was already
 measured. ``render_markdown(results)`` turns results.json into results.md; every number in
-the Markdown is formatted from the JSON, nothing is computed here.
+the Markdown is formatted from the JSON, nothing is computed here. Its siblings: ``report_format.py`` (cells,
+tables, reading results.json; re-exported here) and ``report_comparison.py`` (the issue-16 section).
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from report_comparison import FOUR_PROTOCOLS, by_shape_group, comparison_lines, headline_methods
+from report_format import (HEADLINE, REFERENCE_ORDER, RETRIEVAL_COLUMNS, fmt, get_path, is_oracle,  # noqa: F401 (re-exported)
+                           md_table, mean_value, ordered_methods, retrieval_table, strongest_fingerprint)
 
 log = logging.getLogger("weightzoo")
 
@@ -56,14 +61,14 @@ def setup_logging(log_path: Path | None, verbose: bool = True) -> None:
     root = logging.getLogger("weightzoo")
     root.setLevel(logging.INFO)
     root.handlers.clear()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     if verbose:
         h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(fmt)
+        h.setFormatter(formatter)
         root.addHandler(h)
     if log_path is not None:
         fh = logging.FileHandler(log_path, mode="a")
-        fh.setFormatter(fmt)
+        fh.setFormatter(formatter)
         root.addHandler(fh)
 
 
@@ -127,43 +132,9 @@ class RunRecorder:
         return self.results["stages"].get(name, {}).get("status") == "ok"
 
 
-# --- Markdown ------------------------------------------------------------------
-def fmt(v: Any, digits: int = 3) -> str:
-    """Format a number or an aggregated {"mean", "std"} as 'm ± s'."""
-    if isinstance(v, Mapping) and "mean" in v:
-        if v.get("std") is None or len(v.get("values", [0, 0])) < 2:
-            return f"{v['mean']:.{digits}f}"
-        return f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}"
-    if isinstance(v, bool) or v is None:
-        return str(v)
-    if isinstance(v, (int,)):
-        return str(v)
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def md_table(rows: Mapping[str, Mapping[str, Any]], columns: list[str] | None = None, first: str = "method") -> str:
-    """{row name: {column: value}} -> a Markdown table (missing cells '—')."""
-    if not rows:
-        return "_no rows_\n"
-    if columns is None:
-        columns = []
-        for r in rows.values():
-            columns += [c for c in r if c not in columns]
-    lines = ["| " + " | ".join([first] + columns) + " |", "|" + "---|" * (len(columns) + 1)]
-    for name, r in rows.items():
-        lines.append("| " + " | ".join([str(name)] + [fmt(r[c]) if c in r else "—" for c in columns]) + " |")
-    return "\n".join(lines) + "\n"
-
-
 # --- the report ----------------------------------------------------------------
-RETRIEVAL_COLUMNS = ["P@1", "P@5", "P@10", "R@10", "F1@10", "mAP", "MRR", "chance_P"]
-# the headline protocols (results.json "headline_protocols" when present: evaluation.HEADLINE_PROTOCOLS)
-HEADLINE = ("seen_tasks", "unseen_tasks", "unseen_kinds", "cross_architecture_within_shape_group")
 VALIDATION_COLUMNS = ["val_seen_P@10", "val_unseen_P@10", "val_P@10", "val_seen_chance_P", "val_unseen_chance_P"]
 PROPERTY_COLUMNS = ("R2", "spearman", "kendall", "within_kendall", "within_kendall_final", "within_kendall_task_epoch")
-REFERENCE_ORDER = ("shape_only", "constant", "random (chance)")  # the last rows of every table
 
 # How each design default was chosen: which data the choice read (rendered into every results.md).
 DESIGN_CHOICES: tuple[tuple[str, tuple[tuple[str, str], ...], str], ...] = (
@@ -188,51 +159,6 @@ DESIGN_CHOICES: tuple[tuple[str, tuple[tuple[str, str], ...], str], ...] = (
 )
 
 
-def _get(d: Mapping, *path: str) -> Any:
-    for p in path:
-        if not isinstance(d, Mapping) or p not in d:
-            return None
-        d = d[p]
-    return d
-
-
-def _mean(v: Any) -> float | None:
-    if isinstance(v, Mapping) and "mean" in v:
-        return float(v["mean"])
-    return float(v) if isinstance(v, (int, float)) else None
-
-
-def is_oracle(method: str) -> bool:
-    """A metadata baseline whose model cards name the task (baselines.oracle_label)."""
-    return "[oracle:" in method
-
-
-def ordered_methods(results: Mapping, oracles: bool = False) -> list[str]:
-    """Trained encoders, untrained encoders, the other methods, then shape_only, constant and chance."""
-    ms = [m for m in results.get("methods", {}) if oracles or not is_oracle(m)]
-    trained = [m for m in ms if m.endswith("]") and "[untrained]" not in m and not is_oracle(m)]
-    untrained = [m for m in ms if m.endswith("[untrained]")]
-    refs = [m for m in REFERENCE_ORDER if m in ms]
-    rest = [m for m in ms if m not in trained + untrained + refs]
-    return trained + untrained + rest + refs
-
-
-def retrieval_table(results: Mapping, protocol: str, oracles: bool = False) -> dict[str, dict]:
-    methods = results.get("methods", {})
-    return {m: {c: r[c] for c in RETRIEVAL_COLUMNS if c in r}
-            for m in ordered_methods(results, oracles)
-            if (r := _get(methods[m], "retrieval", protocol)) is not None}
-
-
-def strongest_fingerprint(results: Mapping, protocol: str) -> str | None:
-    """The training-free fingerprint with the best P@10 on ``protocol`` (None if none ran)."""
-    table = retrieval_table(results, protocol)
-    fps = {m: _mean(table[m].get("P@10")) for m in _get(results, "reference_methods", "training_free_fingerprints") or []
-           if m in table}
-    fps = {m: v for m, v in fps.items() if v is not None}
-    return max(fps, key=fps.get) if fps else None
-
-
 def trivial_notes(results: Mapping, section: str, where: str = "here") -> list[str]:
     """Notes for a table whose protocol a constant or shape-only embedding passes (evaluation.trivial_passes)."""
     tp = results.get("trivial_passes") or {}
@@ -240,38 +166,6 @@ def trivial_notes(results: Mapping, section: str, where: str = "here") -> list[s
     return [f"> **Note:** `{h['method']}` (reads no function) reaches {h['metric']} {h['max']:.3f} {where} (>= "
             f"{tp['threshold']} in {h['seeds']} of {h['n']} seeds): this number is passed without reading what the "
             f"networks compute." for h in hits]
-
-
-FOUR_PROTOCOLS = ("seen_tasks", "unseen_tasks", "unseen_kinds", "cross_architecture_within_shape_group")
-
-
-def headline_methods(results: Mapping) -> dict[str, str]:
-    """The four methods of the issue-16 comparison present in ``results``: {role: method}. "trained" is the
-    weakly supervised GNN (supcon) if trained, else the first trained one; "self-supervised" the label-free one."""
-    methods = list(results.get("methods", {}))
-    trained = [m for m in methods if m.endswith("]") and "[" in m and "untrained" not in m and not is_oracle(m)
-               and not m.startswith("probe fingerprint part")]
-    out = {}
-    sup = [m for m in trained if m.endswith("[supcon]")]
-    if sup or trained:
-        out["trained"] = (sup or trained)[0]
-    ss = [m for m in trained if not m.endswith("[supcon]")]
-    if ss:
-        out["self-supervised"] = ss[0]
-    for role, cand in (("untrained", [m for m in methods if m.endswith("[untrained]")]),
-                       ("probe_fingerprint", ["probe_fingerprint"]), ("input_profile", ["input_profile"])):
-        if cand and cand[0] in methods:
-            out[role] = cand[0]
-    return out
-
-
-def by_shape_group(results: Mapping, protocol: str, methods: list[str]) -> dict[str, dict]:
-    """{shape group: {method: aggregated P@10}} of one protocol (evaluation.retrieval_by_shape_group)."""
-    out: dict[str, dict] = {}
-    for m in methods:
-        for g, v in (_get(results, "methods", m, "retrieval_by_shape_group", protocol) or {}).items():
-            out.setdefault(g, {})[m] = v
-    return out
 
 
 def render_figures(results: Mapping, fig_dir: Path) -> dict[str, str]:
@@ -303,7 +197,7 @@ def render_figures(results: Mapping, fig_dir: Path) -> dict[str, str]:
             figs[f"training_{safe}"] = viz.plot_training_curves(rows, fig_dir / f"training_{safe}.png",
                                                                  val_name=hist.get("metric_name", "val metric"),
                                                                  title=f"Training {method} (seed {seed})")
-    sym = _get(results, "symmetry_robustness", "methods")
+    sym = get_path(results, "symmetry_robustness", "methods")
     if sym:
         figs["symmetry_robustness"] = viz.plot_symmetry_robustness(
             {m: {"clean": r["clean"]["P@10"], "transformed": r["transformed"]["P@10"]} for m, r in sym.items()},
@@ -314,7 +208,7 @@ def render_figures(results: Mapping, fig_dir: Path) -> dict[str, str]:
             figs[f"umap_{safe}_{colour}"] = viz.plot_umap(m["xy"], m[colour], fig_dir / f"umap_{safe}_{colour}.png",
                                                           title=f"UMAP of {method} embeddings, coloured by {colour}",
                                                           categorical=cat)
-    pairs = _get(results, "merging", "pairs")
+    pairs = get_path(results, "merging", "pairs")
     if pairs:
         alphas = results["merging"]["alphas"]
         curves = {}
@@ -323,7 +217,7 @@ def render_figures(results: Mapping, fig_dir: Path) -> dict[str, str]:
             curves[f"{kind} averaging"] = {"x": alphas, "y": accs.mean(0).tolist(), "std": accs.std(0).tolist()}
         figs["merging"] = viz.plot_curves(curves, fig_dir / "merging.png", "alpha (interpolation)",
                                           "test accuracy", f"Interpolation between two models (mean of {len(pairs)} pairs)")
-    sc = _get(results, "scaling", "summary")
+    sc = get_path(results, "scaling", "summary")
     if sc:
         ns = sorted({n for v in sc.values() for n in v["n"]})
         curves = {m: ({"x": ns[:1] + ns[-1:], "y": [v["P@10"]["mean"]] * 2, "dashed": True} if v["flat"] else
@@ -331,7 +225,7 @@ def render_figures(results: Mapping, fig_dir: Path) -> dict[str, str]:
         figs["scaling"] = viz.plot_curves(curves, fig_dir / "scaling.png", "training tasks", "unseen-task P@10",
                                           f"Unseen-task P@10 vs training tasks ({len(results['scaling']['per_seed'])} "
                                           "seeds; dashed: training-free)", logx=True)
-    tasks = _get(results, "transfer", "tasks")
+    tasks = get_path(results, "transfer", "tasks")
     if tasks:
         figs["transfer"] = viz.plot_transfer(tasks, fig_dir / "transfer.png")
     return figs
@@ -362,10 +256,10 @@ def render_markdown(results: Mapping) -> str:
           f"world size {r.get('world_size')}, total {r.get('timings', {}).get('total', '—')} s",
           f"- seeds {r.get('seeds')}: every number is mean ± std over them, and each seed draws its own split "
           f"(held-out tasks and kind; the same for every method), so the std includes the split's variance",
-          f"- encoder `{_get(cfg, 'encoder', 'model')}` hidden {_get(cfg, 'encoder', 'hidden_dim')}, "
-          f"{_get(cfg, 'encoder', 'message_passing_steps')} message-passing steps, embedding {_get(cfg, 'encoder', 'global_dim')}; "
-          f"{_get(cfg, 'train', 'epochs')} epochs, batch {_get(cfg, 'train', 'batch_size')}, "
-          f"temperature {_get(cfg, 'train', 'temperature')}, canonical form {_get(cfg, 'graph', 'canonicalize')}",
+          f"- encoder `{get_path(cfg, 'encoder', 'model')}` hidden {get_path(cfg, 'encoder', 'hidden_dim')}, "
+          f"{get_path(cfg, 'encoder', 'message_passing_steps')} message-passing steps, embedding {get_path(cfg, 'encoder', 'global_dim')}; "
+          f"{get_path(cfg, 'train', 'epochs')} epochs, batch {get_path(cfg, 'train', 'batch_size')}, "
+          f"temperature {get_path(cfg, 'train', 'temperature')}, canonical form {get_path(cfg, 'graph', 'canonicalize')}",
           f"- versions: {', '.join(f'{k} {v}' for k, v in r.get('versions', {}).items())}", ""]
     L += zoo_lines(r) + split_lines(r) + ["### Stages", ""] + _stage_lines(r) + [""]
     skipped = {**r.get("skipped_methods", {}), **r.get("failed_methods", {})}
@@ -419,7 +313,7 @@ def split_lines(r: Mapping) -> list[str]:
 def choices_lines(r: Mapping) -> list[str]:
     """The "how these numbers were chosen" section: each design default and the data its choice read."""
     cfg = r.get("config", {})
-    rows = {name: {"value in this run": ", ".join(f"{k} {_get(cfg, sec, k)}" for sec, k in fields) or "per training",
+    rows = {name: {"value in this run": ", ".join(f"{k} {get_path(cfg, sec, k)}" for sec, k in fields) or "per training",
                    "how it was chosen": how} for name, fields, how in DESIGN_CHOICES}
     rc = r.get("recipe_comparison") or {}
     if rc.get("ran"):
@@ -473,7 +367,7 @@ def retrieval_lines(r: Mapping) -> list[str]:
     if oracles:
         L += ["### Oracles (not baselines)", "", "These read what the weights do not give: model cards that name the "
               "task (a partial label oracle), or the training metadata of the property oracles (see the property "
-              "tables).", "", md_table({m: {p: _get(r["methods"][m], "retrieval", p, "P@10") for p in headline}
+              "tables).", "", md_table({m: {p: get_path(r["methods"][m], "retrieval", p, "P@10") for p in headline}
                                         for m in oracles}), ""]
     reduced = {m: a["dims"] for m, a in r["methods"].items()
                if "dims" in a and a["dims"]["probes"]["mean"] < a["dims"]["embedding"]["mean"]}
@@ -488,7 +382,7 @@ def retrieval_lines(r: Mapping) -> list[str]:
 def protocol_table_lines(r: Mapping, proto: str, note: str) -> list[str]:
     table = retrieval_table(r, proto)
     if not table:
-        skipped = {m: _get(a, "retrieval", "skipped", proto) for m, a in r["methods"].items()}
+        skipped = {m: get_path(a, "retrieval", "skipped", proto) for m, a in r["methods"].items()}
         reason = next((v for v in skipped.values() if isinstance(v, str)), None)
         return [f"### {proto}", "", f"Not measured: {reason}.", ""] if reason else []
     L = [f"### {proto}", "", note, "", md_table(table)]
@@ -516,7 +410,7 @@ def clustering_and_property_lines(r: Mapping) -> list[str]:
           "`within_kendall`: Kendall tau within each task over all its checkpoints (mixes training epochs); "
           "`within_kendall_final`: within task, final checkpoints only; `within_kendall_task_epoch`: within each "
           "(task, epoch).", ""]
-    notes = _get(r, "reference_methods", "property_oracles") or {}
+    notes = get_path(r, "reference_methods", "property_oracles") or {}
     oracles = {m: r["methods"][m] for m in notes if m in r["methods"]}
     if oracles:
         L += ["The last rows are oracles, not baselines: each reads metadata the weights do not give (" + "; ".join(
@@ -531,7 +425,7 @@ def clustering_and_property_lines(r: Mapping) -> list[str]:
 
 def extra_protocol_lines(r: Mapping) -> list[str]:
     L: list[str] = []
-    sym = _get(r, "symmetry_robustness", "methods")
+    sym = get_path(r, "symmetry_robustness", "methods")
     if sym:
         L += ["## Symmetry robustness", "",
               f"Within-shape-group retrieval with {r['symmetry_robustness']['n_queries']} queries replaced by randomly "
@@ -667,11 +561,11 @@ def hyperreps_rows(r: Mapping) -> dict[str, dict]:
     (ridge probe; tau = within-task Kendall tau, tau final: over final checkpoints). Rows: each beta, the untrained encoders, the trained
     encoders of the run, StatNN and the training-free fingerprints, those that were evaluated."""
     methods = r.get("methods", {})
-    hyper = list((_get(r, "hyperreps", "methods") or {}).values())
+    hyper = list((get_path(r, "hyperreps", "methods") or {}).values())
     encoders = [m for m in methods if "[" in m and m not in hyper and not is_oracle(m)]
     # the ablation's untrained twin first, the other untrained encoders, the trained ones; the property oracles last
     order = hyper + sorted(encoders, key=lambda m: ("hyperreps" not in m, "untrained" not in m)) + list(
-        HYPERREPS_REFERENCES) + list(_get(r, "reference_methods", "property_oracles") or {})
+        HYPERREPS_REFERENCES) + list(get_path(r, "reference_methods", "property_oracles") or {})
     rows = {}
     for m in (m for m in order if m in methods):
         props = methods[m].get("properties", {})
@@ -711,7 +605,7 @@ def hyperreps_analysis(r: Mapping) -> list[str]:
     h = r["hyperreps"]
     out = []
     for m, q in h.get("reconstruction", {}).items():
-        r2, drop = _mean(q["mean_r2"]), _mean(q["mean_acc_drop"])
+        r2, drop = mean_value(q["mean_r2"]), mean_value(q["mean_acc_drop"])
         out.append(f"- {m}: reconstruction R2 {r2:.3f} ({'meets' if r2 >= 0.9 else 'misses'} the 0.9 target); "
                    f"rebuilt networks {drop * 100:.1f} points below the originals' test accuracy on average "
                    f"({'within' if abs(drop) <= 0.05 else 'outside'} the 5-point target).")
@@ -721,10 +615,10 @@ def hyperreps_analysis(r: Mapping) -> list[str]:
     if "statnn" not in rows:
         return out + ["- StatNN was not evaluated: the comparison with it is not made."]
     for col in ("R2", "tau"):
-        ref = {t: _mean(rows["statnn"].get(f"{t} {col}")) for t in ("epoch", "log_lr")}
+        ref = {t: mean_value(rows["statnn"].get(f"{t} {col}")) for t in ("epoch", "log_lr")}
         beats = [m for m in h["methods"].values() if m in rows
-                 and all(_mean(rows[m].get(f"{t} {col}")) is not None and ref[t] is not None
-                         and _mean(rows[m][f"{t} {col}"]) > ref[t] for t in ref)]
+                 and all(mean_value(rows[m].get(f"{t} {col}")) is not None and ref[t] is not None
+                         and mean_value(rows[m][f"{t} {col}"]) > ref[t] for t in ref)]
         out.append(f"- Epoch and log_lr prediction ({col}): " + (f"{', '.join(beats)} beat StatNN on both"
                    if beats else "no beta beats StatNN on both") + ".")
     return out
@@ -735,7 +629,7 @@ def analysis_lines(r: Mapping) -> list[str]:
     out = []
     for proto in tuple(r.get("headline_protocols", HEADLINE)):
         table = retrieval_table(r, proto)
-        vals = {m: _mean(v.get("P@10")) for m, v in table.items() if v.get("P@10") is not None}
+        vals = {m: mean_value(v.get("P@10")) for m, v in table.items() if v.get("P@10") is not None}
         if not vals:
             continue
         best = max(vals, key=vals.get)
@@ -756,23 +650,23 @@ def analysis_lines(r: Mapping) -> list[str]:
                 d = trained[tb] - vals[fp]
                 line += f", {'above' if d > 0 else 'below'} the fingerprint by {abs(d):.3f}"
         out.append(line + ".")
-    uns = {m: _mean(v.get("P@10")) for m, v in retrieval_table(r, "unseen_tasks").items()}
+    uns = {m: mean_value(v.get("P@10")) for m, v in retrieval_table(r, "unseen_tasks").items()}
     if uns:
         ok = [m for m, v in uns.items() if v is not None and v >= 0.9]
         out.append(f"- Target P@10 >= 0.9 on test-unseen tasks within shape group: "
                    f"{'met by ' + ', '.join(ok) if ok else 'not met by any method'}.")
-    taus = {m: _mean(_get(r["methods"][m], "properties", "test_acc", "ridge", "within_kendall_final"))
+    taus = {m: mean_value(get_path(r["methods"][m], "properties", "test_acc", "ridge", "within_kendall_final"))
             for m in ordered_methods(r)}
     taus = {m: v for m, v in taus.items() if v is not None and v == v}
     if taus:
         best = max(taus, key=taus.get)
         out.append(f"- Within-task Kendall tau of predicted test accuracy (final checkpoints): best {taus[best]:.3f} "
                    f"({best}); target 0.6 {'met' if taus[best] >= 0.6 else 'not met'}.")
-    n_trivial = sum(len(v) for v in (_get(r, "trivial_passes", "sections") or {}).values())
+    n_trivial = sum(len(v) for v in (get_path(r, "trivial_passes", "sections") or {}).values())
     if n_trivial:
         out.append(f"- {n_trivial} score(s) are reached >= {r['trivial_passes']['threshold']} by a constant or "
                    "shape-only embedding; each is noted under its table.")
-    sa = {m: _mean(_get(a, "mean", "P@10")) for m, a in (_get(r, "same_architecture", "methods") or {}).items()}
+    sa = {m: mean_value(get_path(a, "mean", "P@10")) for m, a in (get_path(r, "same_architecture", "methods") or {}).items()}
     sa = {m: v for m, v in sa.items() if v is not None}
     if sa:
         best = max(sa, key=sa.get)
@@ -780,7 +674,7 @@ def analysis_lines(r: Mapping) -> list[str]:
         out.append(f"- Same-architecture sub-zoos: best P@10 {sa[best]:.3f} ({best})"
                    + "".join(f"; {m} {v:.3f}" for m, v in nfn.items())
                    + (f"; random {sa['random (chance)']:.3f}" if "random (chance)" in sa else "") + ".")
-    sym = _get(r, "symmetry_robustness", "methods") or {}
+    sym = get_path(r, "symmetry_robustness", "methods") or {}
     for m, v in sym.items():
         if abs(v["drop"]["P@10"]) <= 1e-9:
             continue
@@ -796,105 +690,3 @@ def analysis_lines(r: Mapping) -> list[str]:
         out.append(f"- Stages that did not finish: {', '.join(failed)} (see the Stages table).")
     return out or ["- No retrieval table in this run" + ("; its result is the scaling table above." if r.get("scaling") else ".")]
 
-
-def comparison_lines(r: Mapping) -> list[str]:
-    """The issue-16 section: the trained, untrained and self-supervised GNNs against the probe fingerprint and the
-    input profile on seen tasks, unseen (test-unseen) tasks and across architectures within shape group, overall
-    and per shape group, the ablations, then every target with its measured value, met or missed."""
-    roles = headline_methods(r)
-    if not roles:
-        return []
-    rows = {f"{m} ({role})": {p: _get(r, "methods", m, "retrieval", p, "P@10") for p in FOUR_PROTOCOLS}
-            for role, m in roles.items()}
-    for m in r.get("methods", {}):
-        if "without metric head" in m or m.startswith("probe fingerprint part") or m == "probe_fingerprint_data":
-            rows[f"{m} (ablation / reference)"] = {p: _get(r, "methods", m, "retrieval", p, "P@10") for p in FOUR_PROTOCOLS}
-    L = ["## Trained vs untrained vs probe fingerprint vs input profile (P@10 within shape group)", "",
-         "unseen_tasks are the test-unseen tasks only: val-unseen tasks chose every setting (epoch, metric head) and "
-         "are in no table. Ablations: the trained GNN's embedding before its metric head, and the probe-fingerprint "
-         "part of it through the same metric head without the GNN's learned part.", "",
-         md_table({k: {p: v for p, v in row.items() if v is not None} for k, row in rows.items()}, list(FOUR_PROTOCOLS)),
-         ""] + metric_head_lines(r)
-    four = list(dict.fromkeys(roles.values()))
-    for proto in FOUR_PROTOCOLS:
-        table = by_shape_group(r, proto, four)
-        if table:
-            L += [f"### Per shape group: {proto}", "", md_table(table, four, first="shape group"), ""]
-            fig = r.get("figures", {}).get(f"p10_by_shape_group_{proto}")
-            if fig:
-                L += [f"![{proto} per shape group]({fig})", ""]
-    return L + target_lines(r, roles)
-
-
-def metric_head_lines(r: Mapping) -> list[str]:
-    """What each trained GNN's embedding is, per seed: the metric head and the learned part's weight chosen on
-    validation (learned weight 0: the GNN's learned part was dropped and the embedding is its probe fingerprint)."""
-    mh = r.get("metric_head") or {}
-    rows = {f"{m}, seed {s}": {"metric head dims": c["dim"] or "none", "ridge": c["reg"] if c["dim"] else "-",
-                                "learned part weight": c["learned_weight"], c["metric"]: c["score"],
-                                **({f"{c['metric']}, head refit on train + val runs": c["refit_score"]}
-                                   if "refit_score" in c else {})}
-            for m, seeds in mh.items() for s, c in seeds.items()}
-    if not rows:
-        return []
-    cols = list(dict.fromkeys(k for row in rows.values() for k in row))
-    return ["Each trained GNN's embedding as chosen on validation (learned part weight 0 = the GNN's learned part "
-            "dropped: the embedding is then its raw probe fingerprint, through the metric head if any):", "",
-            md_table(rows, cols, first="encoder"), ""]
-
-
-def _p10(r: Mapping, method: str | None, proto: str) -> float | None:
-    return _mean(_get(r, "methods", method, "retrieval", proto, "P@10")) if method else None
-
-
-def target_lines(r: Mapping, roles: Mapping[str, str]) -> list[str]:
-    """Issue 16's "must show" list: measured value and met / MISSED for each target this run can measure."""
-    tr, ss, fp = roles.get("trained"), roles.get("self-supervised"), roles.get("probe_fingerprint")
-    rows: dict[str, dict] = {}
-
-    def add(target: str, measured: str, ok: bool | None) -> None:
-        rows[target] = {"measured": measured, "status": "not measured" if ok is None else "met" if ok else "MISSED"}
-
-    u_tr, u_fp, u_ss = (_p10(r, m, "unseen_tasks") for m in (tr, fp, ss))
-    if u_tr is not None and u_fp is not None:
-        u_data = _p10(r, "probe_fingerprint_data", "unseen_tasks")
-        add("unseen-task P@10: trained >= 0.95 and >= probe_fingerprint + 0.03",
-            f"{tr} {u_tr:.3f}, probe_fingerprint {u_fp:.3f}" + (
-                f" (probe_fingerprint_data {u_data:.3f})" if u_data is not None else ""),
-            u_tr >= 0.95 and u_tr >= u_fp + 0.03)
-    if u_ss is not None and u_fp is not None:
-        add("self-supervised (no task label) >= probe_fingerprint, unseen tasks", f"{ss} {u_ss:.3f} vs {u_fp:.3f}",
-            u_ss >= u_fp)
-    c_tr, c_fp = (_p10(r, m, "cross_architecture_within_shape_group") for m in (tr, fp))
-    if c_tr is not None and c_fp is not None:
-        add("cross-architecture within shape group: trained >= probe_fingerprint", f"{c_tr:.3f} vs {c_fp:.3f}",
-            c_tr >= c_fp)
-    for key, what in (("within_kendall_final", "final checkpoints"), ("within_kendall", "all checkpoints")):
-        t_tr, t_fp = (_mean(_get(r, "methods", m, "properties", "test_acc", "ridge", key)) if m else None
-                      for m in (tr, fp))
-        if t_tr is not None and t_fp is not None:
-            refs = [f"{m.split(' [')[0]} {v:.3f}" for m in _get(r, "reference_methods", "property_oracles") or {}
-                    if (v := _mean(_get(r, "methods", m, "properties", "test_acc", "ridge", key))) is not None]
-            add(f"within-task Kendall tau of test accuracy ({what}): trained >= 0.6 and > probe_fingerprint",
-                f"{t_tr:.3f} vs {t_fp:.3f}" + (f" (oracles: {', '.join(refs)})" if refs else ""),
-                t_tr >= 0.6 and t_tr > t_fp)
-    sym = _get(r, "symmetry_robustness", "methods") or {}
-    for m in (tr, ss):
-        v = sym.get(m) if m else None
-        if v is not None:
-            tie = v.get("max_abs_embedding_change", 1.0) < 1e-4
-            add(f"symmetry drop 0 (tie flips aside): {m}", f"P@10 drop {v['drop']['P@10']:+.4f}, largest embedding "
-                f"change {v.get('max_abs_embedding_change', float('nan')):.1e}", v["drop"]["P@10"] == 0 or tie)
-    total = _get(r, "timings", "total")
-    if total is not None:
-        add("default run <= 15 min on 2 cores (zoo included when trained in the run)",
-            f"{total / 60:.1f} min on {r.get('device')} (load: see log)", total <= 900)
-    summary = _get(r, "transfer", "summary") or {}
-    refs = ", ".join(f"{m} {v['mean_ratio']:.2f}" for m, v in summary.items() if m not in (tr, ss))
-    for m, v in summary.items():
-        if m in (tr, ss) and v["n_defined"]:  # met only if both the per-task mean and the pooled ratio are <= 0.5
-            add(f"transfer: models retrieved by {m} need <= 0.5x the fine-tuning steps of random same-shape ones",
-                f"step ratio mean {v['mean_ratio']:.2f}, median {v['median_ratio']:.2f}, pooled {v['pooled_ratio']:.2f} "
-                f"over {v['n_tasks']} tasks" + (f" (mean: {refs})" if refs else ""), v["mean_ratio"] <= 0.5 and v["pooled_ratio"] <= 0.5)
-    add("bench_encoder.py training step with probe features >= 200 graphs/s", "bench_encoder.py --probes (not run here)", None)
-    return ["### Issue #16 targets", "", md_table(rows, ["measured", "status"], first="target"), ""]

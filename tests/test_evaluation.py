@@ -110,12 +110,12 @@ def test_chunking_does_not_change_results():
 
 
 def _toy_metadata(n_per=12):
-    """Two shape groups; tasks t0,t1 in group g0 (dataset d0), t2,t3 in g1 (dataset d1);
+    """Two shape groups; tasks t0,t1 in group in4-out2 (dataset d0), t2,t3 in in8-out2 (dataset d1);
     families mlp-1h / mlp-2h alternate; 2 checkpoints per run."""
     rows = []
     for t in range(4):
         for j in range(n_per):
-            rows.append(dict(task=f"t{t}", dataset=f"d{t // 2}", shape_group=f"g{t // 2}",
+            rows.append(dict(task=f"t{t}", dataset=f"d{t // 2}", shape_group=f"in{4 * (1 + t // 2)}-out2",
                              arch_family=f"mlp-{1 + j % 2}h", arch_id=f"a{j % 2}", run_id=f"r{t}_{j // 2}"))
     return {k: np.array([r[k] for r in rows]) for k in rows[0]}
 
@@ -175,7 +175,7 @@ def test_retrieval_protocols_task_embeddings():
 def test_shape_only_embedding_is_at_chance_within_shape_group_but_not_on_the_full_zoo():
     meta = _toy_metadata()
     n = len(meta["task"])
-    shape = np.eye(2, dtype=np.float32)[[int(g[1]) for g in meta["shape_group"]]]
+    shape = np.eye(2, dtype=np.float32)[np.unique(meta["shape_group"], return_inverse=True)[1]]
     sets = _query_sets(meta, np.arange(n))
     res = E.retrieval_protocols(shape, meta, sets, k_values=(1, 5))
     for name in ("seen_tasks", "unseen_tasks", "unseen_kinds", "within_shape_group"):
@@ -194,7 +194,7 @@ def test_validation_retrieval_is_the_test_protocol_on_validation_rows():
     # within shape group: half of a group's other runs share the query's task
     assert v["val_unseen_chance_P"] == pytest.approx((n / 4 - 2) / (n / 2 - 2))
     # a shape-only embedding is at chance on validation too (the old validation searched across groups)
-    shape = np.eye(2, dtype=np.float32)[[int(g[1]) for g in meta["shape_group"]]]
+    shape = np.eye(2, dtype=np.float32)[np.unique(meta["shape_group"], return_inverse=True)[1]]
     vs = E.validation_retrieval(shape, meta["task"], meta["shape_group"], meta["run_id"], seen, unseen, k=5)
     assert abs(vs["val_P@5"] - 0.5 * (vs["val_seen_chance_P"] + vs["val_unseen_chance_P"])) < 0.15
     # no val-unseen task: the selection metric is the seen part alone
@@ -382,6 +382,15 @@ def test_evaluate_embeddings_end_to_end_and_seed_aggregation():
     assert {"within_kendall", "within_kendall_final", "within_kendall_task_epoch"} <= set(p)
     assert r["distance_performance"]["test_acc"]["spearman"] > 0.3
     assert r["dims"] == {"embedding": 5.0, "probes": 5.0}
+    # queries binned by how much of their task they learned: each bin's P@5 is the protocol on those queries alone
+    fit = E.query_fit_labels(meta)
+    for b, share in r["query_fit_share"]["unseen_tasks"].items():
+        q = sets["unseen_tasks"][fit[sets["unseen_tasks"]] == b]
+        assert share == pytest.approx(len(q) / len(sets["unseen_tasks"]))
+        assert r["retrieval_by_query_fit"]["unseen_tasks"][b] == (pytest.approx(
+            E.retrieval_protocols(emb, meta, {"unseen_tasks": q}, k_values=(10,), protocols=["unseen_tasks"])
+            ["unseen_tasks"]["P@10"], rel=1e-12) if len(q) else pytest.approx(float("nan"), nan_ok=True))
+    assert "P@10" not in r["retrieval"]["seen_tasks"]  # k_values (1, 5): the breakdowns' P@10 is not stored
     agg = E.aggregate_seeds(runs)
     assert agg["retrieval"]["full_zoo"]["P@1"]["n"] == 2
     with pytest.raises(AssertionError, match="overlap"):
@@ -400,7 +409,7 @@ def test_clustering_is_scored_within_each_shape_group():
     meta = _toy_metadata(n_per=12)
     labels, groups = meta["task"], meta["shape_group"]
     rng = np.random.default_rng(0)
-    shape = np.eye(2)[[int(g[1]) for g in groups]] + 1e-3 * rng.normal(size=(len(labels), 2))
+    shape = np.eye(2)[np.unique(groups, return_inverse=True)[1]] + 1e-3 * rng.normal(size=(len(labels), 2))
     assert E.clustering_metrics(shape, labels)["ARI"] > 0.3
     within = E.clustering_within_groups(shape, labels, groups)
     assert within["n_groups"] == 2 and within["ARI"] < 0.2
@@ -449,7 +458,7 @@ def test_constant_and_shape_only_passes_are_found_and_noted():
     n = len(meta["task"])
     refs = E.reference_embeddings(n, seed=0)
     assert set(refs) == set(E.REFERENCE_METHODS) and all(v.shape == (n, 16) for v in refs.values())
-    shape = np.eye(2, dtype=np.float32)[[int(g[1]) for g in meta["shape_group"]]]
+    shape = np.eye(2, dtype=np.float32)[np.unique(meta["shape_group"], return_inverse=True)[1]]
     test, train = np.arange(0, n, 2), np.arange(1, n, 2)
     per_seed = {m: [E.evaluate_embeddings(e, meta, train, _query_sets(meta, test), k_values=(1,), probes=("ridge",),
                                           targets=("test_acc",), seed=s) for s in (0, 1)]
@@ -549,3 +558,35 @@ def test_embed_fn_from_method_passes_spec_and_weights():
     sd = {k: torch.ones(s) for k, s in spec.param_shapes().items()}
     out = E.embed_fn_from_method(Method())([(spec, sd), (spec, sd)])
     assert out.dtype == np.float32 and out.tolist() == [[spec.num_params(), 3.0]] * 2
+
+
+def test_learned_fraction_and_query_fit_bins_hand_computed():
+    # task a (2 outputs, chance 0.5): best 0.9; task b (4 outputs, chance 0.25): best 0.65; task c learned nothing
+    acc = [0.9, 0.75, 0.5, 0.45, 0.65, 0.62, 0.3, 0.5, 0.5]
+    task = ["a", "a", "a", "a", "b", "b", "b", "c", "c"]
+    frac = E.learned_fraction(acc, task, [2, 2, 2, 2, 4, 4, 4, 2, 2])
+    np.testing.assert_allclose(frac, [1.0, 0.625, 0.0, -0.125, 1.0, 0.925, 0.125, 1.0, 1.0])
+    meta = {"test_acc": np.array(acc), "task": np.array(task),
+            "shape_group": np.array(["in4-out2"] * 4 + ["in9-out4"] * 3 + ["in4-out2"] * 2)}
+    assert E.query_fit_labels(meta).tolist() == [
+        "learned (>= 0.9)", "partly (0.5-0.9)", "failed (< 0.5)", "failed (< 0.5)", "learned (>= 0.9)",
+        "learned (>= 0.9)", "failed (< 0.5)", "learned (>= 0.9)", "learned (>= 0.9)"]
+    with pytest.raises(ValueError, match="not 'in<n>-out<m>'"):
+        E.query_fit_labels(dict(meta, shape_group=np.array(["g0"] * 9)))
+
+
+def test_retrieval_by_query_label_splits_only_the_queries():
+    meta = _toy_metadata()
+    n = len(meta["task"])
+    emb = _task_embedding(meta, 5) + 0.6 * np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32)
+    sets = _query_sets(meta, np.arange(0, n, 3))
+    by_group = E.retrieval_by_shape_group(emb, meta, sets)
+    np.testing.assert_equal(by_group, E.retrieval_by_query_label(emb, meta, sets, meta["shape_group"]))
+    label = np.where(np.arange(n) % 2 == 0, "even", "odd")
+    by_label = E.retrieval_by_query_label(emb, meta, sets, label, k=5, protocols=("seen_tasks",))
+    for lab in ("even", "odd"):
+        q = sets["seen_tasks"][label[sets["seen_tasks"]] == lab]
+        # the same queries against the whole database: not a database restricted to that label
+        whole = E.retrieval_protocols(emb, meta, {"seen_tasks": q}, k_values=(5,), protocols=["seen_tasks"])
+        assert by_label["seen_tasks"][lab] == pytest.approx(whole["seen_tasks"]["P@5"], rel=1e-12)
+    assert set(by_label) == {"seen_tasks"} and 0 < by_label["seen_tasks"]["even"] < 1

@@ -84,6 +84,16 @@ def test_markdown_numbers_equal_json(small_run):
                 assert cell == report.fmt(value), f"{proto}/{method}/{col}: md {cell} != json {value}"
                 checked += 1
     assert checked > 20
+    # unseen-task P@10 by how well the query model learned its task: every bin of the JSON, its share of the queries
+    rows = tables["P@10 by how well the query model learned its task: unseen_tasks"]
+    header, body = rows[0], {row[0]: row for row in rows[1:]}
+    first = res["methods"][header[2]]
+    assert set(body) == set(first["retrieval_by_query_fit"]["unseen_tasks"])
+    assert abs(sum(v["mean"] for v in first["query_fit_share"]["unseen_tasks"].values()) - 1) < 1e-9
+    for b, row in body.items():
+        assert row[1] == report.fmt(first["query_fit_share"]["unseen_tasks"][b])
+        for method, cell in zip(header[2:], row[2:]):
+            assert cell == report.fmt(res["methods"][method]["retrieval_by_query_fit"]["unseen_tasks"][b]), (b, method)
 
 
 def test_report_states_the_zoo_the_splits_the_choices_and_the_references(small_run):
