@@ -404,17 +404,18 @@ def validation_retrieval(embeddings: np.ndarray, task: Sequence, shape_group: Se
 
 
 def per_query_breakdown(results: Mapping[str, Mapping[str, Any]], labels: Sequence, k: int = 10,
-                        protocols: Sequence[str] = HEADLINE_PROTOCOLS) -> dict[str, dict[str, float]]:
+                        protocols: Sequence[str] = HEADLINE_PROTOCOLS,
+                        order: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """{protocol: {label: P@k}}: the mean P@k of each protocol's queries of one ``labels`` value (one per zoo row,
     e.g. the shape group), from :func:`retrieval_protocols` results computed with ``per_query``. Every label is
-    present, NaN where it has no query of the protocol with a relevant item (and for a skipped protocol). Only the
-    queries are split: each query searched the whole database."""
+    present (in ``order`` when given, else sorted), NaN where it has no query of the protocol with a relevant item
+    (and for a skipped protocol). Only the queries are split: each query searched the whole database."""
     lab = np.asarray(labels, dtype=object)
     out: dict[str, dict[str, float]] = {p: {} for p in protocols}
     for p in protocols:
         pq = results[p]["per_query"] if p in results else {"query_idx": np.zeros(0, np.int64), f"P@{k}": np.zeros(0)}
         q_lab, p_at_k = lab[np.asarray(pq["query_idx"], np.int64)], np.asarray(pq[f"P@{k}"])
-        for g in sorted(set(lab.tolist()), key=str):
+        for g in (order if order is not None else sorted(set(lab.tolist()), key=str)):
             m = q_lab == g
             out[p][str(g)] = float(p_at_k[m].mean()) if m.any() else float("nan")
     return out
@@ -797,14 +798,14 @@ def evaluate_embeddings(
     # one search per protocol; the breakdowns (P@10 by shape group, by how well the query learned its task) average
     # its per-query values over subsets of the queries
     full = retrieval_protocols(emb, metadata, sets, None, tuple(sorted({*k_values, 10})), per_query=True)
-    fit_label = query_fit_labels(metadata)
+    fit_label, bins = query_fit_labels(metadata), [name for name, _ in QUERY_FIT_BINS]
     unasked = {"per_query"} | (set() if 10 in k_values else {"P@10", "R@10", "F1@10"})
     out: dict[str, Any] = {
         "retrieval": {p: {m: v for m, v in r.items() if m not in unasked} for p, r in full.items()},
         "retrieval_by_shape_group": per_query_breakdown(full, groups),
-        "retrieval_by_query_fit": per_query_breakdown(full, fit_label, protocols=tuple(sets)),
-        "query_fit_share": {s: {b: float(np.mean(fit_label[q] == b)) if len(q) else float("nan")
-                                for b, _ in QUERY_FIT_BINS} for s, q in sets.items()}}
+        "retrieval_by_query_fit": per_query_breakdown(full, fit_label, protocols=tuple(sets), order=bins),
+        "query_fit_share": {s: {b: float(np.mean(fit_label[q] == b)) if len(q) else float("nan") for b in bins}
+                            for s, q in sets.items()}}
     if validation is not None:
         db = np.asarray(validation["database"], np.int64)
         pos = {int(r): i for i, r in enumerate(db)}

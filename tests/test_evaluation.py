@@ -384,6 +384,8 @@ def test_evaluate_embeddings_end_to_end_and_seed_aggregation():
     assert r["dims"] == {"embedding": 5.0, "probes": 5.0}
     # queries binned by how much of their task they learned: each bin's P@5 is the protocol on those queries alone
     fit = E.query_fit_labels(meta)
+    bins = [name for name, _ in E.QUERY_FIT_BINS]  # every bin, in order (a bin without queries is NaN)
+    assert list(r["retrieval_by_query_fit"]["unseen_tasks"]) == list(r["query_fit_share"]["unseen_tasks"]) == bins
     for b, share in r["query_fit_share"]["unseen_tasks"].items():
         q = sets["unseen_tasks"][fit[sets["unseen_tasks"]] == b]
         assert share == pytest.approx(len(q) / len(sets["unseen_tasks"]))
