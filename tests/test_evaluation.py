@@ -78,6 +78,11 @@ def test_exclusions_groups_and_query_subsets():
     assert m["n_skipped"] == 1 and m["n_queries"] == 1
     # q1 (10 deg) among {2, 4, 5}: distances 40, 70, 85; item 2 is its class -> P@1 1, AP 1
     assert m["P@1"] == 1.0 and m["mAP"] == 1.0 and m["mean_db_size"] == 3
+    # per-query values name the queries they belong to: the skipped q0 is not among them
+    # (q2 at 50 deg ranks 4, 1, 5 -> RR 1/2; q4 at 80 deg ranks 5, 2, 1 -> P@1 1)
+    pq = ev.evaluate_knn_retrieval(emb, LABELS, query_idx=[0, 1, 2, 4], group_labels=groups, per_query=True)["per_query"]
+    assert pq["query_idx"].tolist() == [1, 2, 4] and pq["P@1"].tolist() == [1.0, 0.0, 1.0]
+    assert pq["RR"].tolist() == [1.0, 0.5, 1.0]
 
 
 def test_perfect_and_random_embeddings():
@@ -564,17 +569,19 @@ def test_embed_fn_from_method_passes_spec_and_weights():
 
 def test_learned_fraction_and_query_fit_bins_hand_computed():
     # task a (2 outputs, chance 0.5): best 0.9; task b (4 outputs, chance 0.25): best 0.65; task c learned nothing
-    acc = [0.9, 0.75, 0.5, 0.45, 0.65, 0.62, 0.3, 0.5, 0.5]
-    task = ["a", "a", "a", "a", "b", "b", "b", "c", "c"]
-    frac = E.learned_fraction(acc, task, [2, 2, 2, 2, 4, 4, 4, 2, 2])
-    np.testing.assert_allclose(frac, [1.0, 0.625, 0.0, -0.125, 1.0, 0.925, 0.125, 1.0, 1.0])
+    # task d (2 outputs): best 1.0, a model at 0.75 reached exactly half of it -> "partly" (the bins are [lo, hi))
+    acc = [0.9, 0.75, 0.5, 0.45, 0.65, 0.62, 0.3, 0.5, 0.5, 1.0, 0.75]
+    task = ["a", "a", "a", "a", "b", "b", "b", "c", "c", "d", "d"]
+    frac = E.learned_fraction(acc, task, [2, 2, 2, 2, 4, 4, 4, 2, 2, 2, 2])
+    np.testing.assert_allclose(frac, [1.0, 0.625, 0.0, -0.125, 1.0, 0.925, 0.125, 1.0, 1.0, 1.0, 0.5])
     meta = {"test_acc": np.array(acc), "task": np.array(task),
-            "shape_group": np.array(["in4-out2"] * 4 + ["in9-out4"] * 3 + ["in4-out2"] * 2)}
+            "shape_group": np.array(["in4-out2"] * 4 + ["in9-out4"] * 3 + ["in4-out2"] * 4)}
     assert E.query_fit_labels(meta).tolist() == [
         "learned (>= 0.9)", "partly (0.5-0.9)", "failed (< 0.5)", "failed (< 0.5)", "learned (>= 0.9)",
-        "learned (>= 0.9)", "failed (< 0.5)", "learned (>= 0.9)", "learned (>= 0.9)"]
+        "learned (>= 0.9)", "failed (< 0.5)", "learned (>= 0.9)", "learned (>= 0.9)", "learned (>= 0.9)",
+        "partly (0.5-0.9)"]
     with pytest.raises(ValueError, match="not 'in<n>-out<m>'"):
-        E.query_fit_labels(dict(meta, shape_group=np.array(["g0"] * 9)))
+        E.query_fit_labels(dict(meta, shape_group=np.array(["g0"] * 11)))
 
 
 def test_retrieval_by_query_label_splits_only_the_queries():
