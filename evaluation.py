@@ -450,11 +450,10 @@ def learned_fraction(test_acc: Sequence[float], task: Sequence, num_outputs: Seq
     acc, tk = np.asarray(test_acc, np.float64), np.asarray(task, dtype=object)
     chance = 1.0 / np.asarray(num_outputs, np.float64)
     assert acc.shape == tk.shape == chance.shape, f"one value per model expected: {acc.shape}, {tk.shape}, {chance.shape}"
-    best = acc.copy()
-    for t in set(tk.tolist()):
-        m = tk == t
-        best[m] = acc[m].max()
-    gain = best - chance
+    inv = np.unique(tk.astype(str), return_inverse=True)[1]
+    task_best = np.full(inv.max() + 1 if len(inv) else 0, -np.inf)
+    np.maximum.at(task_best, inv, acc)  # the best accuracy of each task
+    gain = task_best[inv] - chance
     return np.where(gain > 1e-9, (acc - chance) / np.where(gain > 1e-9, gain, 1.0), 1.0)
 
 
